@@ -1,0 +1,164 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/tokend/tokend/internal/daemon"
+	"github.com/tokend/tokend/internal/refresher"
+	"github.com/tokend/tokend/internal/whop"
+)
+
+// options are the command line; each flag falls back to an environment
+// variable so units and containers can configure tokend without arguments.
+type options struct {
+	socket, stateDir, whopURL, apiKeyFile, logLevel string
+	socketMode                                      string
+	lifetime                                        time.Duration
+	maxInFlight, burst                              int
+	rate                                            float64
+	dev                                             bool
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) int {
+	opts, setSocket, err := parseFlags(args, stderr, getenv)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "tokend: %v\n", err)
+		return 2
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(opts.logLevel)); err != nil {
+		fmt.Fprintf(stderr, "tokend: --log-level %q: want debug, info, warn or error\n", opts.logLevel)
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	cfg, err := buildConfig(opts, setSocket, getenv)
+	if err != nil {
+		fmt.Fprintf(stderr, "tokend: %v\n", err)
+		return 2
+	}
+	cfg.Logger = log
+	cfg.Stdout = stdout
+	cfg.Version = version
+	if err := daemon.Run(ctx, cfg); err != nil {
+		log.Error("tokend failed", "err", err)
+		fmt.Fprintf(stderr, "tokend: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (options, bool, error) {
+	var o options
+	env := func(name, def string) string {
+		if v := getenv(name); v != "" {
+			return v
+		}
+		return def
+	}
+	fs := flag.NewFlagSet("tokend", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.socket, "socket", env("TOKEND_SOCKET", "/run/tokend/tokend.sock"), "Unix socket to serve gRPC on (env TOKEND_SOCKET)")
+	fs.StringVar(&o.socketMode, "socket-mode", env("TOKEND_SOCKET_MODE", "0660"), "permissions of the socket file, octal (env TOKEND_SOCKET_MODE)")
+	fs.StringVar(&o.stateDir, "state-dir", env("TOKEND_STATE_DIR", ""), "directory of the cache database cache.db (env TOKEND_STATE_DIR; default /var/lib/tokend, or a temporary directory with --dev)")
+	fs.StringVar(&o.whopURL, "whop-url", env("TOKEND_WHOP_URL", whop.DefaultBaseURL), "Whop API base URL (env TOKEND_WHOP_URL)")
+	fs.StringVar(&o.apiKeyFile, "api-key-file", env("TOKEND_API_KEY_FILE", ""), "file holding the Whop API key, mode 0600 (env TOKEND_API_KEY_FILE; else $CREDENTIALS_DIRECTORY/whop-api-key, else WHOP_API_KEY)")
+	fs.DurationVar(&o.lifetime, "token-lifetime", envDuration(getenv, "TOKEND_TOKEN_LIFETIME", time.Hour), "lifetime of the tokens asked of Whop, at most 3h (env TOKEND_TOKEN_LIFETIME)")
+	fs.IntVar(&o.maxInFlight, "upstream-max-inflight", envInt(getenv, "TOKEND_UPSTREAM_MAX_INFLIGHT", 4), "most upstream calls in flight at once (env TOKEND_UPSTREAM_MAX_INFLIGHT)")
+	fs.Float64Var(&o.rate, "upstream-rate", envFloat(getenv, "TOKEND_UPSTREAM_RATE", 10), "upstream calls per second, sustained (env TOKEND_UPSTREAM_RATE)")
+	fs.IntVar(&o.burst, "upstream-burst", envInt(getenv, "TOKEND_UPSTREAM_BURST", 20), "upstream calls allowed in a burst (env TOKEND_UPSTREAM_BURST)")
+	fs.StringVar(&o.logLevel, "log-level", env("TOKEND_LOG_LEVEL", "info"), "debug, info, warn or error (env TOKEND_LOG_LEVEL)")
+	fs.BoolVar(&o.dev, "dev", getenv("TOKEND_DEV") == "1", "dev mode: fake Whop upstream on loopback, no API key, temporary state, socket in $XDG_RUNTIME_DIR or /tmp/tokend-dev (env TOKEND_DEV=1)")
+	if err := fs.Parse(args); err != nil {
+		return o, false, err
+	}
+	if fs.NArg() > 0 {
+		return o, false, fmt.Errorf("unexpected argument %q; tokend takes flags only (see -h)", fs.Arg(0))
+	}
+	setSocket := getenv("TOKEND_SOCKET") != ""
+	fs.Visit(func(f *flag.Flag) {
+		if f.Name == "socket" {
+			setSocket = true
+		}
+	})
+	return o, setSocket, nil
+}
+
+func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.Config, error) {
+	mode, err := strconv.ParseUint(o.socketMode, 8, 32)
+	if err != nil || mode > 0o777 {
+		return daemon.Config{}, fmt.Errorf("--socket-mode %q: want octal permissions such as 0660", o.socketMode)
+	}
+	if o.lifetime <= 0 || o.lifetime > refresher.MaxLifetime {
+		return daemon.Config{}, fmt.Errorf("--token-lifetime %v: must be positive and at most %v", o.lifetime, refresher.MaxLifetime)
+	}
+	if o.maxInFlight < 1 || o.burst < 1 || o.rate <= 0 {
+		return daemon.Config{}, errors.New("--upstream-max-inflight, --upstream-rate and --upstream-burst must be positive")
+	}
+	cfg := daemon.Config{
+		Socket:      o.socket,
+		SocketMode:  os.FileMode(mode),
+		StateDir:    o.stateDir,
+		WhopURL:     o.whopURL,
+		Lifetime:    o.lifetime,
+		MaxInFlight: o.maxInFlight,
+		Rate:        o.rate,
+		Burst:       o.burst,
+		Dev:         o.dev,
+	}
+	if o.dev {
+		if !setSocket {
+			cfg.Socket = devSocket(getenv)
+		}
+		return cfg, nil
+	}
+	if cfg.StateDir == "" {
+		cfg.StateDir = "/var/lib/tokend"
+	}
+	key, _, err := daemon.LoadAPIKey(daemon.KeySource{File: o.apiKeyFile, CredentialsDir: getenv("CREDENTIALS_DIRECTORY"), Env: getenv("WHOP_API_KEY")})
+	if err != nil {
+		return daemon.Config{}, err
+	}
+	cfg.APIKey = key
+	return cfg, nil
+}
+
+// devSocket is a path a user without root can create, and can predict.
+func devSocket(getenv func(string) string) string {
+	if d := getenv("XDG_RUNTIME_DIR"); d != "" {
+		return filepath.Join(d, "tokend.sock")
+	}
+	return "/tmp/tokend-dev/tokend.sock"
+}
+
+func envDuration(getenv func(string) string, name string, def time.Duration) time.Duration {
+	if d, err := time.ParseDuration(getenv(name)); err == nil {
+		return d
+	}
+	return def
+}
+
+func envInt(getenv func(string) string, name string, def int) int {
+	if n, err := strconv.Atoi(getenv(name)); err == nil {
+		return n
+	}
+	return def
+}
+
+func envFloat(getenv func(string) string, name string, def float64) float64 {
+	if f, err := strconv.ParseFloat(getenv(name), 64); err == nil {
+		return f
+	}
+	return def
+}

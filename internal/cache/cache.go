@@ -1,0 +1,427 @@
+// Package cache keeps tokend's tokens: an in-memory index that serves every
+// lookup, written through to a bbolt file in batches so that a restart or a
+// crash loses nothing that had been committed.
+//
+// Lookups never touch bbolt. Only one process may hold the file: Open fails
+// after Config.OpenTimeout instead of waiting for the lock forever.
+package cache
+
+import (
+	"bytes"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/tokend/tokend/internal/clock"
+)
+
+var (
+	entriesBucket = []byte("entries")
+	metaBucket    = []byte("meta")
+	saltKey       = []byte("fingerprint-salt")
+)
+
+// Config configures Open. Zero values mean the defaults.
+type Config struct {
+	// Path is the bbolt file. Its directory is created 0700 if missing.
+	Path   string
+	Logger *slog.Logger
+	Clock  clock.Clock
+	// FlushDelay is how long changes gather before one transaction writes
+	// them all. Default 10ms.
+	FlushDelay time.Duration
+	// RetryDelay is how long to wait before retrying a failed write.
+	// Default 1s.
+	RetryDelay time.Duration
+	// OpenTimeout bounds the wait for the file lock. Default 1s.
+	OpenTimeout time.Duration
+}
+
+// Cache is the index of entries and its persistent copy.
+type Cache struct {
+	cfg Config
+	log *slog.Logger
+	db  *bolt.DB
+
+	mu    sync.RWMutex
+	index map[string]*Entry // by encoded key
+	salt  []byte
+
+	wmu          sync.Mutex
+	dirty        map[*Entry]struct{}
+	deletes      map[string]struct{}
+	lastWriteErr error
+	lastWriteAt  time.Time
+	kick         chan struct{}
+	stop         chan struct{}
+	done         chan struct{}
+}
+
+// LoadStats says what Open found in the file.
+type LoadStats struct {
+	Loaded, Expired, Undecodable int
+}
+
+// Open opens or creates the cache file and loads every unexpired record.
+func Open(cfg Config) (*Cache, LoadStats, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = clock.Real{}
+	}
+	if cfg.FlushDelay <= 0 {
+		cfg.FlushDelay = 10 * time.Millisecond
+	}
+	if cfg.RetryDelay <= 0 {
+		cfg.RetryDelay = time.Second
+	}
+	if cfg.OpenTimeout <= 0 {
+		cfg.OpenTimeout = time.Second
+	}
+	if err := ensurePrivateDir(filepath.Dir(cfg.Path)); err != nil {
+		return nil, LoadStats{}, err
+	}
+	db, err := bolt.Open(cfg.Path, 0o600, &bolt.Options{Timeout: cfg.OpenTimeout})
+	if errors.Is(err, berrors.ErrTimeout) {
+		return nil, LoadStats{}, fmt.Errorf("open cache %s: another process holds its lock (is another tokend using this state directory?); gave up after %v", cfg.Path, cfg.OpenTimeout)
+	}
+	if err != nil {
+		return nil, LoadStats{}, fmt.Errorf("open cache %s: %w", cfg.Path, err)
+	}
+	if err := os.Chmod(cfg.Path, 0o600); err != nil {
+		db.Close()
+		return nil, LoadStats{}, fmt.Errorf("open cache %s: %w", cfg.Path, err)
+	}
+	c := &Cache{
+		cfg:     cfg,
+		log:     cfg.Logger,
+		db:      db,
+		index:   make(map[string]*Entry),
+		dirty:   make(map[*Entry]struct{}),
+		deletes: make(map[string]struct{}),
+		kick:    make(chan struct{}, 1),
+		stop:    make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	stats, err := c.load()
+	if err != nil {
+		db.Close()
+		return nil, LoadStats{}, fmt.Errorf("load cache %s: %w", cfg.Path, err)
+	}
+	go c.flusher()
+	return c, stats, nil
+}
+
+// ensurePrivateDir creates dir 0700, or narrows an existing one to 0700,
+// because the file below it holds bearer tokens.
+func ensurePrivateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create state directory %s: %w", dir, err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("state directory %s: %w", dir, err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return fmt.Errorf("state directory %s is mode %v and cannot be made 0700: %w", dir, fi.Mode().Perm(), err)
+		}
+	}
+	return nil
+}
+
+func (c *Cache) load() (LoadStats, error) {
+	var stats LoadStats
+	now := c.cfg.Clock.Now()
+	var drop [][]byte
+	err := c.db.Update(func(tx *bolt.Tx) error {
+		mb, err := tx.CreateBucketIfNotExists(metaBucket)
+		if err != nil {
+			return err
+		}
+		if c.salt = bytes.Clone(mb.Get(saltKey)); len(c.salt) != 32 {
+			c.salt = make([]byte, 32)
+			rand.Read(c.salt)
+			if err := mb.Put(saltKey, c.salt); err != nil {
+				return err
+			}
+		}
+		b, err := tx.CreateBucketIfNotExists(entriesBucket)
+		if err != nil {
+			return err
+		}
+		err = b.ForEach(func(k, v []byte) error {
+			e, err := decodeEntry(k, v)
+			if err != nil {
+				stats.Undecodable++
+				c.log.Warn("dropping undecodable cache record", "key", fmt.Sprintf("%x", k), "err", err)
+				drop = append(drop, append([]byte(nil), k...))
+				return nil
+			}
+			if t := e.Token(); t == nil || !now.Before(t.ExpiresAt) {
+				stats.Expired++
+				drop = append(drop, append([]byte(nil), k...))
+				return nil
+			}
+			c.index[e.enc] = e
+			stats.Loaded++
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, k := range drop {
+			if err := b.Delete(k); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return stats, err
+}
+
+// Salt is this cache file's random secret for keying API key fingerprints,
+// so a fingerprint read from the file cannot be checked against guesses
+// without it.
+func (c *Cache) Salt() []byte { return c.salt }
+
+// Len is the number of entries.
+func (c *Cache) Len() int {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return len(c.index)
+}
+
+// Get returns the entry for an encoded key, or nil. It is the hit path: one
+// read lock and a map lookup.
+func (c *Cache) Get(enc []byte) *Entry {
+	c.mu.RLock()
+	e := c.index[string(enc)]
+	c.mu.RUnlock()
+	return e
+}
+
+// Ensure returns the entry for k, creating an empty one (no token, not yet
+// persisted) if there is none.
+func (c *Cache) Ensure(k Key) (e *Entry, created bool) {
+	enc := k.Encode()
+	if e := c.Get(enc); e != nil {
+		return e, false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if e := c.index[string(enc)]; e != nil {
+		return e, false
+	}
+	e = newEntry(k, enc)
+	c.index[e.enc] = e
+	return e, true
+}
+
+// Entries returns every entry, sorted by id.
+func (c *Cache) Entries() []*Entry {
+	c.mu.RLock()
+	out := make([]*Entry, 0, len(c.index))
+	for _, e := range c.index {
+		out = append(out, e)
+	}
+	c.mu.RUnlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].id < out[j].id })
+	return out
+}
+
+// ErrNotFound and ErrAmbiguous are returned by Find.
+var (
+	ErrNotFound  = errors.New("no entry has that key id")
+	ErrAmbiguous = errors.New("key id prefix matches more than one entry")
+)
+
+// Find returns the one entry whose id starts with prefix.
+func (c *Cache) Find(prefix string) (*Entry, error) {
+	prefix = strings.ToLower(prefix)
+	if prefix == "" {
+		return nil, ErrNotFound
+	}
+	var found *Entry
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	for _, e := range c.index {
+		if strings.HasPrefix(e.id, prefix) {
+			if found != nil {
+				return nil, ErrAmbiguous
+			}
+			found = e
+		}
+	}
+	if found == nil {
+		return nil, ErrNotFound
+	}
+	return found, nil
+}
+
+// SetToken installs a newly minted token on e and schedules the write.
+// An entry that was removed meanwhile stays removed.
+func (c *Cache) SetToken(e *Entry, t *Token, update func(*Meta)) {
+	e.mu.Lock()
+	e.tok.Store(t)
+	if update != nil {
+		update(&e.meta)
+	}
+	e.mu.Unlock()
+	c.markDirty(e)
+}
+
+// UpdateMeta changes e's refresh state and schedules the write.
+func (c *Cache) UpdateMeta(e *Entry, update func(*Meta)) {
+	e.mu.Lock()
+	update(&e.meta)
+	e.mu.Unlock()
+	c.markDirty(e)
+}
+
+// Remove drops entries from the index and the file.
+func (c *Cache) Remove(es ...*Entry) {
+	c.mu.Lock()
+	for _, e := range es {
+		if c.index[e.enc] == e {
+			delete(c.index, e.enc)
+		}
+	}
+	c.mu.Unlock()
+	c.wmu.Lock()
+	for _, e := range es {
+		delete(c.dirty, e)
+		c.deletes[e.enc] = struct{}{}
+	}
+	c.wmu.Unlock()
+	c.wake()
+}
+
+func (c *Cache) markDirty(e *Entry) {
+	if e.Token() == nil {
+		return // nothing worth persisting until a token arrives
+	}
+	c.mu.RLock()
+	live := c.index[e.enc] == e
+	c.mu.RUnlock()
+	if !live {
+		return
+	}
+	c.wmu.Lock()
+	c.dirty[e] = struct{}{}
+	c.wmu.Unlock()
+	c.wake()
+}
+
+func (c *Cache) wake() {
+	select {
+	case c.kick <- struct{}{}:
+	default:
+	}
+}
+
+// WriteStatus reports the last failed write, nil once a later one succeeds,
+// and how many changes wait to be written.
+func (c *Cache) WriteStatus() (pending int, lastErr error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return len(c.dirty) + len(c.deletes), c.lastWriteErr
+}
+
+func (c *Cache) flusher() {
+	defer close(c.done)
+	retry := c.cfg.Clock.NewTimer(time.Hour)
+	retry.Stop()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-c.kick:
+			// Let a burst of changes gather into one transaction.
+			t := c.cfg.Clock.NewTimer(c.cfg.FlushDelay)
+			select {
+			case <-t.C():
+			case <-c.stop:
+				t.Stop()
+				return
+			}
+		case <-retry.C():
+		}
+		if err := c.Flush(); err != nil {
+			retry.Reset(c.cfg.RetryDelay)
+		}
+	}
+}
+
+// Flush writes every pending change in one transaction. On failure the
+// changes stay pending and the in-memory index keeps serving.
+func (c *Cache) Flush() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if len(c.dirty) == 0 && len(c.deletes) == 0 {
+		return nil
+	}
+	type put struct{ k, v []byte }
+	puts := make([]put, 0, len(c.dirty))
+	for e := range c.dirty {
+		v, err := proto.Marshal(e.record())
+		if err != nil {
+			return fmt.Errorf("encode cache record %s: %w", e.id, err)
+		}
+		puts = append(puts, put{[]byte(e.enc), v})
+	}
+	// Sorted keys make bbolt's page writes sequential.
+	sort.Slice(puts, func(i, j int) bool { return string(puts[i].k) < string(puts[j].k) })
+	err := c.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(entriesBucket)
+		for k := range c.deletes {
+			if err := b.Delete([]byte(k)); err != nil {
+				return err
+			}
+		}
+		for _, p := range puts {
+			if err := b.Put(p.k, p.v); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		if c.lastWriteErr == nil {
+			c.log.Error("cache write failed; serving from memory and retrying", "file", c.cfg.Path, "pending", len(puts)+len(c.deletes), "err", err)
+		}
+		c.lastWriteErr = fmt.Errorf("write cache %s: %w", c.cfg.Path, err)
+		return c.lastWriteErr
+	}
+	if c.lastWriteErr != nil {
+		c.log.Info("cache writes recovered", "file", c.cfg.Path)
+	}
+	c.lastWriteErr = nil
+	c.lastWriteAt = c.cfg.Clock.Now()
+	clear(c.dirty)
+	clear(c.deletes)
+	return nil
+}
+
+// Close writes what is pending and closes the file.
+func (c *Cache) Close() error {
+	close(c.stop)
+	<-c.done
+	ferr := c.Flush()
+	if err := c.db.Close(); err != nil {
+		return fmt.Errorf("close cache %s: %w", c.cfg.Path, err)
+	}
+	return ferr
+}

@@ -1,0 +1,207 @@
+package cache
+
+import (
+	"bytes"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	storev1 "github.com/tokend/tokend/proto/tokend/store/v1"
+)
+
+// Token is one minted access token. It is immutable once installed.
+type Token struct {
+	Value      string
+	ExpiresAt  time.Time
+	ObtainedAt time.Time
+	// Fingerprint identifies the API key that minted it (a keyed hash,
+	// never the key), so tokens of a replaced key are not served.
+	Fingerprint []byte
+}
+
+// ValidFor reports whether t is still valid for at least ttl after now.
+func (t *Token) ValidFor(now time.Time, ttl time.Duration) bool {
+	return t != nil && t.ExpiresAt.Sub(now) >= ttl
+}
+
+// State is where an entry is in its refresh cycle.
+type State int
+
+const (
+	StateFresh State = iota
+	StateRefreshing
+	StateRetrying
+	StateFailing
+)
+
+// ErrorInfo is the last upstream failure of an entry. Message is Whop's
+// message or a network error, never a secret.
+type ErrorInfo struct {
+	At        time.Time
+	Status    int
+	Message   string
+	Retryable bool
+}
+
+// Meta is the refresh bookkeeping of an entry, persisted with it.
+type Meta struct {
+	State       State
+	NextRefresh time.Time
+	Refreshes   uint64
+	Failures    uint32
+	LastError   *ErrorInfo
+}
+
+// Entry is one cached key. The token and the request counters are atomics so
+// the hit path takes no lock.
+type Entry struct {
+	key Key
+	id  string
+	enc string
+
+	tok           atomic.Pointer[Token]
+	lastRequested atomic.Int64 // Unix nanoseconds
+	hits          atomic.Uint64
+
+	mu   sync.Mutex
+	meta Meta
+}
+
+func newEntry(k Key, enc []byte) *Entry {
+	return &Entry{key: k, id: idOf(enc), enc: string(enc)}
+}
+
+func (e *Entry) Key() Key    { return e.key }
+func (e *Entry) ID() string  { return e.id }
+func (e *Entry) Enc() string { return e.enc }
+
+// Token returns the current token, or nil before the first one arrives.
+func (e *Entry) Token() *Token { return e.tok.Load() }
+
+// Touch records a request served from e.
+func (e *Entry) Touch(now time.Time, hit bool) {
+	e.lastRequested.Store(now.UnixNano())
+	if hit {
+		e.hits.Add(1)
+	}
+}
+
+// LastRequested is when a client last asked for e (zero if never).
+func (e *Entry) LastRequested() time.Time {
+	n := e.lastRequested.Load()
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
+}
+
+// Hits counts requests answered from the cache.
+func (e *Entry) Hits() uint64 { return e.hits.Load() }
+
+// Meta returns a copy of e's refresh bookkeeping.
+func (e *Entry) Meta() Meta {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	m := e.meta
+	if m.LastError != nil {
+		le := *m.LastError
+		m.LastError = &le
+	}
+	return m
+}
+
+func unixNano(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+func fromUnixNano(n int64) time.Time {
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
+}
+
+func (e *Entry) record() *storev1.Record {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	t := e.tok.Load()
+	r := &storev1.Record{
+		Credential:      e.key.Credential,
+		CompanyId:       e.key.CompanyID,
+		UserId:          e.key.UserID,
+		ScopedActions:   e.key.Scopes,
+		Token:           t.Value,
+		ExpiresAt:       unixNano(t.ExpiresAt),
+		ObtainedAt:      unixNano(t.ObtainedAt),
+		KeyFingerprint:  t.Fingerprint,
+		LastRequestedAt: e.lastRequested.Load(),
+		NextRefreshAt:   unixNano(e.meta.NextRefresh),
+		Hits:            e.hits.Load(),
+		Refreshes:       e.meta.Refreshes,
+		Failures:        e.meta.Failures,
+	}
+	if le := e.meta.LastError; le != nil {
+		r.LastErrorAt = unixNano(le.At)
+		r.LastErrorStatus = int32(le.Status)
+		r.LastErrorMessage = le.Message
+		r.LastErrorRetryable = le.Retryable
+	}
+	return r
+}
+
+// decodeEntry rebuilds an entry from its bbolt key and value. The key is the
+// authority; the record's copy of it must agree.
+func decodeEntry(k, v []byte) (*Entry, error) {
+	key, err := DecodeKey(k)
+	if err != nil {
+		return nil, err
+	}
+	var r storev1.Record
+	if err := proto.Unmarshal(v, &r); err != nil {
+		return nil, fmt.Errorf("decode record: %w", err)
+	}
+	if !bytes.Equal(NewKey(r.Credential, r.CompanyId, r.UserId, r.ScopedActions).Encode(), k) {
+		return nil, fmt.Errorf("record does not match its key")
+	}
+	if r.Token == "" || r.ExpiresAt == 0 {
+		return nil, fmt.Errorf("record has no token")
+	}
+	e := newEntry(key, k)
+	e.tok.Store(&Token{
+		Value:       r.Token,
+		ExpiresAt:   fromUnixNano(r.ExpiresAt),
+		ObtainedAt:  fromUnixNano(r.ObtainedAt),
+		Fingerprint: r.KeyFingerprint,
+	})
+	e.lastRequested.Store(r.LastRequestedAt)
+	e.hits.Store(r.Hits)
+	e.meta = Meta{
+		State:       StateFresh,
+		NextRefresh: fromUnixNano(r.NextRefreshAt),
+		Refreshes:   r.Refreshes,
+		Failures:    r.Failures,
+	}
+	if r.LastErrorAt != 0 {
+		e.meta.LastError = &ErrorInfo{
+			At:        fromUnixNano(r.LastErrorAt),
+			Status:    int(r.LastErrorStatus),
+			Message:   r.LastErrorMessage,
+			Retryable: r.LastErrorRetryable,
+		}
+	}
+	return e, nil
+}
+
+// SetState changes e's state in memory only: transient states such as
+// StateRefreshing are not worth a write.
+func (c *Cache) SetState(e *Entry, s State) {
+	e.mu.Lock()
+	e.meta.State = s
+	e.mu.Unlock()
+}

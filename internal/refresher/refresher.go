@@ -1,0 +1,544 @@
+// Package refresher keeps cache entries supplied with valid tokens: it mints
+// on a miss (one upstream call however many callers wait), refreshes each
+// entry ahead of expiry from a single timer, and retries failures with
+// randomized exponential backoff while the old token keeps being served.
+package refresher
+
+import (
+	"bytes"
+	"container/heap"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"golang.org/x/sync/singleflight"
+	"golang.org/x/time/rate"
+
+	"github.com/tokend/tokend/internal/cache"
+	"github.com/tokend/tokend/internal/clock"
+	"github.com/tokend/tokend/internal/whop"
+)
+
+// MaxLifetime is the longest token Whop issues.
+const MaxLifetime = 3 * time.Hour
+
+// Fetcher mints tokens upstream; *whop.Client is one.
+type Fetcher interface {
+	CreateAccessToken(ctx context.Context, r whop.Request) (whop.AccessToken, error)
+	// KeyFingerprint identifies the current API key without revealing it.
+	KeyFingerprint() []byte
+}
+
+// Config configures New. Zero values mean the defaults.
+type Config struct {
+	Cache   *cache.Cache
+	Fetcher Fetcher
+	Clock   clock.Clock
+	Logger  *slog.Logger
+
+	// Lifetime is the token lifetime asked of Whop. Default 1h, at most 3h.
+	Lifetime time.Duration
+	// RefreshAt is the fraction of a token's lifetime after which it is
+	// refreshed. Default 2/3.
+	RefreshAt float64
+	// Jitter is the fraction of the lifetime by which refreshes are moved
+	// earlier at random, so tokens minted together drift apart. Default 0.1.
+	Jitter float64
+	// RetryInitial and RetryMax bound the randomized exponential backoff
+	// between failed refreshes. Defaults 1s and 2m.
+	RetryInitial, RetryMax time.Duration
+	// NegativeTTL is how long an error a retry cannot fix is returned to
+	// callers without asking upstream again. Default 30s.
+	NegativeTTL time.Duration
+	// ExpiryMargin is subtracted from every token's expires_at to absorb
+	// clock skew with Whop. Default 1s.
+	ExpiryMargin time.Duration
+	// RestartSpread is the window over which refreshes that fell due while
+	// tokend was down are spread. Default 1m.
+	RestartSpread time.Duration
+	// MaxInFlight, Rate and Burst limit upstream calls. Defaults 4, 10/s, 20.
+	MaxInFlight int
+	Rate        rate.Limit
+	Burst       int
+	// Workers is how many scheduled refreshes run at once. Default MaxInFlight.
+	Workers int
+}
+
+func (c *Config) setDefaults() error {
+	if c.Cache == nil || c.Fetcher == nil {
+		return errors.New("refresher: Cache and Fetcher are required")
+	}
+	if c.Clock == nil {
+		c.Clock = clock.Real{}
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Lifetime == 0 {
+		c.Lifetime = time.Hour
+	}
+	if c.Lifetime < 0 || c.Lifetime > MaxLifetime {
+		return fmt.Errorf("refresher: token lifetime %v: must be positive and at most %v", c.Lifetime, MaxLifetime)
+	}
+	if c.RefreshAt == 0 {
+		c.RefreshAt = 2.0 / 3
+	}
+	if c.RefreshAt <= 0 || c.RefreshAt >= 1 {
+		return fmt.Errorf("refresher: refresh fraction %v: must be between 0 and 1", c.RefreshAt)
+	}
+	if c.Jitter == 0 {
+		c.Jitter = 0.1
+	}
+	if c.Jitter < 0 || c.Jitter >= c.RefreshAt {
+		return fmt.Errorf("refresher: jitter %v: must be between 0 and the refresh fraction", c.Jitter)
+	}
+	if c.RetryInitial <= 0 {
+		c.RetryInitial = time.Second
+	}
+	if c.RetryMax <= 0 {
+		c.RetryMax = 2 * time.Minute
+	}
+	if c.NegativeTTL <= 0 {
+		c.NegativeTTL = 30 * time.Second
+	}
+	if c.ExpiryMargin <= 0 {
+		c.ExpiryMargin = time.Second
+	}
+	if c.RestartSpread <= 0 {
+		c.RestartSpread = time.Minute
+	}
+	if c.MaxInFlight <= 0 {
+		c.MaxInFlight = 4
+	}
+	if c.Rate <= 0 {
+		c.Rate = 10
+	}
+	if c.Burst <= 0 {
+		c.Burst = 20
+	}
+	if c.Workers <= 0 {
+		c.Workers = c.MaxInFlight
+	}
+	return nil
+}
+
+// Refresher serves tokens from the cache and keeps them fresh.
+type Refresher struct {
+	cfg   Config
+	cache *cache.Cache
+	clock clock.Clock
+	log   *slog.Logger
+	gate  *gate
+	sf    singleflight.Group
+
+	// base is cancelled when Run returns, ending fetches nobody waits for.
+	base   context.Context
+	cancel context.CancelFunc
+
+	mu    sync.Mutex
+	items map[*cache.Entry]*item
+	queue queue
+	wake  chan struct{}
+
+	hits, misses   atomic.Uint64
+	upstreamCalls  atomic.Uint64
+	upstreamErrors atomic.Uint64
+	lastError      atomic.Pointer[cache.ErrorInfo]
+}
+
+// New returns a Refresher and schedules every entry already in the cache.
+func New(cfg Config) (*Refresher, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	base, cancel := context.WithCancel(context.Background())
+	r := &Refresher{
+		cfg:    cfg,
+		cache:  cfg.Cache,
+		clock:  cfg.Clock,
+		log:    cfg.Logger,
+		gate:   newGate(cfg.Clock, cfg.MaxInFlight, cfg.Rate, cfg.Burst),
+		base:   base,
+		cancel: cancel,
+		items:  make(map[*cache.Entry]*item),
+		wake:   make(chan struct{}, 1),
+	}
+	r.scheduleLoaded()
+	return r, nil
+}
+
+// scheduleLoaded queues the entries found on disk. Refreshes that fell due
+// while tokend was down are spread over RestartSpread with fresh jitter so a
+// restart does not fire them all at once.
+func (r *Refresher) scheduleLoaded() {
+	now := r.clock.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, e := range r.cache.Entries() {
+		t := e.Token()
+		if t == nil {
+			continue
+		}
+		due := e.Meta().NextRefresh
+		if due.IsZero() {
+			due = r.refreshTime(t)
+		}
+		if !due.After(now) {
+			window := min(r.cfg.RestartSpread, t.ExpiresAt.Sub(now)/2)
+			due = now.Add(time.Duration(rand.Int64N(int64(max(window, 1)))))
+		}
+		r.scheduleLocked(r.itemLocked(e), due)
+	}
+}
+
+// Stats are the refresher's counters since start.
+type Stats struct {
+	Hits, Misses, UpstreamCalls, UpstreamErrors uint64
+	LastError                                   *cache.ErrorInfo
+	UpstreamInFlight                            int
+}
+
+func (r *Refresher) Stats() Stats {
+	return Stats{
+		Hits:             r.hits.Load(),
+		Misses:           r.misses.Load(),
+		UpstreamCalls:    r.upstreamCalls.Load(),
+		UpstreamErrors:   r.upstreamErrors.Load(),
+		LastError:        r.lastError.Load(),
+		UpstreamInFlight: r.gate.inFlight(),
+	}
+}
+
+// ErrLifetime is returned when a caller's min_ttl exceeds what Whop issues.
+var ErrLifetime = errors.New("no token Whop issues stays valid that long")
+
+// Get returns a token for k valid for at least minTTL. A hit is answered
+// from memory; a miss waits for one shared upstream call, or for ctx, whose
+// end does not cancel the call: the next caller gets its result.
+func (r *Refresher) Get(ctx context.Context, k cache.Key, minTTL time.Duration) (*cache.Token, *cache.Entry, error) {
+	enc := k.Encode()
+	now := r.clock.Now()
+	if e := r.cache.Get(enc); e != nil {
+		if t := e.Token(); r.usable(t, now, minTTL) {
+			e.Touch(now, true)
+			r.hits.Add(1)
+			return t, e, nil
+		}
+	}
+	r.misses.Add(1)
+	lifetime := r.cfg.Lifetime
+	if need := minTTL + r.cfg.ExpiryMargin; need >= lifetime {
+		// Ask for enough to cover min_ttl and the call's own latency.
+		lifetime = min(need+time.Minute, MaxLifetime)
+	}
+	for attempt := 0; ; attempt++ {
+		e, _ := r.cache.Ensure(k)
+		e.Touch(now, false)
+		if err := r.remembered(e); err != nil {
+			return nil, e, err
+		}
+		t, err := r.mintShared(ctx, e, lifetime)
+		if err != nil {
+			return nil, e, err
+		}
+		if r.usable(t, r.clock.Now(), minTTL) {
+			return t, e, nil
+		}
+		// We joined a call made for a shorter min_ttl; make our own once.
+		if attempt > 0 || lifetime == MaxLifetime && t.ExpiresAt.Sub(t.ObtainedAt) >= MaxLifetime-time.Minute {
+			return nil, e, fmt.Errorf("min_ttl %v: %w", minTTL, ErrLifetime)
+		}
+	}
+}
+
+// usable reports whether t can be handed out: minted by the current key and
+// valid for minTTL beyond the safety margin.
+func (r *Refresher) usable(t *cache.Token, now time.Time, minTTL time.Duration) bool {
+	return t.ValidFor(now, minTTL+r.cfg.ExpiryMargin) && bytes.Equal(t.Fingerprint, r.cfg.Fetcher.KeyFingerprint())
+}
+
+// remembered returns the entry's last error while callers should get it
+// without a new upstream call: during a retry backoff, or inside the
+// negative-cache window of an error a retry cannot fix.
+func (r *Refresher) remembered(e *cache.Entry) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	it := r.items[e]
+	if it == nil || it.err == nil || !r.clock.Now().Before(it.errUntil) {
+		return nil
+	}
+	return it.err
+}
+
+// mintShared joins or starts the one upstream call for e and waits for it
+// or for ctx.
+func (r *Refresher) mintShared(ctx context.Context, e *cache.Entry, lifetime time.Duration) (*cache.Token, error) {
+	ch := r.sf.DoChan(e.Enc(), func() (any, error) { return r.mint(e, lifetime) })
+	select {
+	case res := <-ch:
+		if res.Err != nil {
+			return nil, res.Err
+		}
+		return res.Val.(*cache.Token), nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// mint makes one upstream call for e and records the outcome.
+func (r *Refresher) mint(e *cache.Entry, lifetime time.Duration) (*cache.Token, error) {
+	r.cache.SetState(e, cache.StateRefreshing)
+	release, err := r.gate.acquire(r.base)
+	if err != nil {
+		r.cache.SetState(e, e.Meta().State)
+		return nil, fmt.Errorf("waiting for the upstream limiter: %w", err)
+	}
+	k := e.Key()
+	start := r.clock.Now()
+	fp := r.cfg.Fetcher.KeyFingerprint()
+	r.upstreamCalls.Add(1)
+	at, err := r.cfg.Fetcher.CreateAccessToken(r.base, whop.Request{
+		CompanyID:     k.CompanyID,
+		UserID:        k.UserID,
+		ScopedActions: k.Scopes,
+		ExpiresAt:     start.Add(lifetime),
+	})
+	release()
+	if err != nil {
+		r.failed(e, err)
+		return nil, err
+	}
+	t := &cache.Token{Value: at.Token, ExpiresAt: at.ExpiresAt, ObtainedAt: start, Fingerprint: fp}
+	due := r.refreshTime(t)
+	r.cache.SetToken(e, t, func(m *cache.Meta) {
+		m.State = cache.StateFresh
+		m.NextRefresh = due
+		m.Refreshes++
+		m.Failures = 0
+	})
+	r.mu.Lock()
+	it := r.itemLocked(e)
+	it.bo, it.err, it.errUntil = nil, nil, time.Time{}
+	r.scheduleLocked(it, due)
+	r.mu.Unlock()
+	return t, nil
+}
+
+// refreshTime is when t should be replaced: RefreshAt of its lifetime, moved
+// earlier by up to Jitter of it at random.
+func (r *Refresher) refreshTime(t *cache.Token) time.Time {
+	life := t.ExpiresAt.Sub(t.ObtainedAt)
+	at := time.Duration(float64(life) * r.cfg.RefreshAt)
+	if j := int64(float64(life) * r.cfg.Jitter); j > 0 {
+		at -= time.Duration(rand.Int64N(j))
+	}
+	return t.ObtainedAt.Add(at)
+}
+
+// failed records an upstream failure on e and decides when to try again.
+func (r *Refresher) failed(e *cache.Entry, err error) {
+	now := r.clock.Now()
+	info := errorInfo(now, err)
+	r.upstreamErrors.Add(1)
+	r.lastError.Store(&info)
+	var we *whop.Error
+	if errors.As(err, &we) && we.StatusCode == 429 && we.RetryAfter > 0 {
+		r.gate.pause(we.RetryAfter)
+	}
+	t := e.Token()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	it := r.itemLocked(e)
+	it.err = err
+	state := cache.StateFailing
+	if info.Retryable {
+		state = cache.StateRetrying
+		if it.bo == nil {
+			it.bo = r.newBackoff()
+		}
+		wait := max(it.bo.NextBackOff(), whop.RetryAfterOf(err))
+		it.errUntil = now.Add(wait)
+		if t != nil {
+			// Keep retrying in the background while a token exists to
+			// protect; a cold key is retried by its next caller.
+			r.scheduleLocked(it, it.errUntil)
+		}
+	} else {
+		it.errUntil = now.Add(r.cfg.NegativeTTL)
+		if t != nil && t.ExpiresAt.After(now) {
+			// Nothing will fix it by retrying: keep serving the token we
+			// have and drop the entry when it expires.
+			r.scheduleLocked(it, t.ExpiresAt)
+		}
+	}
+	if t == nil {
+		// Forget a key that never worked once nobody has asked for a while.
+		r.scheduleLocked(it, now.Add(max(r.cfg.NegativeTTL, r.cfg.RetryMax)))
+	}
+	r.cache.UpdateMeta(e, func(m *cache.Meta) {
+		m.State = state
+		m.Failures++
+		m.LastError = &info
+	})
+	r.log.Warn("upstream refresh failed", "key", e.ID(), "subject", e.Key().Subject(), "status", info.Status, "retryable", info.Retryable, "retry_in", it.errUntil.Sub(now).Round(time.Millisecond), "err", info.Message)
+}
+
+func (r *Refresher) newBackoff() *backoff.ExponentialBackOff {
+	return backoff.NewExponentialBackOff(
+		backoff.WithInitialInterval(r.cfg.RetryInitial),
+		backoff.WithMaxInterval(r.cfg.RetryMax),
+		backoff.WithMultiplier(2),
+		backoff.WithRandomizationFactor(0.5),
+		backoff.WithMaxElapsedTime(0),
+	)
+}
+
+func errorInfo(now time.Time, err error) cache.ErrorInfo {
+	info := cache.ErrorInfo{At: now, Message: err.Error(), Retryable: whop.IsRetryable(err)}
+	var we *whop.Error
+	if errors.As(err, &we) {
+		info.Status = we.StatusCode
+		if we.Message != "" {
+			info.Message = we.Message
+		}
+	}
+	return info
+}
+
+func (r *Refresher) itemLocked(e *cache.Entry) *item {
+	it := r.items[e]
+	if it == nil {
+		it = &item{e: e, index: -1}
+		r.items[e] = it
+	}
+	return it
+}
+
+func (r *Refresher) scheduleLocked(it *item, due time.Time) {
+	if r.cache.Get([]byte(it.e.Enc())) != it.e {
+		return // evicted meanwhile
+	}
+	it.due = due
+	if it.index >= 0 {
+		heap.Fix(&r.queue, it.index)
+	} else {
+		heap.Push(&r.queue, it)
+	}
+	if it.index == 0 {
+		select {
+		case r.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (r *Refresher) forgetLocked(e *cache.Entry) {
+	if it := r.items[e]; it != nil {
+		if it.index >= 0 {
+			heap.Remove(&r.queue, it.index)
+		}
+		delete(r.items, e)
+	}
+}
+
+// Evict drops entries from the schedule and the cache.
+func (r *Refresher) Evict(es ...*cache.Entry) {
+	r.mu.Lock()
+	for _, e := range es {
+		r.forgetLocked(e)
+	}
+	r.mu.Unlock()
+	r.cache.Remove(es...)
+}
+
+// Refresh mints a new token for e now, sharing a call already in flight.
+func (r *Refresher) Refresh(ctx context.Context, e *cache.Entry) error {
+	_, err := r.mintShared(ctx, e, r.cfg.Lifetime)
+	return err
+}
+
+// Run drives the schedule until ctx ends. It is the only timer for all
+// entries; due work goes to a fixed pool of workers.
+func (r *Refresher) Run(ctx context.Context) error {
+	defer r.cancel()
+	work := make(chan *cache.Entry)
+	var wg sync.WaitGroup
+	for range r.cfg.Workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for e := range work {
+				r.act(e)
+			}
+		}()
+	}
+	defer func() {
+		close(work)
+		r.cancel()
+		wg.Wait()
+	}()
+	timer := r.clock.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		now := r.clock.Now()
+		var due []*cache.Entry
+		r.mu.Lock()
+		for len(r.queue) > 0 && !r.queue[0].due.After(now) {
+			it := heap.Pop(&r.queue).(*item)
+			due = append(due, it.e)
+		}
+		next := time.Hour
+		if len(r.queue) > 0 {
+			next = r.queue[0].due.Sub(now)
+		}
+		r.mu.Unlock()
+		for _, e := range due {
+			select {
+			case work <- e:
+			case <-ctx.Done():
+				return nil
+			}
+		}
+		if len(due) > 0 {
+			continue // time has moved while we handed work out
+		}
+		timer.Reset(next)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-timer.C():
+		case <-r.wake:
+		}
+	}
+}
+
+// act does what a due entry needs: refresh it, or drop it when it can no
+// longer be served and nothing will mend it.
+func (r *Refresher) act(e *cache.Entry) {
+	now := r.clock.Now()
+	t := e.Token()
+	m := e.Meta()
+	if t == nil || (m.State == cache.StateFailing && !t.ExpiresAt.After(now)) {
+		r.mu.Lock()
+		it := r.items[e]
+		stale := it != nil && it.index < 0
+		if stale {
+			r.forgetLocked(e)
+		}
+		r.mu.Unlock()
+		if stale {
+			r.cache.Remove(e)
+		}
+		return
+	}
+	if m.State == cache.StateFailing {
+		return // scheduled for expiry only
+	}
+	_, _ = r.mintShared(r.base, e, r.cfg.Lifetime)
+}

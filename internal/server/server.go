@@ -1,0 +1,194 @@
+// Package server exposes tokend over gRPC: TokenService for local services,
+// AdminService for operators, plus grpc.health.v1 and reflection so grpcurl
+// and grpc-health-probe work against the socket. Responses never carry the
+// API key, and only GetToken carries a token.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+
+	"github.com/tokend/tokend/internal/cache"
+	"github.com/tokend/tokend/internal/refresher"
+	"github.com/tokend/tokend/internal/whop"
+	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
+)
+
+// MaxMessageBytes bounds requests; a GetTokenRequest at its limits is far
+// smaller.
+const MaxMessageBytes = 16 << 10
+
+// Tokens is what the services need from the refresher.
+type Tokens interface {
+	Get(ctx context.Context, k cache.Key, minTTL time.Duration) (*cache.Token, *cache.Entry, error)
+	Refresh(ctx context.Context, e *cache.Entry) error
+	Evict(es ...*cache.Entry)
+	Stats() refresher.Stats
+}
+
+// Entries is the read side of the cache that AdminService lists.
+type Entries interface {
+	Entries() []*cache.Entry
+	Find(prefix string) (*cache.Entry, error)
+	WriteStatus() (pending int, lastErr error)
+}
+
+// Config configures New.
+type Config struct {
+	Tokens  Tokens
+	Entries Entries
+	Logger  *slog.Logger
+	// Credential names the credential whose tokens GetToken serves.
+	Credential string
+	Version    string
+	Socket     string
+	StateDir   string
+	Now        func() time.Time
+	// StopTimeout bounds how long Serve waits for in-flight calls after ctx
+	// ends. Default 5s.
+	StopTimeout time.Duration
+}
+
+// Server is tokend's gRPC server.
+type Server struct {
+	cfg     Config
+	grpc    *grpc.Server
+	health  *health.Server
+	started time.Time
+}
+
+// New builds the server and registers every service.
+func New(cfg Config) *Server {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.StopTimeout <= 0 {
+		cfg.StopTimeout = 5 * time.Second
+	}
+	if cfg.Credential == "" {
+		cfg.Credential = "default"
+	}
+	s := &Server{
+		cfg:     cfg,
+		grpc:    grpc.NewServer(grpc.MaxRecvMsgSize(MaxMessageBytes)),
+		health:  health.NewServer(),
+		started: cfg.Now(),
+	}
+	tokendv1.RegisterTokenServiceServer(s.grpc, &tokenService{s: s})
+	tokendv1.RegisterAdminServiceServer(s.grpc, &adminService{s: s})
+	healthpb.RegisterHealthServer(s.grpc, s.health)
+	reflection.Register(s.grpc)
+	return s
+}
+
+// Serve answers on ln until ctx ends, then stops accepting, lets in-flight
+// calls finish for at most StopTimeout, and returns nil.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	for _, name := range []string{"", tokendv1.TokenService_ServiceDesc.ServiceName, tokendv1.AdminService_ServiceDesc.ServiceName} {
+		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- s.grpc.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serve gRPC on %s: %w", ln.Addr(), err)
+	case <-ctx.Done():
+	}
+	s.health.Shutdown()
+	stopped := make(chan struct{})
+	go func() {
+		s.grpc.GracefulStop()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(s.cfg.StopTimeout):
+		s.cfg.Logger.Warn("in-flight calls did not finish in time; closing them", "timeout", s.cfg.StopTimeout)
+		s.grpc.Stop()
+		<-stopped
+	}
+	return nil
+}
+
+type tokenService struct {
+	tokendv1.UnimplementedTokenServiceServer
+	s *Server
+}
+
+var _ tokendv1.TokenServiceServer = (*tokenService)(nil)
+
+func (t *tokenService) GetToken(ctx context.Context, req *tokendv1.GetTokenRequest) (*tokendv1.Token, error) {
+	r, err := validate(req)
+	if err != nil {
+		return nil, err
+	}
+	k := cache.NewKey(t.s.cfg.Credential, r.companyID, r.userID, r.scopes)
+	tok, e, err := t.s.cfg.Tokens.Get(ctx, k, r.minTTL)
+	if err != nil {
+		return nil, upstreamStatus(err)
+	}
+	return &tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: e.ID()}, nil
+}
+
+// upstreamStatus maps a failure to mint into the gRPC code a caller can act
+// on. The message is Whop's, or a network error; neither holds the key.
+func upstreamStatus(err error) error {
+	var we *whop.Error
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.Error(codes.DeadlineExceeded, "deadline passed while waiting for Whop; the token will be cached for the next call")
+	case errors.Is(err, context.Canceled):
+		return status.Error(codes.Canceled, "call cancelled")
+	case errors.Is(err, refresher.ErrLifetime):
+		return status.Error(codes.OutOfRange, err.Error())
+	case errors.As(err, &we):
+		msg := we.Message
+		if msg == "" {
+			msg = we.Error()
+		}
+		switch code := codeForStatus(we.StatusCode); code {
+		case codes.FailedPrecondition:
+			return status.Errorf(code, "Whop rejected tokend's API key (401): %s", msg)
+		case codes.Unavailable:
+			if we.StatusCode == 0 {
+				return status.Errorf(code, "Whop is unreachable: %s", msg)
+			}
+			return status.Errorf(code, "Whop is unavailable (%d): %s", we.StatusCode, msg)
+		default:
+			return status.Errorf(code, "Whop refused (%d): %s", we.StatusCode, msg)
+		}
+	default:
+		return status.Errorf(codes.Unavailable, "mint token: %v", err)
+	}
+}
+
+func codeForStatus(httpStatus int) codes.Code {
+	switch {
+	case httpStatus == 400 || httpStatus == 422:
+		return codes.InvalidArgument
+	case httpStatus == 401:
+		return codes.FailedPrecondition
+	case httpStatus == 403:
+		return codes.PermissionDenied
+	case httpStatus == 404:
+		return codes.NotFound
+	case httpStatus == 0 || httpStatus == 408 || httpStatus == 429 || httpStatus >= 500:
+		return codes.Unavailable
+	default:
+		return codes.Unknown
+	}
+}
