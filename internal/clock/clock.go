@@ -67,6 +67,16 @@ func (f *Fake) NewTimer(d time.Duration) Timer {
 
 func (f *Fake) armLocked(t *fakeTimer, d time.Duration) {
 	t.when = f.now.Add(d)
+	if d <= 0 { // like time.Timer: already due, fires at once
+		if t.armed {
+			f.removeLocked(t)
+		}
+		select {
+		case t.c <- f.now:
+		default:
+		}
+		return
+	}
 	if !t.armed {
 		t.armed = true
 		f.timers = append(f.timers, t)
@@ -136,13 +146,17 @@ func (t *fakeTimer) Stop() bool {
 	defer t.f.mu.Unlock()
 	was := t.armed
 	if was {
-		t.armed = false
-		for i, x := range t.f.timers {
-			if x == t {
-				t.f.timers = append(t.f.timers[:i], t.f.timers[i+1:]...)
-				break
-			}
-		}
+		t.f.removeLocked(t)
 	}
 	return was
+}
+
+func (f *Fake) removeLocked(t *fakeTimer) {
+	t.armed = false
+	for i, x := range f.timers {
+		if x == t {
+			f.timers = append(f.timers[:i], f.timers[i+1:]...)
+			return
+		}
+	}
 }
