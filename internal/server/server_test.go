@@ -1,0 +1,167 @@
+package server
+
+import (
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/tokend/tokend/internal/whop"
+	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
+)
+
+func TestValidate(t *testing.T) {
+	scopes := func(n int) []string {
+		s := make([]string, n)
+		for i := range s {
+			s[i] = "scope:" + strings.Repeat("x", i+1)
+		}
+		return s
+	}
+	cases := []struct {
+		name    string
+		req     *tokendv1.GetTokenRequest
+		wantErr string // substring of the InvalidArgument message; empty means valid
+		minTTL  time.Duration
+	}{
+		{"company", &tokendv1.GetTokenRequest{CompanyId: "biz_1"}, "", DefaultMinTTL},
+		{"user", &tokendv1.GetTokenRequest{UserId: "user_1"}, "", DefaultMinTTL},
+		{"both", &tokendv1.GetTokenRequest{CompanyId: "biz_1", UserId: "user_1", ScopedActions: []string{"chat:read", "dms:message:manage"}}, "", DefaultMinTTL},
+		{"zero min_ttl", &tokendv1.GetTokenRequest{CompanyId: "biz_1", MinTtl: durationpb.New(0)}, "", 0},
+		{"max min_ttl", &tokendv1.GetTokenRequest{CompanyId: "biz_1", MinTtl: durationpb.New(3 * time.Hour)}, "", 3 * time.Hour},
+		{"64 scopes", &tokendv1.GetTokenRequest{CompanyId: "biz_1", ScopedActions: scopes(64)}, "", DefaultMinTTL},
+		{"128-byte scope", &tokendv1.GetTokenRequest{CompanyId: "biz_1", ScopedActions: []string{strings.Repeat("s", 128)}}, "", DefaultMinTTL},
+		{"no subject", &tokendv1.GetTokenRequest{}, "company_id or user_id is required", 0},
+		{"bare prefix", &tokendv1.GetTokenRequest{CompanyId: "biz_"}, `company_id "biz_"`, 0},
+		{"company wrong prefix", &tokendv1.GetTokenRequest{CompanyId: "user_1"}, `company_id "user_1": must start with "biz_"`, 0},
+		{"user wrong prefix", &tokendv1.GetTokenRequest{UserId: "biz_1"}, `user_id "biz_1": must start with "user_"`, 0},
+		{"id with space", &tokendv1.GetTokenRequest{UserId: "user_a b"}, "user_id", 0},
+		{"long id", &tokendv1.GetTokenRequest{UserId: "user_" + strings.Repeat("x", 200)}, "user_id: 205 bytes", 0},
+		{"empty scope", &tokendv1.GetTokenRequest{CompanyId: "biz_1", ScopedActions: []string{"a", ""}}, "scoped_actions[1]: empty", 0},
+		{"long scope", &tokendv1.GetTokenRequest{CompanyId: "biz_1", ScopedActions: []string{strings.Repeat("s", 129)}}, "scoped_actions[0]: 129 bytes", 0},
+		{"control char scope", &tokendv1.GetTokenRequest{CompanyId: "biz_1", ScopedActions: []string{"chat:\nread"}}, "scoped_actions[0]", 0},
+		{"65 scopes", &tokendv1.GetTokenRequest{CompanyId: "biz_1", ScopedActions: scopes(65)}, "scoped_actions: 65 scopes", 0},
+		{"negative min_ttl", &tokendv1.GetTokenRequest{CompanyId: "biz_1", MinTtl: durationpb.New(-time.Second)}, "min_ttl -1s", 0},
+		{"min_ttl over 3h", &tokendv1.GetTokenRequest{CompanyId: "biz_1", MinTtl: durationpb.New(3*time.Hour + 1)}, "min_ttl 3h0m0.000000001s", 0},
+		{"malformed min_ttl", &tokendv1.GetTokenRequest{CompanyId: "biz_1", MinTtl: &durationpb.Duration{Seconds: 1, Nanos: -1}}, "min_ttl", 0},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r, err := validate(c.req)
+			if c.wantErr == "" {
+				if err != nil {
+					t.Fatalf("unexpected error: %v", err)
+				}
+				if r.minTTL != c.minTTL {
+					t.Fatalf("minTTL = %v, want %v", r.minTTL, c.minTTL)
+				}
+				return
+			}
+			if status.Code(err) != codes.InvalidArgument || !strings.Contains(status.Convert(err).Message(), c.wantErr) {
+				t.Fatalf("got %v, want InvalidArgument containing %q", err, c.wantErr)
+			}
+		})
+	}
+}
+
+func FuzzValidate(f *testing.F) {
+	f.Add("biz_1", "user_1", "chat:read", int64(60))
+	f.Add("", "", "", int64(-1))
+	f.Fuzz(func(t *testing.T, company, user, scope string, ttl int64) {
+		req := &tokendv1.GetTokenRequest{CompanyId: company, UserId: user, ScopedActions: []string{scope}, MinTtl: durationpb.New(time.Duration(ttl) * time.Second)}
+		r, err := validate(req)
+		if err != nil {
+			if status.Code(err) != codes.InvalidArgument {
+				t.Fatalf("non-InvalidArgument error %v", err)
+			}
+			return
+		}
+		if r.companyID == "" && r.userID == "" || r.minTTL < 0 || r.minTTL > MaxMinTTL || len(scope) == 0 || len(scope) > MaxScopeBytes {
+			t.Fatalf("accepted an invalid request: %+v", req)
+		}
+	})
+}
+
+func TestUpstreamStatusCodes(t *testing.T) {
+	cases := []struct {
+		err  error
+		code codes.Code
+	}{
+		{&whop.Error{StatusCode: 400, Message: "bad"}, codes.InvalidArgument},
+		{&whop.Error{StatusCode: 401, Message: "Invalid or missing API key"}, codes.FailedPrecondition},
+		{&whop.Error{StatusCode: 403, Message: "no"}, codes.PermissionDenied},
+		{&whop.Error{StatusCode: 404, Message: "gone"}, codes.NotFound},
+		{&whop.Error{StatusCode: 408}, codes.Unavailable},
+		{&whop.Error{StatusCode: 422, Message: "verify"}, codes.InvalidArgument},
+		{&whop.Error{StatusCode: 429}, codes.Unavailable},
+		{&whop.Error{StatusCode: 503}, codes.Unavailable},
+		{&whop.Error{Err: os.ErrDeadlineExceeded}, codes.Unavailable},
+	}
+	for _, c := range cases {
+		err := upstreamStatus(c.err)
+		if status.Code(err) != c.code {
+			t.Errorf("%v -> %v, want %v", c.err, status.Code(err), c.code)
+		}
+	}
+}
+
+func TestListen(t *testing.T) {
+	dir, err := os.MkdirTemp("", "tdl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	path := filepath.Join(dir, "sub", "t.sock")
+
+	ln, err := Listen(path, 0o660)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(path)
+	if err != nil || fi.Mode().Perm() != 0o660 {
+		t.Fatalf("socket mode = %v, %v; want 0660", fi.Mode().Perm(), err)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	if _, err := Listen(path, 0o660); err == nil || !strings.Contains(err.Error(), "already in use") {
+		t.Fatalf("second Listen on a live socket: %v, want address already in use", err)
+	}
+
+	// A stale socket (nobody answering) is replaced.
+	stale := filepath.Join(dir, "stale.sock")
+	l2, err := net.Listen("unix", stale)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l2.(*net.UnixListener).SetUnlinkOnClose(false)
+	l2.Close()
+	ln3, err := Listen(stale, 0o600)
+	if err != nil {
+		t.Fatalf("stale socket not replaced: %v", err)
+	}
+	ln3.Close()
+	if _, err := os.Stat(stale); !os.IsNotExist(err) {
+		t.Fatal("socket file left after Close")
+	}
+
+	// A regular file is never removed.
+	regular := filepath.Join(dir, "file")
+	os.WriteFile(regular, []byte("x"), 0o600)
+	if _, err := Listen(regular, 0o600); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Fatalf("Listen over a regular file: %v", err)
+	}
+	ln.Close()
+}
