@@ -77,7 +77,7 @@ type Client struct {
 	salt      []byte
 	// key is behind a pointer so that printing a Client with %v shows an
 	// address, never the key, and reloads swap it atomically.
-	key atomic.Pointer[string]
+	key atomic.Pointer[apiKey]
 }
 
 // New validates cfg and returns a Client.
@@ -117,7 +117,7 @@ func New(cfg Config) (*Client, error) {
 		c.userAgent = defaultUserAgent
 	}
 	key := cfg.APIKey
-	c.key.Store(&key)
+	c.key.Store(c.newKey(key))
 	return c, nil
 }
 
@@ -154,14 +154,25 @@ func (c *Client) SetAPIKey(key string) error {
 	if err := checkKey(key); err != nil {
 		return fmt.Errorf("set whop api key: %w", err)
 	}
-	c.key.Store(&key)
+	c.key.Store(c.newKey(key))
 	return nil
 }
 
+// apiKey is the key with its fingerprint, computed once per key because the
+// cache compares fingerprints on every hit.
+type apiKey struct {
+	value       string
+	fingerprint []byte
+}
+
+func (c *Client) newKey(key string) *apiKey {
+	return &apiKey{value: key, fingerprint: Fingerprint(c.salt, key)}
+}
+
 // KeyFingerprint identifies the current key in logs and metrics without
-// revealing it.
+// revealing it. Callers must not modify the returned slice.
 func (c *Client) KeyFingerprint() []byte {
-	return Fingerprint(c.salt, *c.key.Load())
+	return c.key.Load().fingerprint
 }
 
 // Fingerprint is HMAC-SHA256(salt, key) truncated to 16 bytes: enough to tell
@@ -175,7 +186,7 @@ func Fingerprint(salt []byte, key string) []byte {
 
 // String describes the client without its key.
 func (c *Client) String() string {
-	return fmt.Sprintf("whop.Client{endpoint: %s, key: %x}", c.endpoint, c.KeyFingerprint())
+	return fmt.Sprintf("whop.Client{endpoint: %s, key fingerprint: %x}", c.endpoint, c.KeyFingerprint())
 }
 
 // GoString keeps %#v from printing the fields reflectively.
@@ -205,7 +216,7 @@ type wireError struct {
 // CreateAccessToken mints a token. Every failure is an *Error; use
 // IsRetryable and RetryAfterOf to decide what to do next.
 func (c *Client) CreateAccessToken(ctx context.Context, r Request) (AccessToken, error) {
-	key := *c.key.Load()
+	key := c.key.Load().value
 	wr := wireRequest{CompanyID: r.CompanyID, UserID: r.UserID, ScopedActions: r.ScopedActions}
 	if !r.ExpiresAt.IsZero() {
 		wr.ExpiresAt = r.ExpiresAt.UTC().Format(time.RFC3339)

@@ -153,8 +153,8 @@ func (s *Server) Close() {
 	if already {
 		return
 	}
-	s.cancel()
 	_ = s.srv.Close()
+	s.cancel()
 	<-s.done
 	s.handlers.Wait()
 }
@@ -304,16 +304,23 @@ func (s *Server) begin(call *Call) (Fault, time.Duration, bool) {
 	return f, s.latency, true
 }
 
-func (s *Server) end(call *Call, status int, dropped bool) {
+// record sets the outcome in the call log before the client can see it, so a
+// test that inspects Calls right after a response finds it there.
+func (s *Server) record(call *Call, status int, dropped bool) {
 	s.mu.Lock()
 	call.Status = status
 	call.Dropped = dropped
-	s.inFlight--
 	s.mu.Unlock()
-	s.handlers.Done()
 	s.log.Debug("whoptest: access token request",
 		"company_id", call.CompanyID, "user_id", call.UserID,
 		"status", status, "dropped", dropped)
+}
+
+func (s *Server) end() {
+	s.mu.Lock()
+	s.inFlight--
+	s.mu.Unlock()
+	s.handlers.Done()
 }
 
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
@@ -339,20 +346,21 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusServiceUnavailable)
 		return
 	}
-	status, dropped := 0, false
-	defer func() { s.end(call, status, dropped) }()
+	defer s.end()
 
 	if d := latency + fault.Latency; d > 0 {
 		t := time.NewTimer(d)
 		select {
 		case <-t.C:
 		case <-r.Context().Done():
+			// The client left or the server is closing: answer nothing, as
+			// a real server that never got round to it would.
 			t.Stop()
-			return
+			panic(http.ErrAbortHandler)
 		}
 	}
 	if fault.Drop {
-		dropped = true
+		s.record(call, 0, true)
 		if hj, ok := w.(http.Hijacker); ok {
 			if conn, _, err := hj.Hijack(); err == nil {
 				_ = conn.Close()
@@ -366,19 +374,20 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		if fault.RetryAfter != "" {
 			w.Header().Set("Retry-After", fault.RetryAfter)
 		}
-		status = fault.Status
-		writeError(w, status, faultError(status))
+		s.record(call, fault.Status, false)
+		writeJSON(w, fault.Status, errorBody(faultError(fault.Status)))
 		return
 	}
 
-	status = s.handle(w, r, key, hasBearer, req, bodyErr)
+	status, resp := s.handle(r, key, hasBearer, req, bodyErr)
+	s.record(call, status, false)
+	writeJSON(w, status, resp)
 }
 
-// handle validates in the order Whop does and answers; it returns the status.
-func (s *Server) handle(w http.ResponseWriter, r *http.Request, key string, hasBearer bool, req wireRequest, bodyErr error) int {
-	fail := func(status int, e apiError) int {
-		writeError(w, status, e)
-		return status
+// handle validates in the order Whop does and returns the answer.
+func (s *Server) handle(r *http.Request, key string, hasBearer bool, req wireRequest, bodyErr error) (int, any) {
+	fail := func(status int, e apiError) (int, any) {
+		return status, errorBody(e)
 	}
 	if r.Method != http.MethodPost || r.URL.Path != accessTokensPath {
 		return fail(http.StatusNotFound, apiError{Type: "not_found", Message: "Resource not found"})
@@ -451,11 +460,10 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request, key string, hasB
 	if err != nil {
 		return fail(http.StatusInternalServerError, faultError(http.StatusInternalServerError))
 	}
-	writeJSON(w, http.StatusOK, map[string]string{
+	return http.StatusOK, map[string]string{
 		"token":      tok,
 		"expires_at": exp.UTC().Format("2006-01-02T15:04:05.000Z07:00"),
-	})
-	return http.StatusOK
+	}
 }
 
 func invalidRequest(code, param, msg string) apiError {
@@ -495,9 +503,7 @@ func faultError(status int) apiError {
 	return apiError{Type: strings.ReplaceAll(strings.ToLower(text), " ", "_"), Message: text}
 }
 
-func writeError(w http.ResponseWriter, status int, e apiError) {
-	writeJSON(w, status, map[string]apiError{"error": e})
-}
+func errorBody(e apiError) any { return map[string]apiError{"error": e} }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	b, err := json.Marshal(v)

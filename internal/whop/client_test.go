@@ -1,0 +1,474 @@
+package whop_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tokend/tokend/internal/whop"
+	"github.com/tokend/tokend/internal/whop/whoptest"
+)
+
+const (
+	testKey    = "sk_test_SUPERSECRET_4f9a2c"
+	otherKey   = "sk_test_OTHERSECRET_77e1d0"
+	limitedKey = "sk_test_LIMITEDSECRET_19bb"
+)
+
+func newFake(t *testing.T) *whoptest.Server {
+	t.Helper()
+	s, err := whoptest.NewServer(whoptest.Config{Keys: map[string][]string{
+		testKey:    nil,
+		otherKey:   nil,
+		limitedKey: {"chat:read"},
+	}})
+	if err != nil {
+		t.Fatalf("start fake: %v", err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+func newClient(t *testing.T, base, key string, timeout time.Duration) *whop.Client {
+	t.Helper()
+	c, err := whop.New(whop.Config{BaseURL: base, APIKey: key, Timeout: timeout, UserAgent: "tokend/test", FingerprintSalt: []byte("salt")})
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	return c
+}
+
+func asError(t *testing.T, err error) *whop.Error {
+	t.Helper()
+	var e *whop.Error
+	if !errors.As(err, &e) {
+		t.Fatalf("error %T %v is not a *whop.Error", err, err)
+	}
+	return e
+}
+
+func TestNew(t *testing.T) {
+	tests := []struct {
+		name    string
+		cfg     whop.Config
+		wantErr string
+	}{
+		{name: "defaults", cfg: whop.Config{APIKey: testKey}},
+		{name: "trailing slash", cfg: whop.Config{APIKey: testKey, BaseURL: "http://127.0.0.1:1/api/v1/"}},
+		{name: "no key", cfg: whop.Config{}, wantErr: "api key"},
+		{name: "key with newline", cfg: whop.Config{APIKey: testKey + "\n"}, wantErr: "api key"},
+		{name: "relative url", cfg: whop.Config{APIKey: testKey, BaseURL: "api.whop.com"}, wantErr: "base url"},
+		{name: "ftp url", cfg: whop.Config{APIKey: testKey, BaseURL: "ftp://x/y"}, wantErr: "base url"},
+		{name: "negative timeout", cfg: whop.Config{APIKey: testKey, Timeout: -time.Second}, wantErr: "timeout"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := whop.New(tt.cfg)
+			if tt.wantErr == "" {
+				if err != nil || c == nil {
+					t.Fatalf("New: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("err = %v, want mention of %q", err, tt.wantErr)
+			}
+			if strings.Contains(err.Error(), testKey) {
+				t.Fatalf("error reveals the key: %v", err)
+			}
+		})
+	}
+}
+
+func TestCreateAccessTokenSuccess(t *testing.T) {
+	s := newFake(t)
+	c := newClient(t, s.URL()+"/", testKey, 0)
+	exp := time.Now().Add(30 * time.Minute).Truncate(time.Second)
+
+	tok, err := c.CreateAccessToken(context.Background(), whop.Request{CompanyID: "biz_1", UserID: "user_1", ScopedActions: []string{"chat:read"}, ExpiresAt: exp})
+	if err != nil {
+		t.Fatalf("CreateAccessToken: %v", err)
+	}
+	if !tok.ExpiresAt.Equal(exp) {
+		t.Errorf("ExpiresAt = %v, want %v", tok.ExpiresAt, exp)
+	}
+	claims, err := s.Verify(tok.Token)
+	if err != nil {
+		t.Fatalf("token does not verify: %v", err)
+	}
+	if claims.Sub != "user_1" || claims.CompanyID != "biz_1" || claims.Exp != exp.Unix() {
+		t.Errorf("claims = %+v", claims)
+	}
+
+	tok, err = c.CreateAccessToken(context.Background(), whop.Request{UserID: "user_2"})
+	if err != nil {
+		t.Fatalf("CreateAccessToken default expiry: %v", err)
+	}
+	if d := time.Until(tok.ExpiresAt); d < 59*time.Minute || d > 61*time.Minute {
+		t.Errorf("default expiry in %v, want ~1h", d)
+	}
+}
+
+func TestRequestBody(t *testing.T) {
+	exp := time.Date(2030, 1, 2, 3, 4, 5, 999, time.FixedZone("X", 3600))
+	tests := []struct {
+		name string
+		req  whop.Request
+		want map[string]any
+	}{
+		{name: "company only", req: whop.Request{CompanyID: "biz_1"}, want: map[string]any{"company_id": "biz_1"}},
+		{name: "user only", req: whop.Request{UserID: "user_1"}, want: map[string]any{"user_id": "user_1"}},
+		{name: "empty scopes omitted", req: whop.Request{UserID: "user_1", ScopedActions: []string{}}, want: map[string]any{"user_id": "user_1"}},
+		{
+			name: "everything",
+			req:  whop.Request{CompanyID: "biz_1", UserID: "user_1", ScopedActions: []string{"a", "b"}, ExpiresAt: exp},
+			want: map[string]any{"company_id": "biz_1", "user_id": "user_1", "scoped_actions": []any{"a", "b"}, "expires_at": "2030-01-02T02:04:05Z"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var got map[string]any
+			var hdr http.Header
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				hdr = r.Header.Clone()
+				b, _ := io.ReadAll(r.Body)
+				if err := json.Unmarshal(b, &got); err != nil {
+					t.Errorf("body %q: %v", b, err)
+				}
+				if r.Method != http.MethodPost || r.URL.Path != "/api/v1/access_tokens" {
+					t.Errorf("%s %s, want POST /api/v1/access_tokens", r.Method, r.URL.Path)
+				}
+				_, _ = io.WriteString(w, `{"token":"t","expires_at":"2030-01-02T03:04:05.000Z"}`)
+			}))
+			defer srv.Close()
+			c := newClient(t, srv.URL+"/api/v1", testKey, 0)
+			if _, err := c.CreateAccessToken(context.Background(), tt.req); err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(got, tt.want) {
+				t.Errorf("body = %v, want %v", got, tt.want)
+			}
+			for k, v := range map[string]string{
+				"Authorization": "Bearer " + testKey,
+				"Content-Type":  "application/json",
+				"Accept":        "application/json",
+				"User-Agent":    "tokend/test",
+			} {
+				if hdr.Get(k) != v {
+					t.Errorf("header %s = %q, want %q", k, hdr.Get(k), v)
+				}
+			}
+		})
+	}
+}
+
+func TestStatusMapping(t *testing.T) {
+	s := newFake(t)
+	c := newClient(t, s.URL(), testKey, 0)
+	tests := []struct {
+		status    int
+		retryable bool
+	}{
+		{400, false}, {401, false}, {403, false}, {404, false}, {409, false}, {422, false},
+		{408, true}, {429, true}, {500, true}, {502, true}, {503, true}, {504, true},
+		{200, true}, // a 2xx without a token is an upstream fault
+	}
+	for _, tt := range tests {
+		t.Run(fmt.Sprint(tt.status), func(t *testing.T) {
+			s.Enqueue(whoptest.Fault{Status: tt.status})
+			_, err := c.CreateAccessToken(context.Background(), whop.Request{CompanyID: "biz_1"})
+			e := asError(t, err)
+			if e.StatusCode != tt.status || e.Retryable() != tt.retryable || whop.IsRetryable(err) != tt.retryable {
+				t.Errorf("StatusCode %d Retryable %v IsRetryable %v, want %d %v", e.StatusCode, e.Retryable(), whop.IsRetryable(err), tt.status, tt.retryable)
+			}
+			if e.Message == "" || (tt.status != 200 && e.Type == "") {
+				t.Errorf("missing type/message: %+v", e)
+			}
+			if !strings.HasPrefix(err.Error(), fmt.Sprintf("whop: create access token: %d ", tt.status)) {
+				t.Errorf("Error() = %q", err.Error())
+			}
+		})
+	}
+}
+
+func TestUpstreamValidationErrors(t *testing.T) {
+	s := newFake(t)
+	tests := []struct {
+		name   string
+		key    string
+		req    whop.Request
+		status int
+		param  string
+	}{
+		{name: "unknown key", key: "sk_unknown_XYZ", req: whop.Request{CompanyID: "biz_1"}, status: 401},
+		{name: "no subject", key: testKey, req: whop.Request{}, status: 400, param: "company_id"},
+		{name: "bad user", key: testKey, req: whop.Request{UserID: "u1"}, status: 400, param: "user_id"},
+		{name: "too long", key: testKey, req: whop.Request{UserID: "user_1", ExpiresAt: time.Now().Add(4 * time.Hour)}, status: 400, param: "expires_at"},
+		{name: "scope not granted", key: limitedKey, req: whop.Request{UserID: "user_1", ScopedActions: []string{"admin"}}, status: 403, param: "scoped_actions"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newClient(t, s.URL(), tt.key, 0)
+			_, err := c.CreateAccessToken(context.Background(), tt.req)
+			e := asError(t, err)
+			if e.StatusCode != tt.status || e.Param != tt.param || whop.IsRetryable(err) {
+				t.Errorf("got %+v, want status %d param %q not retryable", e, tt.status, tt.param)
+			}
+		})
+	}
+}
+
+func TestRetryAfter(t *testing.T) {
+	s := newFake(t)
+	c := newClient(t, s.URL(), testKey, 0)
+	tests := []struct {
+		name     string
+		header   string
+		min, max time.Duration
+	}{
+		{name: "seconds", header: "2", min: 2 * time.Second, max: 2 * time.Second},
+		{name: "http date", header: time.Now().Add(10 * time.Second).UTC().Format(http.TimeFormat), min: 8 * time.Second, max: 10 * time.Second},
+		{name: "absent", header: "", min: 0, max: 0},
+		{name: "invalid", header: "later", min: 0, max: 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s.Enqueue(whoptest.Fault{Status: 429, RetryAfter: tt.header})
+			_, err := c.CreateAccessToken(context.Background(), whop.Request{CompanyID: "biz_1"})
+			got := whop.RetryAfterOf(err)
+			if got < tt.min || got > tt.max {
+				t.Errorf("RetryAfterOf = %v, want in [%v, %v]", got, tt.min, tt.max)
+			}
+		})
+	}
+	if whop.RetryAfterOf(errors.New("other")) != 0 {
+		t.Error("RetryAfterOf a foreign error is not 0")
+	}
+}
+
+func TestTimeoutCutsStuckServer(t *testing.T) {
+	s := newFake(t)
+	c := newClient(t, s.URL(), testKey, 100*time.Millisecond)
+	s.Enqueue(whoptest.Fault{Latency: 2 * time.Second})
+	start := time.Now()
+	_, err := c.CreateAccessToken(context.Background(), whop.Request{CompanyID: "biz_1"})
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("took %v with a 100ms timeout", d)
+	}
+	e := asError(t, err)
+	if e.StatusCode != 0 || !e.Retryable() || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("got %+v (%v), want StatusCode 0, retryable, deadline exceeded", e, err)
+	}
+	// The next request, without the fault, still works on the same client.
+	if _, err := c.CreateAccessToken(context.Background(), whop.Request{CompanyID: "biz_1"}); err != nil {
+		t.Fatalf("after timeout: %v", err)
+	}
+}
+
+func TestCallerCancelNotRetryable(t *testing.T) {
+	s := newFake(t)
+	c := newClient(t, s.URL(), testKey, 0)
+	s.Enqueue(whoptest.Fault{Latency: 2 * time.Second})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { time.Sleep(20 * time.Millisecond); cancel() }()
+	_, err := c.CreateAccessToken(ctx, whop.Request{CompanyID: "biz_1"})
+	if !errors.Is(err, context.Canceled) || whop.IsRetryable(err) {
+		t.Fatalf("err = %v, IsRetryable %v; want canceled, not retryable", err, whop.IsRetryable(err))
+	}
+	if !whop.IsRetryable(errors.New("something else")) {
+		t.Error("unknown errors should be presumed retryable")
+	}
+}
+
+func TestDroppedConnection(t *testing.T) {
+	s := newFake(t)
+	c := newClient(t, s.URL(), testKey, 0)
+	s.Enqueue(whoptest.Fault{Drop: true})
+	_, err := c.CreateAccessToken(context.Background(), whop.Request{CompanyID: "biz_1"})
+	e := asError(t, err)
+	if e.StatusCode != 0 || !whop.IsRetryable(err) || e.Err == nil {
+		t.Fatalf("got %+v, want StatusCode 0 retryable with cause", e)
+	}
+	if !strings.HasPrefix(err.Error(), "whop: create access token: request failed: ") {
+		t.Errorf("Error() = %q", err.Error())
+	}
+	if n := s.CallCount(); n != 1 {
+		t.Errorf("upstream saw %d calls, want 1 (no silent retry)", n)
+	}
+}
+
+func TestNonJSONErrorBodies(t *testing.T) {
+	tests := []struct {
+		name    string
+		status  int
+		body    string
+		message string
+		retry   bool
+	}{
+		{name: "html 502", status: 502, body: "<html>oops</html>", message: "Bad Gateway", retry: true},
+		{name: "2xx garbage", status: 200, body: "not json", message: "not a valid", retry: true},
+		{name: "2xx huge", status: 200, body: `{"token":"` + strings.Repeat("a", 2<<20) + `"}`, message: "exceeds", retry: true},
+		{name: "redirect not followed", status: 302, body: "", message: "Found", retry: false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if tt.status == 302 {
+					w.Header().Set("Location", "http://example.invalid/steal")
+				}
+				w.WriteHeader(tt.status)
+				_, _ = io.WriteString(w, tt.body)
+			}))
+			defer srv.Close()
+			c := newClient(t, srv.URL, testKey, 0)
+			_, err := c.CreateAccessToken(context.Background(), whop.Request{CompanyID: "biz_1"})
+			e := asError(t, err)
+			if e.StatusCode != tt.status || !strings.Contains(e.Message, tt.message) || e.Retryable() != tt.retry {
+				t.Errorf("got %+v retryable %v, want status %d message ~%q retryable %v", e, e.Retryable(), tt.status, tt.message, tt.retry)
+			}
+		})
+	}
+}
+
+func TestKeyNeverInErrors(t *testing.T) {
+	s := newFake(t)
+	keys := []string{testKey, "sk_test_UNKNOWNSECRET_000"}
+	faults := []whoptest.Fault{
+		{}, // normal: invalid request below
+		{Status: 400}, {Status: 401}, {Status: 403}, {Status: 404}, {Status: 408}, {Status: 422},
+		{Status: 429, RetryAfter: "1"}, {Status: 500}, {Status: 502}, {Status: 503}, {Status: 200},
+		{Drop: true},
+		{Latency: time.Second}, // cut by the client timeout
+	}
+	for _, key := range keys {
+		c := newClient(t, s.URL(), key, 50*time.Millisecond)
+		for _, f := range faults {
+			s.Enqueue(f)
+			_, err := c.CreateAccessToken(context.Background(), whop.Request{UserID: "bad"})
+			if err == nil {
+				t.Fatalf("fault %+v: no error", f)
+			}
+			checkNoKey(t, key, fmt.Sprintf("fault %+v", f), err)
+		}
+		// Echoing the key back must not leak it either.
+		echo := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(401)
+			fmt.Fprintf(w, `{"error":{"type":"unauthorized","message":"bad key %s","param":"%s"}}`, key, r.Header.Get("Authorization"))
+		}))
+		ce := newClient(t, echo.URL, key, 0)
+		_, err := ce.CreateAccessToken(context.Background(), whop.Request{UserID: "user_1"})
+		checkNoKey(t, key, "echoing upstream", err)
+		echo.Close()
+
+		// Nothing listening any more.
+		_, err = ce.CreateAccessToken(context.Background(), whop.Request{UserID: "user_1"})
+		checkNoKey(t, key, "connection refused", err)
+		if asError(t, err).StatusCode != 0 || !whop.IsRetryable(err) {
+			t.Errorf("connection refused: %+v", err)
+		}
+
+		for _, out := range []string{
+			fmt.Sprintf("%v %+v %s", c, c, c),
+			fmt.Sprintf("%#v", c),
+			fmt.Sprintf("%+v %#v", reflect.ValueOf(c).Elem(), reflect.ValueOf(c).Elem()),
+			string(c.KeyFingerprint()),
+		} {
+			if strings.Contains(out, key) {
+				t.Errorf("client formatting reveals the key: %s", out)
+			}
+		}
+	}
+}
+
+func checkNoKey(t *testing.T, key, what string, err error) {
+	t.Helper()
+	for _, s := range []string{err.Error(), fmt.Sprintf("%+v", err), fmt.Sprintf("%#v", err)} {
+		if strings.Contains(s, key) {
+			t.Errorf("%s: error reveals the key: %s", what, s)
+		}
+	}
+	for e := err; e != nil; e = errors.Unwrap(e) {
+		if strings.Contains(e.Error(), key) {
+			t.Errorf("%s: wrapped error reveals the key: %s", what, e)
+		}
+	}
+}
+
+func TestSetAPIKey(t *testing.T) {
+	s := newFake(t)
+	salt := []byte("salt")
+	c := newClient(t, s.URL(), testKey, 0)
+	before := c.KeyFingerprint()
+	if !bytes.Equal(before, whop.Fingerprint(salt, testKey)) || len(before) != 16 {
+		t.Fatalf("KeyFingerprint = %x, want Fingerprint(salt, key)", before)
+	}
+	req := whop.Request{CompanyID: "biz_1"}
+	if _, err := c.CreateAccessToken(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetAPIKey(otherKey); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.CreateAccessToken(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	calls := s.Calls()
+	if len(calls) != 2 || calls[0].Key != testKey || calls[1].Key != otherKey {
+		t.Fatalf("keys sent: %+v", calls)
+	}
+	if bytes.Equal(c.KeyFingerprint(), before) || !bytes.Equal(c.KeyFingerprint(), whop.Fingerprint(salt, otherKey)) {
+		t.Error("fingerprint did not follow the key")
+	}
+	if bytes.Equal(whop.Fingerprint(nil, otherKey), whop.Fingerprint(salt, otherKey)) {
+		t.Error("salt does not affect the fingerprint")
+	}
+
+	for _, bad := range []string{"", "has space", "new\nline"} {
+		if err := c.SetAPIKey(bad); err == nil || !strings.Contains(err.Error(), "api key") {
+			t.Errorf("SetAPIKey(%q) err = %v", bad, err)
+		}
+	}
+	if _, err := c.CreateAccessToken(context.Background(), req); err != nil {
+		t.Fatalf("a rejected SetAPIKey changed the key: %v", err)
+	}
+
+	s.RemoveKey(otherKey)
+	_, err := c.CreateAccessToken(context.Background(), req)
+	if e := asError(t, err); e.StatusCode != 401 || e.Retryable() {
+		t.Fatalf("revoked key: %+v", e)
+	}
+}
+
+func TestConcurrentUse(t *testing.T) {
+	s := newFake(t)
+	c := newClient(t, s.URL(), testKey, 0)
+	s.SetLatency(20 * time.Millisecond)
+	errc := make(chan error, 8)
+	for i := range 8 {
+		go func() {
+			if i%4 == 0 {
+				_ = c.SetAPIKey(otherKey)
+			}
+			_, err := c.CreateAccessToken(context.Background(), whop.Request{UserID: fmt.Sprintf("user_%d", i)})
+			errc <- err
+		}()
+	}
+	for range 8 {
+		if err := <-errc; err != nil {
+			t.Error(err)
+		}
+	}
+	if s.MaxInFlight() < 2 {
+		t.Errorf("MaxInFlight = %d: requests were serialized", s.MaxInFlight())
+	}
+}
