@@ -52,7 +52,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	cfg.Stdout = stdout
 	cfg.Version = version
 	if err := daemon.Run(ctx, cfg); err != nil {
-		log.Error("tokend failed", "err", err)
 		fmt.Fprintf(stderr, "tokend: %v\n", err)
 		return 1
 	}

@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -44,7 +45,8 @@ type Config struct {
 	// RetryDelay is how long to wait before retrying a failed write.
 	// Default 1s.
 	RetryDelay time.Duration
-	// OpenTimeout bounds the wait for the file lock. Default 1s.
+	// OpenTimeout bounds the wait for the file lock. Default 500ms, so a
+	// second tokend gives up within a second.
 	OpenTimeout time.Duration
 }
 
@@ -88,14 +90,18 @@ func Open(cfg Config) (*Cache, LoadStats, error) {
 		cfg.RetryDelay = time.Second
 	}
 	if cfg.OpenTimeout <= 0 {
-		cfg.OpenTimeout = time.Second
+		cfg.OpenTimeout = 500 * time.Millisecond
 	}
 	if err := ensurePrivateDir(filepath.Dir(cfg.Path)); err != nil {
 		return nil, LoadStats{}, err
 	}
 	db, err := bolt.Open(cfg.Path, 0o600, &bolt.Options{Timeout: cfg.OpenTimeout})
 	if errors.Is(err, berrors.ErrTimeout) {
-		return nil, LoadStats{}, fmt.Errorf("open cache %s: another process holds its lock (is another tokend using this state directory?); gave up after %v", cfg.Path, cfg.OpenTimeout)
+		holder := "another process"
+		if pid, rerr := os.ReadFile(pidPath(cfg.Path)); rerr == nil && len(bytes.TrimSpace(pid)) > 0 {
+			holder = "process " + string(bytes.TrimSpace(pid))
+		}
+		return nil, LoadStats{}, fmt.Errorf("open cache %s: %s holds its lock (is another tokend using this state directory?); gave up after %v", cfg.Path, holder, cfg.OpenTimeout)
 	}
 	if err != nil {
 		return nil, LoadStats{}, fmt.Errorf("open cache %s: %w", cfg.Path, err)
@@ -104,6 +110,8 @@ func Open(cfg Config) (*Cache, LoadStats, error) {
 		db.Close()
 		return nil, LoadStats{}, fmt.Errorf("open cache %s: %w", cfg.Path, err)
 	}
+	// Only for the message a second tokend prints; the lock is bbolt's.
+	_ = os.WriteFile(pidPath(cfg.Path), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o600)
 	c := &Cache{
 		cfg:     cfg,
 		log:     cfg.Logger,
@@ -123,6 +131,9 @@ func Open(cfg Config) (*Cache, LoadStats, error) {
 	go c.flusher()
 	return c, stats, nil
 }
+
+// pidPath names the file that records which process holds the cache open.
+func pidPath(dbPath string) string { return dbPath + ".pid" }
 
 // ensurePrivateDir creates dir 0700, or narrows an existing one to 0700,
 // because the file below it holds bearer tokens.
@@ -291,21 +302,24 @@ func (c *Cache) UpdateMeta(e *Entry, update func(*Meta)) {
 	c.markDirty(e)
 }
 
-// Remove drops entries from the index and the file.
+// Remove drops entries from the index and the file. An entry that is no
+// longer the indexed one for its key is ignored, so a stale handle cannot
+// delete its replacement.
 func (c *Cache) Remove(es ...*Entry) {
+	// c.mu then c.wmu, as in markDirty: a write cannot slip in between the
+	// index change and the queued delete.
 	c.mu.Lock()
-	for _, e := range es {
-		if c.index[e.enc] == e {
-			delete(c.index, e.enc)
-		}
-	}
-	c.mu.Unlock()
 	c.wmu.Lock()
 	for _, e := range es {
+		if c.index[e.enc] != e {
+			continue
+		}
+		delete(c.index, e.enc)
 		delete(c.dirty, e)
 		c.deletes[e.enc] = struct{}{}
 	}
 	c.wmu.Unlock()
+	c.mu.Unlock()
 	c.wake()
 }
 
@@ -315,14 +329,15 @@ func (c *Cache) markDirty(e *Entry) {
 	}
 	c.mu.RLock()
 	live := c.index[e.enc] == e
-	c.mu.RUnlock()
-	if !live {
-		return
+	if live {
+		c.wmu.Lock()
+		c.dirty[e] = struct{}{}
+		c.wmu.Unlock()
 	}
-	c.wmu.Lock()
-	c.dirty[e] = struct{}{}
-	c.wmu.Unlock()
-	c.wake()
+	c.mu.RUnlock()
+	if live {
+		c.wake()
+	}
 }
 
 func (c *Cache) wake() {
@@ -420,6 +435,7 @@ func (c *Cache) Close() error {
 	close(c.stop)
 	<-c.done
 	ferr := c.Flush()
+	os.Remove(pidPath(c.cfg.Path))
 	if err := c.db.Close(); err != nil {
 		return fmt.Errorf("close cache %s: %w", c.cfg.Path, err)
 	}

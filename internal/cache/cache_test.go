@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -845,30 +846,47 @@ func TestConcurrentUse(t *testing.T) {
 }
 
 // TestRemoveRacingSetToken: a SetToken that races Remove on the same entry
-// must not leave the removed entry in the file. It is a stress test: the
-// window is small, so it runs many rounds.
+// must not leave the removed entry queued, or the next Flush writes it back
+// (and, when a replacement exists, two puts for one key race in Flush).
+//
+// The window is between markDirty's liveness check and its taking of c.wmu,
+// too narrow to hit by chance, so the test forces the interleaving: with one
+// P, the test holds c.wmu so SetToken parks just after seeing the entry
+// live; then it releases c.wmu and runs Remove, which takes c.wmu before the
+// woken SetToken is scheduled.
 func TestRemoveRacingSetToken(t *testing.T) {
-	c, _, _ := openCache(t, testConfig(t, clock.NewFake(t0)))
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	cfg := testConfig(t, clock.NewFake(t0)) // the flusher never fires
+	c, _, closeC := openCache(t, cfg)
 	k := NewKey("cred", "biz", "", nil)
-	rounds := 5000
-	if testing.Short() {
-		rounds = 500
+	e, _ := c.Ensure(k)
+	c.SetToken(e, token("first", t0.Add(time.Hour)), nil)
+	mustFlush(t, c)
+
+	late := token("late", t0.Add(time.Hour))
+	done := make(chan struct{})
+	c.wmu.Lock()
+	go func() {
+		defer close(done)
+		c.SetToken(e, late, nil)
+	}()
+	for e.Token() != late {
+		runtime.Gosched()
 	}
-	for i := range rounds {
-		e, _ := c.Ensure(k)
-		c.SetToken(e, token("first", t0.Add(time.Hour)), nil)
-		mustFlush(t, c)
+	runtime.Gosched() // let SetToken reach c.wmu and park
+	c.wmu.Unlock()
+	c.Remove(e)
+	<-done
 
-		var wg sync.WaitGroup
-		start := make(chan struct{})
-		wg.Go(func() { <-start; c.SetToken(e, token("late", t0.Add(time.Hour)), nil) })
-		wg.Go(func() { <-start; c.Remove(e) })
-		close(start)
-		wg.Wait()
-		mustFlush(t, c)
-
-		if c.Get(k.Encode()) == nil && liveInFile(t, c, e.Enc()) {
-			t.Fatalf("round %d: removed entry was written back to the file by a concurrent SetToken", i)
-		}
+	mustFlush(t, c)
+	if c.Get(k.Encode()) != nil {
+		t.Fatal("removed entry is in the index")
+	}
+	if liveInFile(t, c, e.Enc()) {
+		t.Error("removed entry was written back to the file by a concurrent SetToken")
+	}
+	closeC()
+	if _, stats, _ := openCache(t, cfg); stats.Loaded != 0 {
+		t.Errorf("removed entry came back after reopen: LoadStats = %+v", stats)
 	}
 }

@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
@@ -87,6 +88,7 @@ var errBadKey = errors.New("malformed key")
 // DecodeKey parses the output of Encode. It rejects trailing bytes and
 // non-canonical scope lists, so a decoded key re-encodes to the same bytes.
 func DecodeKey(b []byte) (Key, error) {
+	orig := b
 	if len(b) == 0 || b[0] != keyVersion {
 		return Key{}, fmt.Errorf("%w: unknown version", errBadKey)
 	}
@@ -119,6 +121,9 @@ func DecodeKey(b []byte) (Key, error) {
 	}
 	if len(b) != 0 {
 		return Key{}, fmt.Errorf("%w: %d trailing bytes", errBadKey, len(b))
+	}
+	if !bytes.Equal(k.Encode(), orig) {
+		return Key{}, fmt.Errorf("%w: not in canonical form", errBadKey)
 	}
 	return k, nil
 }

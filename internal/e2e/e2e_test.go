@@ -317,3 +317,27 @@ func TestDevMode(t *testing.T) {
 	}
 	d.stop()
 }
+
+// TestSecondDaemonFailsFast: a second tokend on the same state directory
+// exits non-zero within a second, naming the locked file.
+func TestSecondDaemonFailsFast(t *testing.T) {
+	e := newEnv(t)
+	first := e.start()
+	start := time.Now()
+	cmd := exec.Command(bin.tokend, "--socket", filepath.Join(e.dir, "second.sock"), "--state-dir", e.stateDir, "--whop-url", e.fake.URL(), "--api-key-file", e.keyFile)
+	out, err := cmd.CombinedOutput()
+	took := time.Since(start)
+	if err == nil {
+		t.Fatalf("second tokend exited 0:\n%s", out)
+	}
+	if took > time.Second {
+		t.Fatalf("second tokend took %v to give up", took)
+	}
+	if want := filepath.Join(e.stateDir, "cache.db"); !strings.Contains(string(out), want) {
+		t.Fatalf("error does not name %s:\n%s", want, out)
+	}
+	if want := fmt.Sprintf("process %d holds", first.cmd.Process.Pid); !strings.Contains(string(out), want) {
+		t.Fatalf("error does not name the running tokend (%q):\n%s", want, out)
+	}
+	t.Logf("second tokend exited after %v: %s", took.Round(time.Millisecond), strings.TrimSpace(string(out)))
+}

@@ -422,7 +422,8 @@ func (r *Refresher) itemLocked(e *cache.Entry) *item {
 
 func (r *Refresher) scheduleLocked(it *item, due time.Time) {
 	if r.cache.Get([]byte(it.e.Enc())) != it.e {
-		return // evicted meanwhile
+		r.forgetLocked(it.e) // evicted meanwhile
+		return
 	}
 	it.due = due
 	if it.index >= 0 {
