@@ -8,12 +8,14 @@ package cache
 
 import (
 	"bytes"
+	"container/heap"
 	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"sort"
 	"strconv"
 	"strings"
@@ -68,11 +70,15 @@ type Cache struct {
 	kick         chan struct{}
 	stop         chan struct{}
 	done         chan struct{}
+	closeOnce    sync.Once
+	closeErr     error
 }
 
 // LoadStats says what Open found in the file.
 type LoadStats struct {
 	Loaded, Expired, Undecodable int
+	// MovedAside is where a damaged file was moved, if it was.
+	MovedAside string
 }
 
 // Open opens or creates the cache file and loads every unexpired record.
@@ -95,24 +101,63 @@ func Open(cfg Config) (*Cache, LoadStats, error) {
 	if err := ensurePrivateDir(filepath.Dir(cfg.Path)); err != nil {
 		return nil, LoadStats{}, err
 	}
-	db, err := bolt.Open(cfg.Path, 0o600, &bolt.Options{Timeout: cfg.OpenTimeout})
-	if errors.Is(err, berrors.ErrTimeout) {
+	c, stats, err := openFile(cfg)
+	var corrupt *corruptError
+	if errors.As(err, &corrupt) {
+		// A cache is not worth an outage: keep the file for a post-mortem
+		// and start empty; tokens are fetched again.
+		aside := fmt.Sprintf("%s.corrupt-%s", cfg.Path, cfg.Clock.Now().UTC().Format("20060102T150405.000Z"))
+		if rerr := os.Rename(cfg.Path, aside); rerr != nil {
+			return nil, LoadStats{}, fmt.Errorf("open cache %s: %v; moving it aside failed: %w", cfg.Path, corrupt.err, rerr)
+		}
+		cfg.Logger.Error("cache file is not a usable database; moved it aside and starting empty", "file", cfg.Path, "moved_to", aside, "reason", corrupt.err)
+		c, stats, err = openFile(cfg)
+		stats.MovedAside = aside
+	}
+	if err != nil {
+		return nil, LoadStats{}, err
+	}
+	go c.flusher()
+	return c, stats, nil
+}
+
+// pidPath names the file that records which process holds the cache open.
+func pidPath(dbPath string) string { return dbPath + ".pid" }
+
+// corruptError means the file exists but bbolt cannot use it.
+type corruptError struct{ err error }
+
+func (e *corruptError) Error() string { return e.err.Error() }
+
+// openFile opens the bbolt file and loads it. Damage to the file, including
+// a fault on a truncated mapping or a panic inside bbolt, is a
+// *corruptError; a held lock or a permission problem is not.
+func openFile(cfg Config) (c *Cache, stats LoadStats, err error) {
+	db, err := boltOpen(cfg)
+	switch {
+	case errors.Is(err, errDamaged):
+		return nil, stats, &corruptError{err}
+	case errors.Is(err, berrors.ErrTimeout):
 		holder := "another process"
 		if pid, rerr := os.ReadFile(pidPath(cfg.Path)); rerr == nil && len(bytes.TrimSpace(pid)) > 0 {
 			holder = "process " + string(bytes.TrimSpace(pid))
 		}
-		return nil, LoadStats{}, fmt.Errorf("open cache %s: %s holds its lock (is another tokend using this state directory?); gave up after %v", cfg.Path, holder, cfg.OpenTimeout)
-	}
-	if err != nil {
-		return nil, LoadStats{}, fmt.Errorf("open cache %s: %w", cfg.Path, err)
+		return nil, stats, fmt.Errorf("open cache %s: %s holds its lock (is another tokend using this state directory?); gave up after %v", cfg.Path, holder, cfg.OpenTimeout)
+	case errors.Is(err, berrors.ErrInvalid), errors.Is(err, berrors.ErrVersionMismatch), errors.Is(err, berrors.ErrChecksum):
+		return nil, stats, &corruptError{err}
+	case err != nil && !errors.Is(err, os.ErrPermission) && !errors.Is(err, os.ErrNotExist):
+		if fi, serr := os.Stat(cfg.Path); serr == nil && fi.Mode().IsRegular() {
+			return nil, stats, &corruptError{err} // e.g. a file too short to hold a header
+		}
+		return nil, stats, fmt.Errorf("open cache %s: %w", cfg.Path, err)
+	case err != nil:
+		return nil, stats, fmt.Errorf("open cache %s: %w", cfg.Path, err)
 	}
 	if err := os.Chmod(cfg.Path, 0o600); err != nil {
 		db.Close()
-		return nil, LoadStats{}, fmt.Errorf("open cache %s: %w", cfg.Path, err)
+		return nil, stats, fmt.Errorf("open cache %s: %w", cfg.Path, err)
 	}
-	// Only for the message a second tokend prints; the lock is bbolt's.
-	_ = os.WriteFile(pidPath(cfg.Path), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o600)
-	c := &Cache{
+	c = &Cache{
 		cfg:     cfg,
 		log:     cfg.Logger,
 		db:      db,
@@ -123,17 +168,46 @@ func Open(cfg Config) (*Cache, LoadStats, error) {
 		stop:    make(chan struct{}),
 		done:    make(chan struct{}),
 	}
-	stats, err := c.load()
-	if err != nil {
-		db.Close()
-		return nil, LoadStats{}, fmt.Errorf("load cache %s: %w", cfg.Path, err)
+	if stats, err = c.safeLoad(); err != nil {
+		closeQuietly(db)
+		return nil, LoadStats{}, &corruptError{fmt.Errorf("load: %w", err)}
 	}
-	go c.flusher()
+	// Only for the message a second tokend prints; the lock is bbolt's.
+	_ = os.WriteFile(pidPath(cfg.Path), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o600)
 	return c, stats, nil
 }
 
-// pidPath names the file that records which process holds the cache open.
-func pidPath(dbPath string) string { return dbPath + ".pid" }
+var errDamaged = errors.New("damaged database")
+
+// boltOpen is bolt.Open with its panics on a damaged or truncated file
+// turned into errDamaged. A DB abandoned that way keeps its descriptor; the
+// caller moves the file aside and opens a new one.
+func boltOpen(cfg Config) (db *bolt.DB, err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if p := recover(); p != nil {
+			db, err = nil, fmt.Errorf("%w: %v", errDamaged, p)
+		}
+	}()
+	return bolt.Open(cfg.Path, 0o600, &bolt.Options{Timeout: cfg.OpenTimeout})
+}
+
+// safeLoad runs load, turning bbolt's panics on damaged pages and memory
+// faults on a truncated mapping into errors.
+func (c *Cache) safeLoad() (stats LoadStats, err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("%w: %v", errDamaged, p)
+		}
+	}()
+	return c.load()
+}
+
+func closeQuietly(db *bolt.DB) {
+	defer func() { _ = recover() }()
+	db.Close()
+}
 
 // ensurePrivateDir creates dir 0700, or narrows an existing one to 0700,
 // because the file below it holds bearer tokens.
@@ -251,6 +325,54 @@ func (c *Cache) Entries() []*Entry {
 	c.mu.RUnlock()
 	sort.Slice(out, func(i, j int) bool { return out[i].id < out[j].id })
 	return out
+}
+
+// LeastRecentlyRequested returns the n entries requested longest ago, never
+// keep. It scans the index once, keeping the n oldest in a small max-heap.
+func (c *Cache) LeastRecentlyRequested(n int, keep *Entry) []*Entry {
+	if n <= 0 {
+		return nil
+	}
+	h := make(lruHeap, 0, n)
+	c.mu.RLock()
+	for _, e := range c.index {
+		if e == keep {
+			continue
+		}
+		at := e.lastRequested.Load()
+		if len(h) < n {
+			heap.Push(&h, lruItem{e, at})
+		} else if at < h[0].at {
+			h[0] = lruItem{e, at}
+			heap.Fix(&h, 0)
+		}
+	}
+	c.mu.RUnlock()
+	out := make([]*Entry, len(h))
+	for i, it := range h {
+		out[i] = it.e
+	}
+	return out
+}
+
+type lruItem struct {
+	e  *Entry
+	at int64
+}
+
+// lruHeap is a max-heap on last request time: its top is the newest of the
+// oldest n seen so far.
+type lruHeap []lruItem
+
+func (h lruHeap) Len() int           { return len(h) }
+func (h lruHeap) Less(i, j int) bool { return h[i].at > h[j].at }
+func (h lruHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *lruHeap) Push(x any)        { *h = append(*h, x.(lruItem)) }
+func (h *lruHeap) Pop() any {
+	old := *h
+	it := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return it
 }
 
 // ErrNotFound and ErrAmbiguous are returned by Find.
@@ -430,14 +552,19 @@ func (c *Cache) Flush() error {
 	return nil
 }
 
-// Close writes what is pending and closes the file.
+// Close writes what is pending and closes the file. Later calls return
+// the first call's result.
 func (c *Cache) Close() error {
-	close(c.stop)
-	<-c.done
-	ferr := c.Flush()
-	os.Remove(pidPath(c.cfg.Path))
-	if err := c.db.Close(); err != nil {
-		return fmt.Errorf("close cache %s: %w", c.cfg.Path, err)
-	}
-	return ferr
+	c.closeOnce.Do(func() {
+		close(c.stop)
+		<-c.done
+		ferr := c.Flush()
+		os.Remove(pidPath(c.cfg.Path))
+		if err := c.db.Close(); err != nil {
+			c.closeErr = fmt.Errorf("close cache %s: %w", c.cfg.Path, err)
+			return
+		}
+		c.closeErr = ferr
+	})
+	return c.closeErr
 }

@@ -35,6 +35,8 @@ const (
 	StateRefreshing
 	StateRetrying
 	StateFailing
+	// StateIdle: nobody asked during a whole lifetime; not refreshed.
+	StateIdle
 )
 
 // ErrorInfo is the last upstream failure of an entry. Message is Whop's

@@ -1,6 +1,7 @@
 package refresher
 
 import (
+	"bytes"
 	"context"
 	"sync"
 	"time"
@@ -20,6 +21,10 @@ type gate struct {
 
 	mu          sync.Mutex
 	pausedUntil time.Time
+	// rejected is the fingerprint of a key Whop answered 401 to. No call is
+	// made with that key again: it would only fail, and hammering Whop with
+	// a revoked key helps nobody.
+	rejected []byte
 }
 
 func newGate(c clock.Clock, inFlight int, r rate.Limit, burst int) *gate {
@@ -73,3 +78,23 @@ func (g *gate) pause(d time.Duration) {
 }
 
 func (g *gate) inFlight() int { return len(g.slots) }
+
+func (g *gate) pausedTill() time.Time {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.pausedUntil
+}
+
+// rejectKey marks the key with fingerprint fp as refused by Whop.
+func (g *gate) rejectKey(fp []byte) {
+	g.mu.Lock()
+	g.rejected = fp
+	g.mu.Unlock()
+}
+
+// isRejected reports whether fp is the key Whop refused.
+func (g *gate) isRejected(fp []byte) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.rejected != nil && bytes.Equal(g.rejected, fp)
+}

@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"container/heap"
 	"context"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -68,6 +69,9 @@ type Config struct {
 	Burst       int
 	// Workers is how many scheduled refreshes run at once. Default MaxInFlight.
 	Workers int
+	// MaxEntries bounds the cache; a new key beyond it evicts the least
+	// recently requested entry. Default 100,000.
+	MaxEntries int
 }
 
 func (c *Config) setDefaults() error {
@@ -125,6 +129,9 @@ func (c *Config) setDefaults() error {
 	if c.Workers <= 0 {
 		c.Workers = c.MaxInFlight
 	}
+	if c.MaxEntries <= 0 {
+		c.MaxEntries = 100_000
+	}
 	return nil
 }
 
@@ -150,6 +157,8 @@ type Refresher struct {
 	upstreamCalls  atomic.Uint64
 	upstreamErrors atomic.Uint64
 	lastError      atomic.Pointer[cache.ErrorInfo]
+	evicted        atomic.Uint64 // over capacity
+	droppedIdle    atomic.Uint64
 }
 
 // New returns a Refresher and schedules every entry already in the cache.
@@ -197,21 +206,34 @@ func (r *Refresher) scheduleLoaded() {
 	}
 }
 
-// Stats are the refresher's counters since start.
+// Stats are the refresher's counters since start and the upstream gate's
+// state.
 type Stats struct {
 	Hits, Misses, UpstreamCalls, UpstreamErrors uint64
 	LastError                                   *cache.ErrorInfo
-	UpstreamInFlight                            int
+	UpstreamInFlight, UpstreamMaxInFlight       int
+	UpstreamRate                                float64
+	UpstreamPausedUntil                         time.Time
+	APIKeyRejected                              bool
+	EvictedOverCapacity, DroppedIdle            uint64
+	MaxEntries                                  int
 }
 
 func (r *Refresher) Stats() Stats {
 	return Stats{
-		Hits:             r.hits.Load(),
-		Misses:           r.misses.Load(),
-		UpstreamCalls:    r.upstreamCalls.Load(),
-		UpstreamErrors:   r.upstreamErrors.Load(),
-		LastError:        r.lastError.Load(),
-		UpstreamInFlight: r.gate.inFlight(),
+		Hits:                r.hits.Load(),
+		Misses:              r.misses.Load(),
+		UpstreamCalls:       r.upstreamCalls.Load(),
+		UpstreamErrors:      r.upstreamErrors.Load(),
+		LastError:           r.lastError.Load(),
+		UpstreamInFlight:    r.gate.inFlight(),
+		UpstreamMaxInFlight: r.cfg.MaxInFlight,
+		UpstreamRate:        float64(r.cfg.Rate),
+		UpstreamPausedUntil: r.gate.pausedTill(),
+		APIKeyRejected:      r.gate.isRejected(r.cfg.Fetcher.KeyFingerprint()),
+		EvictedOverCapacity: r.evicted.Load(),
+		DroppedIdle:         r.droppedIdle.Load(),
+		MaxEntries:          r.cfg.MaxEntries,
 	}
 }
 
@@ -221,29 +243,35 @@ var ErrLifetime = errors.New("no token Whop issues stays valid that long")
 // Get returns a token for k valid for at least minTTL. A hit is answered
 // from memory; a miss waits for one shared upstream call, or for ctx, whose
 // end does not cancel the call: the next caller gets its result.
-func (r *Refresher) Get(ctx context.Context, k cache.Key, minTTL time.Duration) (*cache.Token, *cache.Entry, error) {
+//
+// rejected, when set, is a token the caller saw Whop refuse: if it is still
+// the cached one it is replaced, once however many callers report it.
+func (r *Refresher) Get(ctx context.Context, k cache.Key, minTTL time.Duration, rejected string) (*cache.Token, *cache.Entry, error) {
 	enc := k.Encode()
 	now := r.clock.Now()
 	if e := r.cache.Get(enc); e != nil {
-		if t := e.Token(); r.usable(t, now, minTTL) {
+		if t := e.Token(); r.usable(t, now, minTTL) && !isToken(t, rejected) {
 			e.Touch(now, true)
 			r.hits.Add(1)
 			return t, e, nil
 		}
 	}
 	r.misses.Add(1)
-	lifetime := r.cfg.Lifetime
-	if need := minTTL + r.cfg.ExpiryMargin; need >= lifetime {
+	want := want{minTTL: minTTL, rejected: rejected, lifetime: r.cfg.Lifetime}
+	if need := minTTL + r.cfg.ExpiryMargin; need >= want.lifetime {
 		// Ask for enough to cover min_ttl and the call's own latency.
-		lifetime = min(need+time.Minute, MaxLifetime)
+		want.lifetime = min(need+time.Minute, MaxLifetime)
 	}
 	for attempt := 0; ; attempt++ {
-		e, _ := r.cache.Ensure(k)
+		e, created := r.cache.Ensure(k)
 		e.Touch(now, false)
+		if created {
+			r.enforceCapacity(e)
+		}
 		if err := r.remembered(e); err != nil {
 			return nil, e, err
 		}
-		t, err := r.mintShared(ctx, e, lifetime)
+		t, err := r.mintShared(ctx, e, want)
 		if err != nil {
 			return nil, e, err
 		}
@@ -251,10 +279,39 @@ func (r *Refresher) Get(ctx context.Context, k cache.Key, minTTL time.Duration) 
 			return t, e, nil
 		}
 		// We joined a call made for a shorter min_ttl; make our own once.
-		if attempt > 0 || lifetime == MaxLifetime && t.ExpiresAt.Sub(t.ObtainedAt) >= MaxLifetime-time.Minute {
+		if attempt > 0 || want.lifetime == MaxLifetime && t.ExpiresAt.Sub(t.ObtainedAt) >= MaxLifetime-time.Minute {
 			return nil, e, fmt.Errorf("min_ttl %v: %w", minTTL, ErrLifetime)
 		}
 	}
+}
+
+// want is what a caller needs from a mint.
+type want struct {
+	minTTL   time.Duration
+	rejected string
+	lifetime time.Duration
+	// force mints even when the current token would do: a scheduled or
+	// operator-requested refresh.
+	force bool
+}
+
+// isToken reports whether t's value is v, in constant time since v came
+// from a client.
+func isToken(t *cache.Token, v string) bool {
+	return v != "" && t != nil && subtle.ConstantTimeCompare([]byte(t.Value), []byte(v)) == 1
+}
+
+// enforceCapacity evicts the least recently requested entries beyond
+// MaxEntries, sparing the one just created.
+func (r *Refresher) enforceCapacity(keep *cache.Entry) {
+	over := r.cache.Len() - r.cfg.MaxEntries
+	if over <= 0 {
+		return
+	}
+	victims := r.cache.LeastRecentlyRequested(over, keep)
+	r.Evict(victims...)
+	r.evicted.Add(uint64(len(victims)))
+	r.log.Info("cache full: evicted least recently requested entries", "evicted", len(victims), "max_entries", r.cfg.MaxEntries)
 }
 
 // usable reports whether t can be handed out: minted by the current key and
@@ -278,8 +335,8 @@ func (r *Refresher) remembered(e *cache.Entry) error {
 
 // mintShared joins or starts the one upstream call for e and waits for it
 // or for ctx.
-func (r *Refresher) mintShared(ctx context.Context, e *cache.Entry, lifetime time.Duration) (*cache.Token, error) {
-	ch := r.sf.DoChan(e.Enc(), func() (any, error) { return r.mint(e, lifetime) })
+func (r *Refresher) mintShared(ctx context.Context, e *cache.Entry, w want) (*cache.Token, error) {
+	ch := r.sf.DoChan(e.Enc(), func() (any, error) { return r.mint(e, w) })
 	select {
 	case res := <-ch:
 		if res.Err != nil {
@@ -291,27 +348,39 @@ func (r *Refresher) mintShared(ctx context.Context, e *cache.Entry, lifetime tim
 	}
 }
 
-// mint makes one upstream call for e and records the outcome.
-func (r *Refresher) mint(e *cache.Entry, lifetime time.Duration) (*cache.Token, error) {
+// ErrKeyRejected is returned without an upstream call while Whop's last
+// answer to the current API key was 401.
+var ErrKeyRejected = &whop.Error{StatusCode: 401, Type: "unauthorized", Message: "Whop rejected tokend's API key earlier; no call is made with it again until the key is reloaded (systemctl reload tokend) or tokend restarts"}
+
+// mint makes one upstream call for e and records the outcome, unless a
+// call that finished just before already satisfies w.
+func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
+	if t := e.Token(); !w.force && r.usable(t, r.clock.Now(), w.minTTL) && !isToken(t, w.rejected) {
+		return t, nil
+	}
+	fp := r.cfg.Fetcher.KeyFingerprint()
+	if r.gate.isRejected(fp) {
+		return nil, ErrKeyRejected
+	}
+	prev := e.Meta().State
 	r.cache.SetState(e, cache.StateRefreshing)
 	release, err := r.gate.acquire(r.base)
 	if err != nil {
-		r.cache.SetState(e, e.Meta().State)
+		r.cache.SetState(e, prev)
 		return nil, fmt.Errorf("waiting for the upstream limiter: %w", err)
 	}
 	k := e.Key()
 	start := r.clock.Now()
-	fp := r.cfg.Fetcher.KeyFingerprint()
 	r.upstreamCalls.Add(1)
 	at, err := r.cfg.Fetcher.CreateAccessToken(r.base, whop.Request{
 		CompanyID:     k.CompanyID,
 		UserID:        k.UserID,
 		ScopedActions: k.Scopes,
-		ExpiresAt:     start.Add(lifetime),
+		ExpiresAt:     start.Add(w.lifetime),
 	})
 	release()
 	if err != nil {
-		r.failed(e, err)
+		r.failed(e, err, fp)
 		return nil, err
 	}
 	t := &cache.Token{Value: at.Token, ExpiresAt: at.ExpiresAt, ObtainedAt: start, Fingerprint: fp}
@@ -342,7 +411,7 @@ func (r *Refresher) refreshTime(t *cache.Token) time.Time {
 }
 
 // failed records an upstream failure on e and decides when to try again.
-func (r *Refresher) failed(e *cache.Entry, err error) {
+func (r *Refresher) failed(e *cache.Entry, err error, fp []byte) {
 	now := r.clock.Now()
 	info := errorInfo(now, err)
 	r.upstreamErrors.Add(1)
@@ -350,6 +419,10 @@ func (r *Refresher) failed(e *cache.Entry, err error) {
 	var we *whop.Error
 	if errors.As(err, &we) && we.StatusCode == 429 && we.RetryAfter > 0 {
 		r.gate.pause(we.RetryAfter)
+	}
+	if errors.As(err, &we) && we.StatusCode == 401 {
+		r.gate.rejectKey(fp)
+		r.log.Error("Whop rejected the API key (401); no upstream call until the key is reloaded or tokend restarts", "err", info.Message)
 	}
 	t := e.Token()
 	r.mu.Lock()
@@ -460,7 +533,7 @@ func (r *Refresher) Evict(es ...*cache.Entry) {
 
 // Refresh mints a new token for e now, sharing a call already in flight.
 func (r *Refresher) Refresh(ctx context.Context, e *cache.Entry) error {
-	_, err := r.mintShared(ctx, e, r.cfg.Lifetime)
+	_, err := r.mintShared(ctx, e, want{lifetime: r.cfg.Lifetime, force: true})
 	return err
 }
 
@@ -520,26 +593,44 @@ func (r *Refresher) Run(ctx context.Context) error {
 }
 
 // act does what a due entry needs: refresh it, or drop it when it can no
-// longer be served and nothing will mend it.
+// longer be served and nothing will mend it, or when nobody has asked for it
+// during a whole token lifetime.
 func (r *Refresher) act(e *cache.Entry) {
 	now := r.clock.Now()
 	t := e.Token()
 	m := e.Meta()
-	if t == nil || (m.State == cache.StateFailing && !t.ExpiresAt.After(now)) {
+	expired := t == nil || !t.ExpiresAt.After(now)
+	idle := t != nil && now.Sub(e.LastRequested()) > t.ExpiresAt.Sub(t.ObtainedAt)
+	switch {
+	case t == nil, m.State == cache.StateFailing && expired:
+		r.drop(e)
+	case m.State == cache.StateFailing:
+		// Scheduled for expiry only.
+	case idle && expired:
+		r.droppedIdle.Add(1)
+		r.drop(e)
+	case idle:
+		// Nobody wants it: no refresh; drop it when it expires unless a
+		// client asks meanwhile.
+		r.cache.UpdateMeta(e, func(m *cache.Meta) { m.State = cache.StateIdle; m.NextRefresh = time.Time{} })
 		r.mu.Lock()
-		it := r.items[e]
-		stale := it != nil && it.index < 0
-		if stale {
-			r.forgetLocked(e)
-		}
+		r.scheduleLocked(r.itemLocked(e), t.ExpiresAt)
 		r.mu.Unlock()
-		if stale {
-			r.cache.Remove(e)
-		}
-		return
+	default:
+		_, _ = r.mintShared(r.base, e, want{lifetime: r.cfg.Lifetime, force: true})
 	}
-	if m.State == cache.StateFailing {
-		return // scheduled for expiry only
+}
+
+// drop removes e unless it was rescheduled since it fell due.
+func (r *Refresher) drop(e *cache.Entry) {
+	r.mu.Lock()
+	it := r.items[e]
+	stale := it != nil && it.index < 0
+	if stale {
+		r.forgetLocked(e)
 	}
-	_, _ = r.mintShared(r.base, e, r.cfg.Lifetime)
+	r.mu.Unlock()
+	if stale {
+		r.cache.Remove(e)
+	}
 }

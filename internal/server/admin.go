@@ -112,17 +112,32 @@ func (a *adminService) GetStatus(context.Context, *tokendv1.GetStatusRequest) (*
 	now := a.s.cfg.Now()
 	st := a.s.cfg.Tokens.Stats()
 	resp := &tokendv1.Status{
-		Version:           a.s.cfg.Version,
-		StartedAt:         timestamppb.New(a.s.started),
-		Uptime:            durationpb.New(now.Sub(a.s.started).Round(time.Second)),
-		Socket:            a.s.cfg.Socket,
-		StateDir:          a.s.cfg.StateDir,
-		EntriesByState:    map[string]uint64{},
-		Hits:              st.Hits,
-		Misses:            st.Misses,
-		UpstreamCalls:     st.UpstreamCalls,
-		UpstreamErrors:    st.UpstreamErrors,
-		LastUpstreamError: errorProto(st.LastError),
+		Version:               a.s.cfg.Version,
+		StartedAt:             timestamppb.New(a.s.started),
+		Uptime:                durationpb.New(now.Sub(a.s.started).Round(time.Second)),
+		Socket:                a.s.cfg.Socket,
+		StateDir:              a.s.cfg.StateDir,
+		EntriesByState:        map[string]uint64{},
+		Hits:                  st.Hits,
+		Misses:                st.Misses,
+		UpstreamCalls:         st.UpstreamCalls,
+		UpstreamErrors:        st.UpstreamErrors,
+		LastUpstreamError:     errorProto(st.LastError),
+		ApiKeyRejected:        st.APIKeyRejected,
+		UpstreamInFlight:      uint32(st.UpstreamInFlight),
+		UpstreamMaxInFlight:   uint32(st.UpstreamMaxInFlight),
+		UpstreamRatePerSecond: st.UpstreamRate,
+		EvictedOverCapacity:   st.EvictedOverCapacity,
+		DroppedIdle:           st.DroppedIdle,
+		MaxEntries:            uint64(st.MaxEntries),
+	}
+	if st.UpstreamPausedUntil.After(now) {
+		resp.UpstreamPausedUntil = timestamppb.New(st.UpstreamPausedUntil)
+	}
+	pending, werr := a.s.cfg.Entries.WriteStatus()
+	resp.CachePendingWrites = uint64(pending)
+	if werr != nil {
+		resp.CacheWriteError = werr.Error()
 	}
 	for _, e := range a.s.cfg.Entries.Entries() {
 		resp.Entries++
@@ -143,6 +158,8 @@ func stateName(s tokendv1.EntryState) string {
 		return "failing"
 	case tokendv1.EntryState_ENTRY_STATE_EXPIRED:
 		return "expired"
+	case tokendv1.EntryState_ENTRY_STATE_IDLE:
+		return "idle"
 	}
 	return "unknown"
 }
@@ -161,6 +178,8 @@ func entryState(e *cache.Entry, now time.Time) tokendv1.EntryState {
 		return tokendv1.EntryState_ENTRY_STATE_RETRYING
 	case m.State == cache.StateFailing:
 		return tokendv1.EntryState_ENTRY_STATE_FAILING
+	case m.State == cache.StateIdle:
+		return tokendv1.EntryState_ENTRY_STATE_IDLE
 	}
 	return tokendv1.EntryState_ENTRY_STATE_FRESH
 }

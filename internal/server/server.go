@@ -31,7 +31,7 @@ const MaxMessageBytes = 16 << 10
 
 // Tokens is what the services need from the refresher.
 type Tokens interface {
-	Get(ctx context.Context, k cache.Key, minTTL time.Duration) (*cache.Token, *cache.Entry, error)
+	Get(ctx context.Context, k cache.Key, minTTL time.Duration, rejected string) (*cache.Token, *cache.Entry, error)
 	Refresh(ctx context.Context, e *cache.Entry) error
 	Evict(es ...*cache.Entry)
 	Stats() refresher.Stats
@@ -137,7 +137,7 @@ func (t *tokenService) GetToken(ctx context.Context, req *tokendv1.GetTokenReque
 		return nil, err
 	}
 	k := cache.NewKey(t.s.cfg.Credential, r.companyID, r.userID, r.scopes)
-	tok, e, err := t.s.cfg.Tokens.Get(ctx, k, r.minTTL)
+	tok, e, err := t.s.cfg.Tokens.Get(ctx, k, r.minTTL, req.GetRejectedToken())
 	if err != nil {
 		return nil, upstreamStatus(err)
 	}

@@ -16,6 +16,7 @@ const (
 	MaxScopes     = 64
 	MaxScopeBytes = 128
 	MaxIDBytes    = 128
+	MaxTokenBytes = 8 << 10
 	DefaultMinTTL = time.Minute
 	MaxMinTTL     = 3 * time.Hour
 )
@@ -52,6 +53,9 @@ func validate(req *tokendv1.GetTokenRequest) (request, error) {
 		case !printable(s):
 			return r, invalid("scoped_actions[%d] %q: only printable ASCII without spaces is allowed, such as chat:read", i, s)
 		}
+	}
+	if n := len(req.GetRejectedToken()); n > MaxTokenBytes {
+		return r, invalid("rejected_token: %d bytes, at most %d allowed", n, MaxTokenBytes)
 	}
 	if d := req.GetMinTtl(); d != nil {
 		if err := d.CheckValid(); err != nil {

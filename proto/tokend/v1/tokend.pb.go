@@ -41,6 +41,9 @@ const (
 	EntryState_ENTRY_STATE_FAILING EntryState = 4
 	// The token has expired and none replaced it.
 	EntryState_ENTRY_STATE_EXPIRED EntryState = 5
+	// Nobody asked for it during a whole token lifetime: not refreshed again,
+	// dropped when its token expires unless a client asks meanwhile.
+	EntryState_ENTRY_STATE_IDLE EntryState = 6
 )
 
 // Enum value maps for EntryState.
@@ -52,6 +55,7 @@ var (
 		3: "ENTRY_STATE_RETRYING",
 		4: "ENTRY_STATE_FAILING",
 		5: "ENTRY_STATE_EXPIRED",
+		6: "ENTRY_STATE_IDLE",
 	}
 	EntryState_value = map[string]int32{
 		"ENTRY_STATE_UNSPECIFIED": 0,
@@ -60,6 +64,7 @@ var (
 		"ENTRY_STATE_RETRYING":    3,
 		"ENTRY_STATE_FAILING":     4,
 		"ENTRY_STATE_EXPIRED":     5,
+		"ENTRY_STATE_IDLE":        6,
 	}
 )
 
@@ -104,7 +109,12 @@ type GetTokenRequest struct {
 	ScopedActions []string `protobuf:"bytes,3,rep,name=scoped_actions,json=scopedActions,proto3" json:"scoped_actions,omitempty"`
 	// The returned token stays valid at least this long. Default 1 minute,
 	// at most 3 hours. A cached token with less left is replaced first.
-	MinTtl        *durationpb.Duration `protobuf:"bytes,4,opt,name=min_ttl,json=minTtl,proto3" json:"min_ttl,omitempty"`
+	MinTtl *durationpb.Duration `protobuf:"bytes,4,opt,name=min_ttl,json=minTtl,proto3" json:"min_ttl,omitempty"`
+	// A token that Whop just refused (401) when the caller used it. If it is
+	// still the cached token, tokend replaces it (one upstream call however
+	// many callers report it) and returns the new one; otherwise it was
+	// already replaced and the current token is returned. Never logged.
+	RejectedToken string `protobuf:"bytes,5,opt,name=rejected_token,json=rejectedToken,proto3" json:"rejected_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -165,6 +175,13 @@ func (x *GetTokenRequest) GetMinTtl() *durationpb.Duration {
 		return x.MinTtl
 	}
 	return nil
+}
+
+func (x *GetTokenRequest) GetRejectedToken() string {
+	if x != nil {
+		return x.RejectedToken
+	}
+	return ""
 }
 
 type Token struct {
@@ -815,8 +832,25 @@ type Status struct {
 	UpstreamCalls     uint64            `protobuf:"varint,10,opt,name=upstream_calls,json=upstreamCalls,proto3" json:"upstream_calls,omitempty"`
 	UpstreamErrors    uint64            `protobuf:"varint,11,opt,name=upstream_errors,json=upstreamErrors,proto3" json:"upstream_errors,omitempty"`
 	LastUpstreamError *UpstreamError    `protobuf:"bytes,12,opt,name=last_upstream_error,json=lastUpstreamError,proto3" json:"last_upstream_error,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Whop answered 401 to the current API key: no upstream call is made until
+	// the key is reloaded or tokend restarts.
+	ApiKeyRejected bool `protobuf:"varint,13,opt,name=api_key_rejected,json=apiKeyRejected,proto3" json:"api_key_rejected,omitempty"`
+	// Upstream calls are paused until then after a 429 with Retry-After.
+	UpstreamPausedUntil   *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=upstream_paused_until,json=upstreamPausedUntil,proto3" json:"upstream_paused_until,omitempty"`
+	UpstreamInFlight      uint32                 `protobuf:"varint,15,opt,name=upstream_in_flight,json=upstreamInFlight,proto3" json:"upstream_in_flight,omitempty"`
+	UpstreamMaxInFlight   uint32                 `protobuf:"varint,16,opt,name=upstream_max_in_flight,json=upstreamMaxInFlight,proto3" json:"upstream_max_in_flight,omitempty"`
+	UpstreamRatePerSecond float64                `protobuf:"fixed64,17,opt,name=upstream_rate_per_second,json=upstreamRatePerSecond,proto3" json:"upstream_rate_per_second,omitempty"`
+	// Entries dropped because the cache reached max_entries.
+	EvictedOverCapacity uint64 `protobuf:"varint,18,opt,name=evicted_over_capacity,json=evictedOverCapacity,proto3" json:"evicted_over_capacity,omitempty"`
+	// Entries dropped because nobody asked for them for a whole lifetime.
+	DroppedIdle uint64 `protobuf:"varint,19,opt,name=dropped_idle,json=droppedIdle,proto3" json:"dropped_idle,omitempty"`
+	MaxEntries  uint64 `protobuf:"varint,20,opt,name=max_entries,json=maxEntries,proto3" json:"max_entries,omitempty"`
+	// The last failed cache write, while writes are failing; tokend keeps
+	// serving from memory and retries.
+	CacheWriteError    string `protobuf:"bytes,21,opt,name=cache_write_error,json=cacheWriteError,proto3" json:"cache_write_error,omitempty"`
+	CachePendingWrites uint64 `protobuf:"varint,22,opt,name=cache_pending_writes,json=cachePendingWrites,proto3" json:"cache_pending_writes,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Status) Reset() {
@@ -933,17 +967,88 @@ func (x *Status) GetLastUpstreamError() *UpstreamError {
 	return nil
 }
 
+func (x *Status) GetApiKeyRejected() bool {
+	if x != nil {
+		return x.ApiKeyRejected
+	}
+	return false
+}
+
+func (x *Status) GetUpstreamPausedUntil() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpstreamPausedUntil
+	}
+	return nil
+}
+
+func (x *Status) GetUpstreamInFlight() uint32 {
+	if x != nil {
+		return x.UpstreamInFlight
+	}
+	return 0
+}
+
+func (x *Status) GetUpstreamMaxInFlight() uint32 {
+	if x != nil {
+		return x.UpstreamMaxInFlight
+	}
+	return 0
+}
+
+func (x *Status) GetUpstreamRatePerSecond() float64 {
+	if x != nil {
+		return x.UpstreamRatePerSecond
+	}
+	return 0
+}
+
+func (x *Status) GetEvictedOverCapacity() uint64 {
+	if x != nil {
+		return x.EvictedOverCapacity
+	}
+	return 0
+}
+
+func (x *Status) GetDroppedIdle() uint64 {
+	if x != nil {
+		return x.DroppedIdle
+	}
+	return 0
+}
+
+func (x *Status) GetMaxEntries() uint64 {
+	if x != nil {
+		return x.MaxEntries
+	}
+	return 0
+}
+
+func (x *Status) GetCacheWriteError() string {
+	if x != nil {
+		return x.CacheWriteError
+	}
+	return ""
+}
+
+func (x *Status) GetCachePendingWrites() uint64 {
+	if x != nil {
+		return x.CachePendingWrites
+	}
+	return 0
+}
+
 var File_tokend_v1_tokend_proto protoreflect.FileDescriptor
 
 const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\n" +
-	"\x16tokend/v1/tokend.proto\x12\ttokend.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x01\n" +
+	"\x16tokend/v1/tokend.proto\x12\ttokend.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcb\x01\n" +
 	"\x0fGetTokenRequest\x12\x1d\n" +
 	"\n" +
 	"company_id\x18\x01 \x01(\tR\tcompanyId\x12\x17\n" +
 	"\auser_id\x18\x02 \x01(\tR\x06userId\x12%\n" +
 	"\x0escoped_actions\x18\x03 \x03(\tR\rscopedActions\x122\n" +
-	"\amin_ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x06minTtl\"o\n" +
+	"\amin_ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x06minTtl\x12%\n" +
+	"\x0erejected_token\x18\x05 \x01(\tR\rrejectedToken\"o\n" +
 	"\x05Token\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x129\n" +
 	"\n" +
@@ -989,7 +1094,7 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"httpStatus\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\x12\x1c\n" +
 	"\tretryable\x18\x04 \x01(\bR\tretryable\"\x12\n" +
-	"\x10GetStatusRequest\"\xb9\x04\n" +
+	"\x10GetStatusRequest\"\xa5\b\n" +
 	"\x06Status\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
 	"\n" +
@@ -1004,10 +1109,21 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x0eupstream_calls\x18\n" +
 	" \x01(\x04R\rupstreamCalls\x12'\n" +
 	"\x0fupstream_errors\x18\v \x01(\x04R\x0eupstreamErrors\x12H\n" +
-	"\x13last_upstream_error\x18\f \x01(\v2\x18.tokend.v1.UpstreamErrorR\x11lastUpstreamError\x1aA\n" +
+	"\x13last_upstream_error\x18\f \x01(\v2\x18.tokend.v1.UpstreamErrorR\x11lastUpstreamError\x12(\n" +
+	"\x10api_key_rejected\x18\r \x01(\bR\x0eapiKeyRejected\x12N\n" +
+	"\x15upstream_paused_until\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\x13upstreamPausedUntil\x12,\n" +
+	"\x12upstream_in_flight\x18\x0f \x01(\rR\x10upstreamInFlight\x123\n" +
+	"\x16upstream_max_in_flight\x18\x10 \x01(\rR\x13upstreamMaxInFlight\x127\n" +
+	"\x18upstream_rate_per_second\x18\x11 \x01(\x01R\x15upstreamRatePerSecond\x122\n" +
+	"\x15evicted_over_capacity\x18\x12 \x01(\x04R\x13evictedOverCapacity\x12!\n" +
+	"\fdropped_idle\x18\x13 \x01(\x04R\vdroppedIdle\x12\x1f\n" +
+	"\vmax_entries\x18\x14 \x01(\x04R\n" +
+	"maxEntries\x12*\n" +
+	"\x11cache_write_error\x18\x15 \x01(\tR\x0fcacheWriteError\x120\n" +
+	"\x14cache_pending_writes\x18\x16 \x01(\x04R\x12cachePendingWrites\x1aA\n" +
 	"\x13EntriesByStateEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01*\xa8\x01\n" +
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01*\xbe\x01\n" +
 	"\n" +
 	"EntryState\x12\x1b\n" +
 	"\x17ENTRY_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
@@ -1015,7 +1131,8 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x16ENTRY_STATE_REFRESHING\x10\x02\x12\x18\n" +
 	"\x14ENTRY_STATE_RETRYING\x10\x03\x12\x17\n" +
 	"\x13ENTRY_STATE_FAILING\x10\x04\x12\x17\n" +
-	"\x13ENTRY_STATE_EXPIRED\x10\x052H\n" +
+	"\x13ENTRY_STATE_EXPIRED\x10\x05\x12\x14\n" +
+	"\x10ENTRY_STATE_IDLE\x10\x062H\n" +
 	"\fTokenService\x128\n" +
 	"\bGetToken\x12\x1a.tokend.v1.GetTokenRequest\x1a\x10.tokend.v1.Token2\xe6\x02\n" +
 	"\fAdminService\x12L\n" +
@@ -1072,23 +1189,24 @@ var file_tokend_v1_tokend_proto_depIdxs = []int32{
 	14, // 11: tokend.v1.Status.uptime:type_name -> google.protobuf.Duration
 	13, // 12: tokend.v1.Status.entries_by_state:type_name -> tokend.v1.Status.EntriesByStateEntry
 	10, // 13: tokend.v1.Status.last_upstream_error:type_name -> tokend.v1.UpstreamError
-	1,  // 14: tokend.v1.TokenService.GetToken:input_type -> tokend.v1.GetTokenRequest
-	3,  // 15: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
-	5,  // 16: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
-	6,  // 17: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
-	8,  // 18: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
-	11, // 19: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
-	2,  // 20: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
-	4,  // 21: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
-	9,  // 22: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
-	7,  // 23: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
-	9,  // 24: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
-	12, // 25: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
-	20, // [20:26] is the sub-list for method output_type
-	14, // [14:20] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	15, // 14: tokend.v1.Status.upstream_paused_until:type_name -> google.protobuf.Timestamp
+	1,  // 15: tokend.v1.TokenService.GetToken:input_type -> tokend.v1.GetTokenRequest
+	3,  // 16: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
+	5,  // 17: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
+	6,  // 18: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
+	8,  // 19: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
+	11, // 20: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
+	2,  // 21: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
+	4,  // 22: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
+	9,  // 23: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
+	7,  // 24: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
+	9,  // 25: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
+	12, // 26: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
+	21, // [21:27] is the sub-list for method output_type
+	15, // [15:21] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_tokend_v1_tokend_proto_init() }
