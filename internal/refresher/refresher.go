@@ -355,8 +355,13 @@ var ErrKeyRejected = &whop.Error{StatusCode: 401, Type: "unauthorized", Message:
 // mint makes one upstream call for e and records the outcome, unless a
 // call that finished just before already satisfies w.
 func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
-	if t := e.Token(); !w.force && r.usable(t, r.clock.Now(), w.minTTL) && !isToken(t, w.rejected) {
-		return t, nil
+	if !w.force {
+		if t := e.Token(); r.usable(t, r.clock.Now(), w.minTTL) && !isToken(t, w.rejected) {
+			return t, nil // a call that just finished already did it
+		}
+		if err := r.remembered(e); err != nil {
+			return nil, err // one that just failed: wait out its backoff
+		}
 	}
 	fp := r.cfg.Fetcher.KeyFingerprint()
 	if r.gate.isRejected(fp) {
@@ -567,9 +572,10 @@ func (r *Refresher) Run(ctx context.Context) error {
 			it := heap.Pop(&r.queue).(*item)
 			due = append(due, it.e)
 		}
-		next := time.Hour
+		next, nextDue := time.Hour, time.Time{}
 		if len(r.queue) > 0 {
-			next = r.queue[0].due.Sub(now)
+			nextDue = r.queue[0].due
+			next = nextDue.Sub(now)
 		}
 		r.mu.Unlock()
 		for _, e := range due {
@@ -583,6 +589,9 @@ func (r *Refresher) Run(ctx context.Context) error {
 			continue // time has moved while we handed work out
 		}
 		timer.Reset(next)
+		if !nextDue.IsZero() && !nextDue.After(r.clock.Now()) {
+			continue // the clock passed due while we armed the timer
+		}
 		select {
 		case <-ctx.Done():
 			return nil
@@ -617,6 +626,13 @@ func (r *Refresher) act(e *cache.Entry) {
 		r.scheduleLocked(r.itemLocked(e), t.ExpiresAt)
 		r.mu.Unlock()
 	default:
+		r.mu.Lock()
+		it := r.items[e]
+		rescheduled := it != nil && it.index >= 0
+		r.mu.Unlock()
+		if rescheduled {
+			return // a caller's mint ran meanwhile and set a new time
+		}
 		_, _ = r.mintShared(r.base, e, want{lifetime: r.cfg.Lifetime, force: true})
 	}
 }

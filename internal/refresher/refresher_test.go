@@ -392,3 +392,125 @@ func TestCallerDeadlineDoesNotCancelFetch(t *testing.T) {
 		t.Fatalf("calls = %d, want 1: the next caller should get the abandoned fetch's token", n)
 	}
 }
+
+func TestRejectedKeyStopsUpstreamCalls(t *testing.T) {
+	g := newRig(t, nil)
+	g.fake.RemoveKey(apiKey)
+	_, _, err := g.get(key)
+	var we *whop.Error
+	if !errors.As(err, &we) || we.StatusCode != 401 {
+		t.Fatalf("Get = %v, want the 401", err)
+	}
+	other := cache.NewKey("default", "biz_other", "", nil)
+	for range 5 {
+		if _, _, err := g.get(other); !errors.Is(err, ErrKeyRejected) {
+			t.Fatalf("Get with a rejected key = %v, want ErrKeyRejected", err)
+		}
+	}
+	if n := g.fake.CallCount(); n != 1 {
+		t.Fatalf("calls after a 401 = %d, want 1", n)
+	}
+	if !g.r.Stats().APIKeyRejected {
+		t.Fatal("Stats does not show the rejected key")
+	}
+	if err := g.client.SetAPIKey("second_key"); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := g.get(other); err != nil {
+		t.Fatalf("after a key reload: %v", err)
+	}
+	if g.r.Stats().APIKeyRejected {
+		t.Fatal("Stats still shows the key rejected after a reload")
+	}
+}
+
+func TestCapacityEvictsLeastRecentlyRequested(t *testing.T) {
+	g := newRig(t, func(c *Config) { c.MaxEntries = 3; c.Rate = 1e6 })
+	keys := []cache.Key{
+		cache.NewKey("default", "biz_0", "", nil),
+		cache.NewKey("default", "biz_1", "", nil),
+		cache.NewKey("default", "biz_2", "", nil),
+	}
+	for _, k := range keys {
+		if _, _, err := g.get(k); err != nil {
+			t.Fatal(err)
+		}
+		g.clock.Advance(time.Second)
+	}
+	g.get(keys[0]) // biz_1 is now the least recently requested
+	g.clock.Advance(time.Second)
+	if _, _, err := g.get(cache.NewKey("default", "biz_3", "", nil)); err != nil {
+		t.Fatal(err)
+	}
+	if g.cache.Len() != 3 || g.cache.Get(keys[1].Encode()) != nil {
+		t.Fatalf("after a 4th key: %d entries, biz_1 present=%v; want 3 and biz_1 evicted", g.cache.Len(), g.cache.Get(keys[1].Encode()) != nil)
+	}
+	if n := g.r.Stats().EvictedOverCapacity; n != 1 {
+		t.Fatalf("EvictedOverCapacity = %d, want 1", n)
+	}
+}
+
+func TestIdleEntryIsDropped(t *testing.T) {
+	g := newRig(t, nil)
+	_, e, err := g.get(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.advanceTo(e.Meta().NextRefresh)
+	g.waitCalls(2) // requested within the last lifetime: refreshed once more
+	g.waitState(e, cache.StateFresh)
+	second := e.Token()
+	g.advanceTo(e.Meta().NextRefresh)
+	g.waitState(e, cache.StateIdle) // nobody asked for a whole lifetime
+	if n := g.fake.CallCount(); n != 2 {
+		t.Fatalf("idle entry refreshed again: %d calls", n)
+	}
+	g.advanceTo(second.ExpiresAt)
+	deadline := time.Now().Add(5 * time.Second)
+	for g.cache.Len() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("idle entry not dropped at expiry")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if n := g.r.Stats().DroppedIdle; n != 1 {
+		t.Fatalf("DroppedIdle = %d, want 1", n)
+	}
+}
+
+func TestRejectedTokenReplacedOnce(t *testing.T) {
+	g := newRig(t, nil)
+	old, _, err := g.get(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.fake.SetLatency(30 * time.Millisecond)
+	var wg sync.WaitGroup
+	got := make([]string, 100)
+	for i := range got {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tok, _, err := g.r.Get(context.Background(), key, time.Minute, old.Value)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			got[i] = tok.Value
+		}()
+	}
+	wg.Wait()
+	for _, v := range got {
+		if v == old.Value || v != got[0] {
+			t.Fatal("callers did not all get the same new token")
+		}
+	}
+	if n := g.fake.CallCount(); n != 2 {
+		t.Fatalf("100 reports of one rejected token made %d calls, want 1", n-1)
+	}
+	// A stale report (the token was already replaced) changes nothing.
+	tok, _, err := g.r.Get(context.Background(), key, time.Minute, old.Value)
+	if err != nil || tok.Value != got[0] || g.fake.CallCount() != 2 {
+		t.Fatalf("stale report: %v, calls %d", err, g.fake.CallCount())
+	}
+}
