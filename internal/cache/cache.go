@@ -412,6 +412,7 @@ func (c *Cache) SetToken(e *Entry, t *Token, update func(*Meta)) {
 	if update != nil {
 		update(&e.meta)
 	}
+	e.idle.Store(e.meta.State == StateIdle)
 	e.mu.Unlock()
 	c.markDirty(e)
 }
@@ -420,6 +421,7 @@ func (c *Cache) SetToken(e *Entry, t *Token, update func(*Meta)) {
 func (c *Cache) UpdateMeta(e *Entry, update func(*Meta)) {
 	e.mu.Lock()
 	update(&e.meta)
+	e.idle.Store(e.meta.State == StateIdle)
 	e.mu.Unlock()
 	c.markDirty(e)
 }

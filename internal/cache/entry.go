@@ -67,6 +67,8 @@ type Entry struct {
 	tok           atomic.Pointer[Token]
 	lastRequested atomic.Int64 // Unix nanoseconds
 	hits          atomic.Uint64
+	// idle mirrors Meta.State == StateIdle for the lock-free hit path.
+	idle atomic.Bool
 
 	mu   sync.Mutex
 	meta Meta
@@ -99,6 +101,13 @@ func (e *Entry) LastRequested() time.Time {
 	}
 	return time.Unix(0, n)
 }
+
+// Idle reports whether e was set aside as unused.
+func (e *Entry) Idle() bool { return e.idle.Load() }
+
+// Revive clears the idle mark, reporting whether it was set: exactly one
+// caller wins the right to bring an idle entry back.
+func (e *Entry) Revive() bool { return e.idle.CompareAndSwap(true, false) }
 
 // Hits counts requests answered from the cache.
 func (e *Entry) Hits() uint64 { return e.hits.Load() }

@@ -64,6 +64,16 @@ type env struct {
 	socket   string
 	stateDir string
 	keyFile  string
+	daemons  []*daemon
+}
+
+// daemonLogs is everything every tokend of this env has written.
+func (e *env) daemonLogs() string {
+	var b strings.Builder
+	for _, d := range e.daemons {
+		b.WriteString(d.out.String())
+	}
+	return b.String()
 }
 
 func newEnv(t *testing.T) *env {
@@ -135,6 +145,7 @@ func (e *env) start(extra ...string) *daemon {
 func (e *env) startArgs(args ...string) *daemon {
 	e.t.Helper()
 	d := &daemon{t: e.t, out: &syncBuffer{}, done: make(chan struct{})}
+	e.daemons = append(e.daemons, d)
 	d.cmd = exec.Command(bin.tokend, args...)
 	d.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + e.dir}
 	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out

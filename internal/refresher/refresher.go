@@ -199,8 +199,14 @@ func (r *Refresher) scheduleLoaded() {
 			due = r.refreshTime(t)
 		}
 		if !due.After(now) {
-			window := min(r.cfg.RestartSpread, t.ExpiresAt.Sub(now)/2)
-			due = now.Add(time.Duration(rand.Int64N(int64(max(window, 1)))))
+			// Spread, but never past the point where a sixth of the
+			// lifetime is left: repeated restarts must not keep
+			// postponing a refresh until the token runs out.
+			latest := t.ExpiresAt.Add(-t.ExpiresAt.Sub(t.ObtainedAt) / 6)
+			due = now
+			if window := min(r.cfg.RestartSpread, latest.Sub(now)); window > 0 {
+				due = now.Add(time.Duration(rand.Int64N(int64(window))))
+			}
 		}
 		r.scheduleLocked(r.itemLocked(e), due)
 	}
@@ -253,10 +259,16 @@ func (r *Refresher) Get(ctx context.Context, k cache.Key, minTTL time.Duration, 
 		if t := e.Token(); r.usable(t, now, minTTL) && !isToken(t, rejected) {
 			e.Touch(now, true)
 			r.hits.Add(1)
+			if e.Idle() && e.Revive() {
+				r.revive(e)
+			}
 			return t, e, nil
 		}
 	}
 	r.misses.Add(1)
+	if r.log.Enabled(ctx, slog.LevelDebug) {
+		r.log.Debug("cache miss", "key", k.ID(), "subject", k.Subject(), "reason", r.missReason(enc, now, minTTL, rejected))
+	}
 	want := want{minTTL: minTTL, rejected: rejected, lifetime: r.cfg.Lifetime}
 	if need := minTTL + r.cfg.ExpiryMargin; need >= want.lifetime {
 		// Ask for enough to cover min_ttl and the call's own latency.
@@ -282,6 +294,33 @@ func (r *Refresher) Get(ctx context.Context, k cache.Key, minTTL time.Duration, 
 		if attempt > 0 || want.lifetime == MaxLifetime && t.ExpiresAt.Sub(t.ObtainedAt) >= MaxLifetime-time.Minute {
 			return nil, e, fmt.Errorf("min_ttl %v: %w", minTTL, ErrLifetime)
 		}
+	}
+}
+
+// revive puts an idle entry that a client asked for back on the refresh
+// schedule: it is past its refresh point, so the refresh is due now.
+func (r *Refresher) revive(e *cache.Entry) {
+	r.cache.UpdateMeta(e, func(m *cache.Meta) { m.State = cache.StateFresh })
+	r.mu.Lock()
+	r.scheduleLocked(r.itemLocked(e), r.clock.Now())
+	r.mu.Unlock()
+}
+
+// missReason says why Get could not answer from the cache, for debug logs.
+func (r *Refresher) missReason(enc []byte, now time.Time, minTTL time.Duration, rejected string) string {
+	e := r.cache.Get(enc)
+	switch t := (*cache.Token)(nil); {
+	case e == nil:
+		return "no entry"
+	case e.Token() == nil:
+		return "no token yet"
+	case isToken(e.Token(), rejected):
+		return "caller reported the token rejected"
+	case !bytes.Equal(e.Token().Fingerprint, r.cfg.Fetcher.KeyFingerprint()):
+		return "token minted by another API key"
+	default:
+		t = e.Token()
+		return fmt.Sprintf("token valid for %v, caller needs %v plus a %v margin", t.ExpiresAt.Sub(now).Round(time.Millisecond), minTTL, r.cfg.ExpiryMargin)
 	}
 }
 

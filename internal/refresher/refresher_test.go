@@ -514,3 +514,24 @@ func TestRejectedTokenReplacedOnce(t *testing.T) {
 		t.Fatalf("stale report: %v, calls %d", err, g.fake.CallCount())
 	}
 }
+
+func TestIdleEntryRevivedByRequest(t *testing.T) {
+	g := newRig(t, nil)
+	_, e, err := g.get(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.advanceTo(e.Meta().NextRefresh)
+	g.waitCalls(2)
+	g.waitState(e, cache.StateFresh)
+	g.advanceTo(e.Meta().NextRefresh)
+	g.waitState(e, cache.StateIdle)
+	if _, _, err := g.get(key); err != nil { // a client asks again: a hit
+		t.Fatal(err)
+	}
+	g.waitCalls(3) // refreshed at once instead of dropped at expiry
+	g.waitState(e, cache.StateFresh)
+	if e.Idle() {
+		t.Fatal("entry still marked idle after a refresh")
+	}
+}
