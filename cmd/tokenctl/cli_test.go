@@ -167,7 +167,11 @@ func TestCommands(t *testing.T) {
 				"hit ratio:           87.5%\n" +
 				"upstream calls:      4\n" +
 				"upstream errors:     1\n" +
-				"last upstream error: -\n"},
+				"last upstream error: -\n" +
+				"upstream:            ok\n" +
+				"limiter:             1/4 in flight, 10 calls/s\n" +
+				"capacity:            max 100000; evicted 2 over capacity, dropped 5 idle\n" +
+				"cache writes:        ok\n"},
 		},
 		{
 			name: "evict no target",

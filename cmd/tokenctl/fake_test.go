@@ -86,6 +86,8 @@ func startFake(t *testing.T) (*fakeDaemon, string) {
 			Entries:        3,
 			EntriesByState: map[string]uint64{"fresh": 2, "retrying": 1},
 			Hits:           7, Misses: 1, UpstreamCalls: 4, UpstreamErrors: 1,
+			UpstreamInFlight: 1, UpstreamMaxInFlight: 4, UpstreamRatePerSecond: 10,
+			MaxEntries: 100000, EvictedOverCapacity: 2, DroppedIdle: 5,
 		},
 	}
 	sock := filepath.Join(t.TempDir(), "tokend.sock")

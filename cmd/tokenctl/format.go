@@ -68,6 +68,7 @@ var stateOrder = []tokendv1.EntryState{
 	tokendv1.EntryState_ENTRY_STATE_REFRESHING,
 	tokendv1.EntryState_ENTRY_STATE_RETRYING,
 	tokendv1.EntryState_ENTRY_STATE_FAILING,
+	tokendv1.EntryState_ENTRY_STATE_IDLE,
 	tokendv1.EntryState_ENTRY_STATE_EXPIRED,
 }
 
@@ -108,6 +109,20 @@ func writeStatus(w io.Writer, s *tokendv1.Status, now time.Time) error {
 		ratio = fmt.Sprintf("%.1f%%", 100*float64(s.GetHits())/float64(total))
 	}
 
+	upstream := "ok"
+	switch {
+	case s.GetApiKeyRejected():
+		upstream = "API KEY REJECTED by Whop (401): no calls until the key is reloaded or tokend restarts"
+	case s.GetUpstreamPausedUntil() != nil && s.GetUpstreamPausedUntil().AsTime().After(now):
+		upstream = "paused after a 429 for " + humanDuration(s.GetUpstreamPausedUntil().AsTime().Sub(now))
+	}
+	limiter := fmt.Sprintf("%d/%d in flight, %g calls/s", s.GetUpstreamInFlight(), s.GetUpstreamMaxInFlight(), s.GetUpstreamRatePerSecond())
+	capacity := fmt.Sprintf("max %d; evicted %d over capacity, dropped %d idle", s.GetMaxEntries(), s.GetEvictedOverCapacity(), s.GetDroppedIdle())
+	writes := "ok"
+	if e := s.GetCacheWriteError(); e != "" {
+		writes = fmt.Sprintf("FAILING, serving from memory (%d pending): %s", s.GetCachePendingWrites(), e)
+	}
+
 	return writeFields(w, [][2]string{
 		{"version", orDash(s.GetVersion())},
 		{"uptime", uptime},
@@ -120,6 +135,10 @@ func writeStatus(w io.Writer, s *tokendv1.Status, now time.Time) error {
 		{"upstream calls", strconv.FormatUint(s.GetUpstreamCalls(), 10)},
 		{"upstream errors", strconv.FormatUint(s.GetUpstreamErrors(), 10)},
 		{"last upstream error", upstreamError(s.GetLastUpstreamError(), now)},
+		{"upstream", upstream},
+		{"limiter", limiter},
+		{"capacity", capacity},
+		{"cache writes", writes},
 	})
 }
 
