@@ -326,7 +326,9 @@ func TestJSON(t *testing.T) {
 				"version": "v0.3.1", "started_at": "2026-02-28T09:55:00Z", "uptime": "93900s",
 				"socket": "/run/tokend/tokend.sock", "state_dir": "/var/lib/tokend", "entries": "3",
 				"entries_by_state": {"fresh": "2", "retrying": "1"},
-				"hits": "7", "misses": "1", "upstream_calls": "4", "upstream_errors": "1"
+				"hits": "7", "misses": "1", "upstream_calls": "4", "upstream_errors": "1",
+				"upstream_in_flight": 1, "upstream_max_in_flight": 4, "upstream_rate_per_second": 10,
+				"evicted_over_capacity": "2", "dropped_idle": "5", "max_entries": "100000"
 			}`,
 		},
 	}
