@@ -9,6 +9,8 @@ package cache
 import (
 	"bytes"
 	"container/heap"
+	"crypto/aes"
+	"crypto/cipher"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -47,6 +49,9 @@ type Config struct {
 	// RetryDelay is how long to wait before retrying a failed write.
 	// Default 1s.
 	RetryDelay time.Duration
+	// SealKey, 32 bytes, seals token strings at rest with AES-256-GCM.
+	// Nil stores them plain, protected only by the file's mode.
+	SealKey []byte
 	// OpenTimeout bounds the wait for the file lock. Default 500ms, so a
 	// second tokend gives up within a second.
 	OpenTimeout time.Duration
@@ -61,6 +66,7 @@ type Cache struct {
 	mu    sync.RWMutex
 	index map[string]*Entry // by encoded key
 	salt  []byte
+	aead  cipher.AEAD // nil: tokens stored plain
 
 	wmu          sync.Mutex
 	dirty        map[*Entry]struct{}
@@ -77,6 +83,8 @@ type Cache struct {
 // LoadStats says what Open found in the file.
 type LoadStats struct {
 	Loaded, Expired, Undecodable int
+	// Unsealable counts sealed records the cache key could not open.
+	Unsealable int
 	// MovedAside is where a damaged file was moved, if it was.
 	MovedAside string
 }
@@ -98,6 +106,9 @@ func Open(cfg Config) (*Cache, LoadStats, error) {
 	if cfg.OpenTimeout <= 0 {
 		cfg.OpenTimeout = 500 * time.Millisecond
 	}
+	if cfg.SealKey != nil && len(cfg.SealKey) != 32 {
+		return nil, LoadStats{}, fmt.Errorf("cache key: %d bytes, want 32", len(cfg.SealKey))
+	}
 	if err := ensurePrivateDir(filepath.Dir(cfg.Path)); err != nil {
 		return nil, LoadStats{}, err
 	}
@@ -118,6 +129,7 @@ func Open(cfg Config) (*Cache, LoadStats, error) {
 		return nil, LoadStats{}, err
 	}
 	go c.flusher()
+	c.wake() // records to re-seal, if any
 	return c, stats, nil
 }
 
@@ -167,6 +179,17 @@ func openFile(cfg Config) (c *Cache, stats LoadStats, err error) {
 		kick:    make(chan struct{}, 1),
 		stop:    make(chan struct{}),
 		done:    make(chan struct{}),
+	}
+	if cfg.SealKey != nil {
+		block, err := aes.NewCipher(cfg.SealKey)
+		if err != nil {
+			closeQuietly(db)
+			return nil, stats, fmt.Errorf("cache key: %w", err)
+		}
+		if c.aead, err = cipher.NewGCM(block); err != nil {
+			closeQuietly(db)
+			return nil, stats, fmt.Errorf("cache key: %w", err)
+		}
 	}
 	if stats, err = c.safeLoad(); err != nil {
 		closeQuietly(db)
@@ -248,7 +271,12 @@ func (c *Cache) load() (LoadStats, error) {
 			return err
 		}
 		err = b.ForEach(func(k, v []byte) error {
-			e, err := decodeEntry(k, v)
+			e, sealed, err := decodeEntry(k, v, c.aead)
+			if errors.Is(err, errUnsealable) {
+				stats.Unsealable++
+				drop = append(drop, append([]byte(nil), k...))
+				return nil
+			}
 			if err != nil {
 				stats.Undecodable++
 				c.log.Warn("dropping undecodable cache record", "key", fmt.Sprintf("%x", k), "err", err)
@@ -262,6 +290,9 @@ func (c *Cache) load() (LoadStats, error) {
 			}
 			c.index[e.enc] = e
 			stats.Loaded++
+			if c.aead != nil && !sealed {
+				c.dirty[e] = struct{}{} // written before a key was configured: seal it
+			}
 			return nil
 		})
 		if err != nil {
@@ -515,7 +546,11 @@ func (c *Cache) Flush() error {
 	type put struct{ k, v []byte }
 	puts := make([]put, 0, len(c.dirty))
 	for e := range c.dirty {
-		v, err := proto.Marshal(e.record())
+		rec, err := e.record(c.aead)
+		if err != nil {
+			return fmt.Errorf("encode cache record %s: %w", e.id, err)
+		}
+		v, err := proto.Marshal(rec)
 		if err != nil {
 			return fmt.Errorf("encode cache record %s: %w", e.id, err)
 		}

@@ -2,6 +2,9 @@ package cache
 
 import (
 	"bytes"
+	"crypto/cipher"
+	"crypto/rand"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -138,7 +141,7 @@ func fromUnixNano(n int64) time.Time {
 	return time.Unix(0, n)
 }
 
-func (e *Entry) record() *storev1.Record {
+func (e *Entry) record(aead cipher.AEAD) (*storev1.Record, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	t := e.tok.Load()
@@ -163,27 +166,53 @@ func (e *Entry) record() *storev1.Record {
 		r.LastErrorMessage = le.Message
 		r.LastErrorRetryable = le.Retryable
 	}
-	return r
+	if aead != nil {
+		nonce := make([]byte, aead.NonceSize(), aead.NonceSize()+len(t.Value)+aead.Overhead())
+		if _, err := rand.Read(nonce); err != nil {
+			return nil, fmt.Errorf("seal token: %w", err)
+		}
+		r.SealedToken = aead.Seal(nonce, nonce, []byte(t.Value), []byte(e.enc))
+		r.Token = ""
+	}
+	return r, nil
 }
+
+// errUnsealable marks a sealed record that the configured cache key cannot
+// open: written under another key, or with no key configured now.
+var errUnsealable = errors.New("sealed token cannot be opened with this cache key")
 
 // decodeEntry rebuilds an entry from its bbolt key and value. The key is the
 // authority; the record's copy of it must agree.
-func decodeEntry(k, v []byte) (*Entry, error) {
+//
+// A plain record read while a cache key is configured decodes fine; the
+// caller rewrites it sealed.
+func decodeEntry(k, v []byte, aead cipher.AEAD) (e *Entry, sealed bool, err error) {
 	key, err := DecodeKey(k)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	var r storev1.Record
 	if err := proto.Unmarshal(v, &r); err != nil {
-		return nil, fmt.Errorf("decode record: %w", err)
+		return nil, false, fmt.Errorf("decode record: %w", err)
 	}
 	if !bytes.Equal(NewKey(r.Credential, r.CompanyId, r.UserId, r.ScopedActions).Encode(), k) {
-		return nil, fmt.Errorf("record does not match its key")
+		return nil, false, fmt.Errorf("record does not match its key")
+	}
+	if sealed = len(r.SealedToken) > 0; sealed {
+		if aead == nil || len(r.SealedToken) < aead.NonceSize() {
+			return nil, true, errUnsealable
+		}
+		n := aead.NonceSize()
+		plain, err := aead.Open(nil, r.SealedToken[:n], r.SealedToken[n:], k)
+		if err != nil {
+			return nil, true, errUnsealable
+		}
+		r.Token = string(plain)
 	}
 	if r.Token == "" || r.ExpiresAt == 0 {
-		return nil, fmt.Errorf("record has no token")
+		return nil, sealed, fmt.Errorf("record has no token")
 	}
-	e := newEntry(key, k)
+	e = newEntry(key, k)
 	e.tok.Store(&Token{
 		Value:       r.Token,
 		ExpiresAt:   fromUnixNano(r.ExpiresAt),
@@ -206,7 +235,7 @@ func decodeEntry(k, v []byte) (*Entry, error) {
 			Retryable: r.LastErrorRetryable,
 		}
 	}
-	return e, nil
+	return e, sealed, nil
 }
 
 // SetState changes e's state in memory only: transient states such as

@@ -48,8 +48,12 @@ type Record struct {
 	LastErrorRetryable bool   `protobuf:"varint,16,opt,name=last_error_retryable,json=lastErrorRetryable,proto3" json:"last_error_retryable,omitempty"`
 	// Keyed hash of the API key that minted the token; never the key.
 	KeyFingerprint []byte `protobuf:"bytes,17,opt,name=key_fingerprint,json=keyFingerprint,proto3" json:"key_fingerprint,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// With a cache key: nonce || AES-256-GCM(token), sealed with the bbolt
+	// key as associated data so a record cannot be moved to another key.
+	// token is then empty.
+	SealedToken   []byte `protobuf:"bytes,18,opt,name=sealed_token,json=sealedToken,proto3" json:"sealed_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Record) Reset() {
@@ -201,11 +205,18 @@ func (x *Record) GetKeyFingerprint() []byte {
 	return nil
 }
 
+func (x *Record) GetSealedToken() []byte {
+	if x != nil {
+		return x.SealedToken
+	}
+	return nil
+}
+
 var File_tokend_store_v1_record_proto protoreflect.FileDescriptor
 
 const file_tokend_store_v1_record_proto_rawDesc = "" +
 	"\n" +
-	"\x1ctokend/store/v1/record.proto\x12\x0ftokend.store.v1\"\xd8\x04\n" +
+	"\x1ctokend/store/v1/record.proto\x12\x0ftokend.store.v1\"\xfb\x04\n" +
 	"\x06Record\x12\x1e\n" +
 	"\n" +
 	"credential\x18\x01 \x01(\tR\n" +
@@ -229,7 +240,8 @@ const file_tokend_store_v1_record_proto_rawDesc = "" +
 	"\x11last_error_status\x18\x0e \x01(\x05R\x0flastErrorStatus\x12,\n" +
 	"\x12last_error_message\x18\x0f \x01(\tR\x10lastErrorMessage\x120\n" +
 	"\x14last_error_retryable\x18\x10 \x01(\bR\x12lastErrorRetryable\x12'\n" +
-	"\x0fkey_fingerprint\x18\x11 \x01(\fR\x0ekeyFingerprintB8Z6github.com/tokend/tokend/proto/tokend/store/v1;storev1b\x06proto3"
+	"\x0fkey_fingerprint\x18\x11 \x01(\fR\x0ekeyFingerprint\x12!\n" +
+	"\fsealed_token\x18\x12 \x01(\fR\vsealedTokenB8Z6github.com/tokend/tokend/proto/tokend/store/v1;storev1b\x06proto3"
 
 var (
 	file_tokend_store_v1_record_proto_rawDescOnce sync.Once
