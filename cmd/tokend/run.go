@@ -26,9 +26,18 @@ type options struct {
 	maxInFlight, burst                              int
 	rate                                            float64
 	dev                                             bool
+
+	refreshAt                                                       float64
+	retryInitial, retryMax, negativeTTL, restartSpread, upstreamTTO time.Duration
+	maxEntries                                                      int
+
+	adminGroup, auditLog, cacheKeyFile string
+	missRate                           float64
+	missBurst, maxConns, maxStreams    int
 }
 
-func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) int {
+// run starts tokend; a value on reload (SIGHUP) re-reads the API key.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string, reload <-chan struct{}) int {
 	opts, setSocket, err := parseFlags(args, stderr, getenv)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
@@ -51,6 +60,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	cfg.Logger = log
 	cfg.Stdout = stdout
 	cfg.Version = version
+	cfg.Reload = reload
 	if err := daemon.Run(ctx, cfg); err != nil {
 		fmt.Fprintf(stderr, "tokend: %v\n", err)
 		return 1
@@ -77,6 +87,20 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (op
 	fs.IntVar(&o.maxInFlight, "upstream-max-inflight", envInt(getenv, "TOKEND_UPSTREAM_MAX_INFLIGHT", 4), "most upstream calls in flight at once (env TOKEND_UPSTREAM_MAX_INFLIGHT)")
 	fs.Float64Var(&o.rate, "upstream-rate", envFloat(getenv, "TOKEND_UPSTREAM_RATE", 10), "upstream calls per second, sustained (env TOKEND_UPSTREAM_RATE)")
 	fs.IntVar(&o.burst, "upstream-burst", envInt(getenv, "TOKEND_UPSTREAM_BURST", 20), "upstream calls allowed in a burst (env TOKEND_UPSTREAM_BURST)")
+	fs.Float64Var(&o.refreshAt, "refresh-at", envFloat(getenv, "TOKEND_REFRESH_AT", 2.0/3), "fraction of a token's lifetime after which it is refreshed, minus up to 0.1 of jitter (env TOKEND_REFRESH_AT)")
+	fs.DurationVar(&o.retryInitial, "retry-initial", envDuration(getenv, "TOKEND_RETRY_INITIAL", time.Second), "first backoff interval after a failed refresh; it doubles, randomized by ±50% (env TOKEND_RETRY_INITIAL)")
+	fs.DurationVar(&o.retryMax, "retry-max", envDuration(getenv, "TOKEND_RETRY_MAX", 2*time.Minute), "longest backoff interval between retries (env TOKEND_RETRY_MAX)")
+	fs.DurationVar(&o.negativeTTL, "negative-ttl", envDuration(getenv, "TOKEND_NEGATIVE_TTL", 30*time.Second), "how long an error a retry cannot fix (400, 403, 404, 422) is returned without asking Whop again (env TOKEND_NEGATIVE_TTL)")
+	fs.DurationVar(&o.restartSpread, "restart-spread", envDuration(getenv, "TOKEND_RESTART_SPREAD", time.Minute), "window over which refreshes that fell due while tokend was down are spread (env TOKEND_RESTART_SPREAD)")
+	fs.DurationVar(&o.upstreamTTO, "upstream-timeout", envDuration(getenv, "TOKEND_UPSTREAM_TIMEOUT", 10*time.Second), "per-request timeout of upstream calls, cutting stuck connections (env TOKEND_UPSTREAM_TIMEOUT)")
+	fs.IntVar(&o.maxEntries, "max-entries", envInt(getenv, "TOKEND_MAX_ENTRIES", 100_000), "most cache entries; a new key beyond it evicts the least recently requested (env TOKEND_MAX_ENTRIES)")
+	fs.StringVar(&o.adminGroup, "admin-group", env("TOKEND_ADMIN_GROUP", ""), "group (name or gid) whose members may use AdminService besides root and tokend's own user (env TOKEND_ADMIN_GROUP)")
+	fs.StringVar(&o.auditLog, "audit-log", env("TOKEND_AUDIT_LOG", ""), "file to append the audit trail to as JSON lines; default: the log on stderr with logger=audit (env TOKEND_AUDIT_LOG)")
+	fs.StringVar(&o.cacheKeyFile, "cache-key-file", env("TOKEND_CACHE_KEY_FILE", ""), "file with 32 random bytes that seal tokens at rest with AES-256-GCM (env TOKEND_CACHE_KEY_FILE; else $CREDENTIALS_DIRECTORY/tokend-cache-key if present)")
+	fs.Float64Var(&o.missRate, "miss-rate-per-uid", envFloat(getenv, "TOKEND_MISS_RATE_PER_UID", 10), "cache misses per second one local uid may send upstream (env TOKEND_MISS_RATE_PER_UID)")
+	fs.IntVar(&o.missBurst, "miss-burst-per-uid", envInt(getenv, "TOKEND_MISS_BURST_PER_UID", 1000), "burst of upstream-bound misses one uid may make, e.g. a service warming its keys (env TOKEND_MISS_BURST_PER_UID)")
+	fs.IntVar(&o.maxConns, "max-connections", envInt(getenv, "TOKEND_MAX_CONNECTIONS", 1024), "most client connections open at once; more wait (env TOKEND_MAX_CONNECTIONS)")
+	fs.IntVar(&o.maxStreams, "max-streams", envInt(getenv, "TOKEND_MAX_STREAMS", 128), "most concurrent calls per connection (env TOKEND_MAX_STREAMS)")
 	fs.StringVar(&o.logLevel, "log-level", env("TOKEND_LOG_LEVEL", "info"), "debug, info, warn or error (env TOKEND_LOG_LEVEL)")
 	fs.BoolVar(&o.dev, "dev", getenv("TOKEND_DEV") == "1", "dev mode: fake Whop upstream on loopback, no API key, temporary state, socket in $XDG_RUNTIME_DIR or /tmp/tokend-dev (env TOKEND_DEV=1)")
 	if err := fs.Parse(args); err != nil {
@@ -105,6 +129,33 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 	if o.maxInFlight < 1 || o.burst < 1 || o.rate <= 0 {
 		return daemon.Config{}, errors.New("--upstream-max-inflight, --upstream-rate and --upstream-burst must be positive")
 	}
+	if o.refreshAt <= 0.1 || o.refreshAt >= 1 {
+		return daemon.Config{}, fmt.Errorf("--refresh-at %v: must be above 0.1 (the jitter) and below 1", o.refreshAt)
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"--retry-initial", o.retryInitial}, {"--retry-max", o.retryMax}, {"--negative-ttl", o.negativeTTL}, {"--restart-spread", o.restartSpread}, {"--upstream-timeout", o.upstreamTTO}} {
+		if d.v <= 0 {
+			return daemon.Config{}, fmt.Errorf("%s %v: must be positive", d.name, d.v)
+		}
+	}
+	if o.retryMax < o.retryInitial {
+		return daemon.Config{}, fmt.Errorf("--retry-max %v: must not be below --retry-initial %v", o.retryMax, o.retryInitial)
+	}
+	if o.maxEntries < 1 {
+		return daemon.Config{}, fmt.Errorf("--max-entries %d: must be positive", o.maxEntries)
+	}
+	if o.missRate <= 0 || o.missBurst < 1 || o.maxConns < 1 || o.maxStreams < 1 {
+		return daemon.Config{}, errors.New("--miss-rate-per-uid, --miss-burst-per-uid, --max-connections and --max-streams must be positive")
+	}
+	if o.cacheKeyFile == "" {
+		if dir := getenv("CREDENTIALS_DIRECTORY"); dir != "" {
+			if p := filepath.Join(dir, "tokend-cache-key"); fileExists(p) {
+				o.cacheKeyFile = p
+			}
+		}
+	}
 	cfg := daemon.Config{
 		Socket:      o.socket,
 		SocketMode:  os.FileMode(mode),
@@ -115,6 +166,22 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 		Rate:        o.rate,
 		Burst:       o.burst,
 		Dev:         o.dev,
+
+		RefreshAt:       o.refreshAt,
+		RetryInitial:    o.retryInitial,
+		RetryMax:        o.retryMax,
+		NegativeTTL:     o.negativeTTL,
+		RestartSpread:   o.restartSpread,
+		MaxEntries:      o.maxEntries,
+		UpstreamTimeout: o.upstreamTTO,
+
+		AdminGroup:      o.adminGroup,
+		AuditLog:        o.auditLog,
+		CacheKeyFile:    o.cacheKeyFile,
+		MissRatePerUID:  o.missRate,
+		MissBurstPerUID: o.missBurst,
+		MaxConnections:  o.maxConns,
+		MaxStreams:      o.maxStreams,
 	}
 	if o.dev {
 		if !setSocket {
@@ -125,11 +192,8 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 	if cfg.StateDir == "" {
 		cfg.StateDir = "/var/lib/tokend"
 	}
-	key, _, err := daemon.LoadAPIKey(daemon.KeySource{File: o.apiKeyFile, CredentialsDir: getenv("CREDENTIALS_DIRECTORY"), Env: getenv("WHOP_API_KEY")})
-	if err != nil {
-		return daemon.Config{}, err
-	}
-	cfg.APIKey = key
+	// The daemon reads the key from here at start and again on reload.
+	cfg.Keys = daemon.KeySource{File: o.apiKeyFile, CredentialsDir: getenv("CREDENTIALS_DIRECTORY"), Env: getenv("WHOP_API_KEY")}
 	return cfg, nil
 }
 
@@ -160,4 +224,9 @@ func envFloat(getenv func(string) string, name string, def float64) float64 {
 		return f
 	}
 	return def
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
 }

@@ -7,8 +7,8 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
+	"github.com/tokend/tokend/internal/audit"
 	"io"
 	"log/slog"
 	"os"
@@ -33,13 +33,44 @@ type Config struct {
 	// temporary directory, removed on exit.
 	StateDir string
 	WhopURL  string
-	// APIKey is the Whop API key. Never log it.
-	APIKey   string
+	// APIKey is a fixed Whop API key, which a reload cannot change. When it
+	// is empty (the usual case) Run reads the key from Keys, at start and
+	// again on every reload. Never log it.
+	APIKey string
+	// Keys says where the API key is read from.
+	Keys KeySource
+	// Reload asks for a reload (SIGHUP): the API key is read again from
+	// Keys; connections and the cache are untouched. Nil means never.
+	Reload   <-chan struct{}
 	Lifetime time.Duration
 
 	MaxInFlight int
 	Rate        float64
 	Burst       int
+
+	// Refresh and upstream tuning; zero values mean the defaults of
+	// refresher.Config and whop.Config.
+	RefreshAt       float64
+	RetryInitial    time.Duration
+	RetryMax        time.Duration
+	NegativeTTL     time.Duration
+	RestartSpread   time.Duration
+	MaxEntries      int
+	UpstreamTimeout time.Duration
+
+	// Local security; see the README's security section.
+	// AdminGroup names the group whose members may call AdminService.
+	AdminGroup string
+	// AuditLog is the file audit lines are appended to; empty sends them to
+	// stderr (the journal) with logger=audit.
+	AuditLog string
+	// CacheKeyFile holds 32 bytes that seal tokens at rest; empty stores
+	// them plain in the 0600 file.
+	CacheKeyFile    string
+	MissRatePerUID  float64
+	MissBurstPerUID int
+	MaxConnections  int
+	MaxStreams      int
 
 	// Dev starts the fake Whop upstream on loopback and needs no API key.
 	Dev     bool
@@ -65,12 +96,32 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		}
 		defer stop()
 	}
-	if cfg.APIKey == "" {
-		return errors.New("no Whop API key: set --api-key-file or WHOP_API_KEY, or use --dev")
+	keyFrom, err := initialKey(&cfg)
+	if err != nil {
+		return err
 	}
+	log.Info("API key loaded", "source", keyFrom)
+
+	sealKey, err := loadCacheKey(cfg.CacheKeyFile)
+	if err != nil {
+		return err
+	}
+	var adminGID *uint32
+	if cfg.AdminGroup != "" {
+		gid, err := lookupGroup(cfg.AdminGroup)
+		if err != nil {
+			return err
+		}
+		adminGID = &gid
+	}
+	trail, closeAudit, err := openAudit(cfg.AuditLog, log)
+	if err != nil {
+		return err
+	}
+	defer closeAudit()
 
 	dbPath := filepath.Join(cfg.StateDir, "cache.db")
-	c, stats, err := cache.Open(cache.Config{Path: dbPath, Logger: log.With("component", "cache")})
+	c, stats, err := cache.Open(cache.Config{Path: dbPath, Logger: log.With("component", "cache"), SealKey: sealKey})
 	if err != nil {
 		return err
 	}
@@ -79,12 +130,19 @@ func Run(ctx context.Context, cfg Config) (err error) {
 			err = cerr
 		}
 	}()
-	log.Info("cache loaded", "file", dbPath, "entries", stats.Loaded, "expired_dropped", stats.Expired, "undecodable_dropped", stats.Undecodable)
+	log.Info("cache loaded", "file", dbPath, "entries", stats.Loaded, "expired_dropped", stats.Expired, "undecodable_dropped", stats.Undecodable, "moved_aside", stats.MovedAside, "sealed", sealKey != nil)
+	if stats.Unsealable > 0 {
+		log.Warn("discarded cache records sealed under another cache key; they will be fetched again", "count", stats.Unsealable)
+	}
+	if sealKey == nil {
+		log.Info("tokens are stored unsealed in the cache file (mode 0600); set --cache-key-file to seal them", "file", dbPath)
+	}
 
 	client, err := whop.New(whop.Config{
 		BaseURL:         cfg.WhopURL,
 		APIKey:          cfg.APIKey,
 		UserAgent:       "tokend/" + cfg.Version,
+		Timeout:         cfg.UpstreamTimeout,
 		FingerprintSalt: c.Salt(),
 	})
 	if err != nil {
@@ -98,26 +156,54 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		MaxInFlight: cfg.MaxInFlight,
 		Rate:        rate.Limit(cfg.Rate),
 		Burst:       cfg.Burst,
+
+		RefreshAt:     cfg.RefreshAt,
+		RetryInitial:  cfg.RetryInitial,
+		RetryMax:      cfg.RetryMax,
+		NegativeTTL:   cfg.NegativeTTL,
+		RestartSpread: cfg.RestartSpread,
+		MaxEntries:    cfg.MaxEntries,
+		OnMint: func(e *cache.Entry, t *cache.Token, cause string) {
+			k := e.Key()
+			trail.Minted(audit.Subject{KeyID: e.ID(), CompanyID: k.CompanyID, UserID: k.UserID, Scopes: k.Scopes}, t.Value, cause)
+		},
 	})
 	if err != nil {
 		return err
 	}
-	ln, err := server.Listen(cfg.Socket, cfg.SocketMode)
+	ln, err := listen(&cfg, log)
 	if err != nil {
 		return err
 	}
+	ln, conns := server.LimitConns(ln, cfg.MaxConnections)
 	srv := server.New(server.Config{
-		Tokens:   ref,
-		Entries:  c,
-		Logger:   log.With("component", "server"),
-		Version:  cfg.Version,
-		Socket:   cfg.Socket,
-		StateDir: cfg.StateDir,
+		Tokens:         ref,
+		Entries:        c,
+		Logger:         log.With("component", "server"),
+		Version:        cfg.Version,
+		Socket:         cfg.Socket,
+		StateDir:       cfg.StateDir,
+		SelfUID:        uint32(os.Getuid()),
+		AdminGID:       adminGID,
+		AdminGroupName: cfg.AdminGroup,
+		Audit:          trail,
+		MissRate:       rate.Limit(cfg.MissRatePerUID),
+		MissBurst:      cfg.MissBurstPerUID,
+		MaxStreams:     uint32(cfg.MaxStreams),
+		Conns:          conns,
+		SealedCache:    sealKey != nil,
 	})
+	log.Warn("no policy loaded: any process that can open the socket may get any token; the socket's mode and group are the boundary", "socket", cfg.Socket)
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return srv.Serve(gctx, ln) })
 	g.Go(func() error { return ref.Run(gctx) })
+	g.Go(func() error { return trail.Run(gctx) })
+	// The cache is loaded and the socket accepts: tell systemd.
+	sdn := newNotifier(log, c, ref)
+	g.Go(func() error { return sdn.run(gctx) })
+	rl := newReloader(cfg, keyFrom, log, client, sdn)
+	g.Go(func() error { return rl.run(gctx, cfg.Reload) })
 	log.Info("tokend ready", "version", cfg.Version, "socket", cfg.Socket, "state_dir", cfg.StateDir, "entries", stats.Loaded)
 	if cfg.Dev {
 		fmt.Fprintf(cfg.Stdout, "tokend is running in dev mode against a fake Whop upstream. Try, in another shell:\n\n"+

@@ -267,7 +267,7 @@ func TestUpstreamErrorCodes(t *testing.T) {
 	for _, c := range []struct {
 		status int
 		code   codes.Code
-	}{{404, codes.NotFound}, {422, codes.InvalidArgument}, {401, codes.FailedPrecondition}, {500, codes.Unavailable}, {429, codes.Unavailable}, {400, codes.InvalidArgument}} {
+	}{{404, codes.NotFound}, {422, codes.InvalidArgument}, {500, codes.Unavailable}, {429, codes.Unavailable}, {400, codes.InvalidArgument}, {401, codes.FailedPrecondition}} { // 401 last: it locks the key out
 		e.fake.Enqueue(faultStatus(c.status))
 		_, err := tc.GetToken(ctx(t), &tokendv1.GetTokenRequest{CompanyId: fmt.Sprintf("biz_code%d", c.status)})
 		if status.Code(err) != c.code {

@@ -477,7 +477,16 @@ func TestFaultRestartHerd(t *testing.T) {
 	first := map[string]time.Time{}
 	for len(first) < keys {
 		if time.Now().After(deadline) {
-			t.Fatalf("only %d of %d overdue entries refreshed after 20s", len(first), keys)
+			var missing []string
+			for i := range keys {
+				if _, ok := first[fmt.Sprintf("biz_k%04d", i)]; !ok {
+					missing = append(missing, fmt.Sprintf("biz_k%04d", i))
+				}
+			}
+			if len(missing) > 0 {
+				t.Logf("first missing: %s", e.mustCtl("list", "--subject", missing[0]))
+			}
+			t.Fatalf("only %d of %d overdue entries refreshed after 20s; missing %v", len(first), keys, missing)
 		}
 		time.Sleep(100 * time.Millisecond)
 		for _, c := range e.fake.Calls() {

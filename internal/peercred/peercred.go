@@ -15,6 +15,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/credentials"
@@ -92,11 +93,11 @@ var _ credentials.TransportCredentials = Credentials{}
 // ServerHandshake reads the peer's credentials. A connection that is not a
 // Unix socket, or whose credentials cannot be read, is refused.
 func (Credentials) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	uc, ok := conn.(*net.UnixConn)
-	if !ok {
+	sc, ok := conn.(syscall.Conn)
+	if _, unix := conn.LocalAddr().(*net.UnixAddr); !ok || !unix {
 		return nil, nil, fmt.Errorf("peercred: connection from %v is not a Unix socket", conn.RemoteAddr())
 	}
-	raw, err := uc.SyscallConn()
+	raw, err := sc.SyscallConn()
 	if err != nil {
 		return nil, nil, fmt.Errorf("peercred: %w", err)
 	}

@@ -20,6 +20,12 @@ type item struct {
 	// call until errUntil.
 	err      error
 	errUntil time.Time
+	// errKey is the fingerprint of the API key err was answered to: a
+	// reloaded key is not held to the old key's failures.
+	errKey []byte
+	// minting is set while an upstream call for the entry is in flight;
+	// callers that join it are not charged to their miss limit.
+	minting bool
 }
 
 // queue is a min-heap of items by due time: one timer drives every entry.

@@ -72,6 +72,9 @@ type Config struct {
 	// MaxEntries bounds the cache; a new key beyond it evicts the least
 	// recently requested entry. Default 100,000.
 	MaxEntries int
+	// OnMint, if set, is told of every token obtained from Whop and why:
+	// "miss", "refresh" (scheduled) or "admin". For the audit trail.
+	OnMint func(e *cache.Entry, t *cache.Token, cause string)
 }
 
 func (c *Config) setDefaults() error {
@@ -159,6 +162,7 @@ type Refresher struct {
 	lastError      atomic.Pointer[cache.ErrorInfo]
 	evicted        atomic.Uint64 // over capacity
 	droppedIdle    atomic.Uint64
+	missesLimited  atomic.Uint64
 }
 
 // New returns a Refresher and schedules every entry already in the cache.
@@ -223,6 +227,7 @@ type Stats struct {
 	APIKeyRejected                              bool
 	EvictedOverCapacity, DroppedIdle            uint64
 	MaxEntries                                  int
+	MissesRateLimited                           uint64
 }
 
 func (r *Refresher) Stats() Stats {
@@ -240,6 +245,7 @@ func (r *Refresher) Stats() Stats {
 		EvictedOverCapacity: r.evicted.Load(),
 		DroppedIdle:         r.droppedIdle.Load(),
 		MaxEntries:          r.cfg.MaxEntries,
+		MissesRateLimited:   r.missesLimited.Load(),
 	}
 }
 
@@ -250,9 +256,11 @@ var ErrLifetime = errors.New("no token Whop issues stays valid that long")
 // from memory; a miss waits for one shared upstream call, or for ctx, whose
 // end does not cancel the call: the next caller gets its result.
 //
-// rejected, when set, is a token the caller saw Whop refuse: if it is still
-// the cached one it is replaced, once however many callers report it.
-func (r *Refresher) Get(ctx context.Context, k cache.Key, minTTL time.Duration, rejected string) (*cache.Token, *cache.Entry, error) {
+// Options.Rejected, when set, is a token the caller saw Whop refuse: if it
+// is still the cached one it is replaced, once however many callers report
+// it.
+func (r *Refresher) Get(ctx context.Context, k cache.Key, o Options) (*cache.Token, *cache.Entry, error) {
+	minTTL, rejected := o.MinTTL, o.Rejected
 	enc := k.Encode()
 	now := r.clock.Now()
 	if e := r.cache.Get(enc); e != nil {
@@ -269,7 +277,10 @@ func (r *Refresher) Get(ctx context.Context, k cache.Key, minTTL time.Duration, 
 	if r.log.Enabled(ctx, slog.LevelDebug) {
 		r.log.Debug("cache miss", "key", k.ID(), "subject", k.Subject(), "reason", r.missReason(enc, now, minTTL, rejected))
 	}
-	want := want{minTTL: minTTL, rejected: rejected, lifetime: r.cfg.Lifetime}
+	want := want{minTTL: minTTL, rejected: rejected, lifetime: r.cfg.Lifetime, cause: "miss"}
+	if rejected != "" {
+		want.cause = "rejected"
+	}
 	if need := minTTL + r.cfg.ExpiryMargin; need >= want.lifetime {
 		// Ask for enough to cover min_ttl and the call's own latency.
 		want.lifetime = min(need+time.Minute, MaxLifetime)
@@ -282,6 +293,10 @@ func (r *Refresher) Get(ctx context.Context, k cache.Key, minTTL time.Duration, 
 		}
 		if err := r.remembered(e); err != nil {
 			return nil, e, err
+		}
+		if o.MissLimiter != nil && !r.minting(e) && !o.MissLimiter.Allow() {
+			r.missesLimited.Add(1)
+			return nil, e, ErrMissRateLimited
 		}
 		t, err := r.mintShared(ctx, e, want)
 		if err != nil {
@@ -324,6 +339,21 @@ func (r *Refresher) missReason(enc []byte, now time.Time, minTTL time.Duration, 
 	}
 }
 
+// Options are the caller's needs for Get.
+type Options struct {
+	// MinTTL is how long the token must stay valid.
+	MinTTL time.Duration
+	// Rejected is a token the caller saw Whop refuse (401).
+	Rejected string
+	// MissLimiter, when set, must allow every miss that starts an upstream
+	// call (joining one in flight is free): a per-caller bound on what one
+	// local process can cost the API key's quota.
+	MissLimiter interface{ Allow() bool }
+}
+
+// ErrMissRateLimited is returned when a caller's MissLimiter refuses a miss.
+var ErrMissRateLimited = errors.New("too many cache misses from this caller; retry later")
+
 // want is what a caller needs from a mint.
 type want struct {
 	minTTL   time.Duration
@@ -332,6 +362,8 @@ type want struct {
 	// force mints even when the current token would do: a scheduled or
 	// operator-requested refresh.
 	force bool
+	// cause says why, for OnMint.
+	cause string
 }
 
 // isToken reports whether t's value is v, in constant time since v came
@@ -366,10 +398,28 @@ func (r *Refresher) remembered(e *cache.Entry) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	it := r.items[e]
-	if it == nil || it.err == nil || !r.clock.Now().Before(it.errUntil) {
+	if it == nil || it.err == nil || !r.clock.Now().Before(it.errUntil) || !bytes.Equal(it.errKey, r.cfg.Fetcher.KeyFingerprint()) {
 		return nil
 	}
 	return it.err
+}
+
+// minting reports whether an upstream call for e is in flight.
+func (r *Refresher) minting(e *cache.Entry) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	it := r.items[e]
+	return it != nil && it.minting
+}
+
+func (r *Refresher) setMinting(e *cache.Entry, on bool) {
+	r.mu.Lock()
+	if on {
+		r.itemLocked(e).minting = true
+	} else if it := r.items[e]; it != nil { // gone if e was evicted meanwhile
+		it.minting = false
+	}
+	r.mu.Unlock()
 }
 
 // mintShared joins or starts the one upstream call for e and waits for it
@@ -406,6 +456,8 @@ func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
 	if r.gate.isRejected(fp) {
 		return nil, ErrKeyRejected
 	}
+	r.setMinting(e, true)
+	defer r.setMinting(e, false)
 	prev := e.Meta().State
 	r.cache.SetState(e, cache.StateRefreshing)
 	release, err := r.gate.acquire(r.base)
@@ -440,6 +492,9 @@ func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
 	it.bo, it.err, it.errUntil = nil, nil, time.Time{}
 	r.scheduleLocked(it, due)
 	r.mu.Unlock()
+	if r.cfg.OnMint != nil {
+		r.cfg.OnMint(e, t, w.cause)
+	}
 	return t, nil
 }
 
@@ -472,7 +527,7 @@ func (r *Refresher) failed(e *cache.Entry, err error, fp []byte) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	it := r.itemLocked(e)
-	it.err = err
+	it.err, it.errKey = err, fp
 	state := cache.StateFailing
 	if info.Retryable {
 		state = cache.StateRetrying
@@ -577,7 +632,7 @@ func (r *Refresher) Evict(es ...*cache.Entry) {
 
 // Refresh mints a new token for e now, sharing a call already in flight.
 func (r *Refresher) Refresh(ctx context.Context, e *cache.Entry) error {
-	_, err := r.mintShared(ctx, e, want{lifetime: r.cfg.Lifetime, force: true})
+	_, err := r.mintShared(ctx, e, want{lifetime: r.cfg.Lifetime, force: true, cause: "admin"})
 	return err
 }
 
@@ -672,7 +727,7 @@ func (r *Refresher) act(e *cache.Entry) {
 		if rescheduled {
 			return // a caller's mint ran meanwhile and set a new time
 		}
-		_, _ = r.mintShared(r.base, e, want{lifetime: r.cfg.Lifetime, force: true})
+		_, _ = r.mintShared(r.base, e, want{lifetime: r.cfg.Lifetime, force: true, cause: "refresh"})
 	}
 }
 

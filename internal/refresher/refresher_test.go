@@ -67,7 +67,7 @@ func newRig(t *testing.T, mod func(*Config)) *rig {
 func (g *rig) get(k cache.Key) (*cache.Token, *cache.Entry, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	return g.r.Get(ctx, k, time.Minute, "")
+	return g.r.Get(ctx, k, Options{MinTTL: time.Minute})
 }
 
 // waitCalls waits until the fake has seen n calls; the refresher works in
@@ -354,14 +354,14 @@ func TestNewKeyInvalidatesTokens(t *testing.T) {
 func TestMinTTLBeyondLifetime(t *testing.T) {
 	g := newRig(t, nil)
 	ctx := context.Background()
-	tok, _, err := g.r.Get(ctx, key, 2*time.Hour, "")
+	tok, _, err := g.r.Get(ctx, key, Options{MinTTL: 2 * time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if left := tok.ExpiresAt.Sub(g.clock.Now()); left < 2*time.Hour {
 		t.Fatalf("token valid %v, want at least the 2h asked", left)
 	}
-	if _, _, err := g.r.Get(ctx, key, 3*time.Hour, ""); !errors.Is(err, ErrLifetime) {
+	if _, _, err := g.r.Get(ctx, key, Options{MinTTL: 3 * time.Hour}); !errors.Is(err, ErrLifetime) {
 		t.Fatalf("min_ttl 3h: %v, want ErrLifetime", err)
 	}
 }
@@ -371,7 +371,7 @@ func TestCallerDeadlineDoesNotCancelFetch(t *testing.T) {
 	g.fake.SetLatency(200 * time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
 	defer cancel()
-	if _, _, err := g.r.Get(ctx, key, time.Minute, ""); !errors.Is(err, context.DeadlineExceeded) {
+	if _, _, err := g.r.Get(ctx, key, Options{MinTTL: time.Minute}); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Get = %v, want DeadlineExceeded", err)
 	}
 	g.waitCalls(1)
@@ -491,7 +491,7 @@ func TestRejectedTokenReplacedOnce(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			tok, _, err := g.r.Get(context.Background(), key, time.Minute, old.Value)
+			tok, _, err := g.r.Get(context.Background(), key, Options{MinTTL: time.Minute, Rejected: old.Value})
 			if err != nil {
 				t.Error(err)
 				return
@@ -509,7 +509,7 @@ func TestRejectedTokenReplacedOnce(t *testing.T) {
 		t.Fatalf("100 reports of one rejected token made %d calls, want 1", n-1)
 	}
 	// A stale report (the token was already replaced) changes nothing.
-	tok, _, err := g.r.Get(context.Background(), key, time.Minute, old.Value)
+	tok, _, err := g.r.Get(context.Background(), key, Options{MinTTL: time.Minute, Rejected: old.Value})
 	if err != nil || tok.Value != got[0] || g.fake.CallCount() != 2 {
 		t.Fatalf("stale report: %v, calls %d", err, g.fake.CallCount())
 	}

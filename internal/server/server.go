@@ -5,9 +5,13 @@
 package server
 
 import (
+	"golang.org/x/time/rate"
+
 	"context"
 	"errors"
 	"fmt"
+	"github.com/tokend/tokend/internal/audit"
+	"github.com/tokend/tokend/internal/peercred"
 	"log/slog"
 	"net"
 	"time"
@@ -31,7 +35,7 @@ const MaxMessageBytes = 16 << 10
 
 // Tokens is what the services need from the refresher.
 type Tokens interface {
-	Get(ctx context.Context, k cache.Key, minTTL time.Duration, rejected string) (*cache.Token, *cache.Entry, error)
+	Get(ctx context.Context, k cache.Key, o refresher.Options) (*cache.Token, *cache.Entry, error)
 	Refresh(ctx context.Context, e *cache.Entry) error
 	Evict(es ...*cache.Entry)
 	Stats() refresher.Stats
@@ -58,6 +62,25 @@ type Config struct {
 	// StopTimeout bounds how long Serve waits for in-flight calls after ctx
 	// ends. Default 5s.
 	StopTimeout time.Duration
+
+	// SelfUID is tokend's own uid, which may call AdminService.
+	SelfUID uint32
+	// AdminGID, when set, is the group whose members may call AdminService.
+	AdminGID       *uint32
+	AdminGroupName string
+	// Audit records who got which token; nil means no audit trail.
+	Audit *audit.Trail
+	// MissRate and MissBurst bound, per caller uid, the misses that start an
+	// upstream call. Zero means 10/s with a burst of 1000, enough for a
+	// service warming a thousand keys at start.
+	MissRate  rate.Limit
+	MissBurst int
+	// MaxStreams bounds concurrent calls per connection. Default 128.
+	MaxStreams uint32
+	// Conns reports the connection limit, when the listener has one.
+	Conns *ConnLimit
+	// SealedCache says whether tokens are sealed at rest, for status.
+	SealedCache bool
 }
 
 // Server is tokend's gRPC server.
@@ -66,6 +89,7 @@ type Server struct {
 	grpc    *grpc.Server
 	health  *health.Server
 	started time.Time
+	misses  *missLimits
 }
 
 // New builds the server and registers every service.
@@ -82,12 +106,28 @@ func New(cfg Config) *Server {
 	if cfg.Credential == "" {
 		cfg.Credential = "default"
 	}
+	if cfg.MissRate <= 0 {
+		cfg.MissRate = 10
+	}
+	if cfg.MissBurst <= 0 {
+		cfg.MissBurst = 1000
+	}
+	if cfg.MaxStreams == 0 {
+		cfg.MaxStreams = 128
+	}
 	s := &Server{
 		cfg:     cfg,
-		grpc:    grpc.NewServer(grpc.MaxRecvMsgSize(MaxMessageBytes)),
 		health:  health.NewServer(),
 		started: cfg.Now(),
+		misses:  &missLimits{limit: cfg.MissRate, burst: cfg.MissBurst, byUID: make(map[uint32]*rate.Limiter)},
 	}
+	s.grpc = grpc.NewServer(
+		grpc.Creds(peercred.Credentials{}),
+		grpc.MaxRecvMsgSize(MaxMessageBytes),
+		grpc.MaxConcurrentStreams(cfg.MaxStreams),
+		grpc.StatsHandler(connTracker{s}),
+		grpc.UnaryInterceptor(s.authorize),
+	)
 	tokendv1.RegisterTokenServiceServer(s.grpc, &tokenService{s: s})
 	tokendv1.RegisterAdminServiceServer(s.grpc, &adminService{s: s})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
@@ -137,9 +177,18 @@ func (t *tokenService) GetToken(ctx context.Context, req *tokendv1.GetTokenReque
 		return nil, err
 	}
 	k := cache.NewKey(t.s.cfg.Credential, r.companyID, r.userID, r.scopes)
-	tok, e, err := t.s.cfg.Tokens.Get(ctx, k, r.minTTL, req.GetRejectedToken())
+	cs := connFrom(ctx)
+	opts := refresher.Options{MinTTL: r.minTTL, Rejected: req.GetRejectedToken()}
+	if cs != nil && cs.peer != nil {
+		opts.MissLimiter = t.s.misses.forUID(cs.peer.UID)
+	}
+	start := time.Now()
+	tok, e, err := t.s.cfg.Tokens.Get(ctx, k, opts)
 	if err != nil {
 		return nil, upstreamStatus(err)
+	}
+	if cs != nil && cs.audit != nil {
+		cs.audit.HandedOut(audit.Subject{KeyID: e.ID(), CompanyID: k.CompanyID, UserID: k.UserID, Scopes: k.Scopes}, tok.Value, !tok.ObtainedAt.Before(start))
 	}
 	return &tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: e.ID()}, nil
 }
@@ -155,6 +204,8 @@ func upstreamStatus(err error) error {
 		return status.Error(codes.Canceled, "call cancelled")
 	case errors.Is(err, refresher.ErrLifetime):
 		return status.Error(codes.OutOfRange, err.Error())
+	case errors.Is(err, refresher.ErrMissRateLimited):
+		return status.Error(codes.ResourceExhausted, "too many cache misses from this uid; tokend limits misses per local user to protect the API key's quota (--miss-rate-per-uid); retry later")
 	case errors.As(err, &we):
 		msg := we.Message
 		if msg == "" {

@@ -849,8 +849,17 @@ type Status struct {
 	// serving from memory and retries.
 	CacheWriteError    string `protobuf:"bytes,21,opt,name=cache_write_error,json=cacheWriteError,proto3" json:"cache_write_error,omitempty"`
 	CachePendingWrites uint64 `protobuf:"varint,22,opt,name=cache_pending_writes,json=cachePendingWrites,proto3" json:"cache_pending_writes,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// Cache misses refused by the per-uid miss rate limit.
+	MissesRateLimited uint64 `protobuf:"varint,23,opt,name=misses_rate_limited,json=missesRateLimited,proto3" json:"misses_rate_limited,omitempty"`
+	// Times a new connection waited because max_connections were open.
+	ConnectionsAtLimit uint64 `protobuf:"varint,24,opt,name=connections_at_limit,json=connectionsAtLimit,proto3" json:"connections_at_limit,omitempty"`
+	MaxConnections     uint32 `protobuf:"varint,25,opt,name=max_connections,json=maxConnections,proto3" json:"max_connections,omitempty"`
+	// A policy file restricts who may ask for which token.
+	PolicyLoaded bool `protobuf:"varint,26,opt,name=policy_loaded,json=policyLoaded,proto3" json:"policy_loaded,omitempty"`
+	// Whether token strings are sealed in the cache file.
+	CacheSealed   bool `protobuf:"varint,27,opt,name=cache_sealed,json=cacheSealed,proto3" json:"cache_sealed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Status) Reset() {
@@ -1037,6 +1046,41 @@ func (x *Status) GetCachePendingWrites() uint64 {
 	return 0
 }
 
+func (x *Status) GetMissesRateLimited() uint64 {
+	if x != nil {
+		return x.MissesRateLimited
+	}
+	return 0
+}
+
+func (x *Status) GetConnectionsAtLimit() uint64 {
+	if x != nil {
+		return x.ConnectionsAtLimit
+	}
+	return 0
+}
+
+func (x *Status) GetMaxConnections() uint32 {
+	if x != nil {
+		return x.MaxConnections
+	}
+	return 0
+}
+
+func (x *Status) GetPolicyLoaded() bool {
+	if x != nil {
+		return x.PolicyLoaded
+	}
+	return false
+}
+
+func (x *Status) GetCacheSealed() bool {
+	if x != nil {
+		return x.CacheSealed
+	}
+	return false
+}
+
 var File_tokend_v1_tokend_proto protoreflect.FileDescriptor
 
 const file_tokend_v1_tokend_proto_rawDesc = "" +
@@ -1094,7 +1138,7 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"httpStatus\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\x12\x1c\n" +
 	"\tretryable\x18\x04 \x01(\bR\tretryable\"\x12\n" +
-	"\x10GetStatusRequest\"\xa5\b\n" +
+	"\x10GetStatusRequest\"\xf8\t\n" +
 	"\x06Status\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
 	"\n" +
@@ -1120,7 +1164,12 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\vmax_entries\x18\x14 \x01(\x04R\n" +
 	"maxEntries\x12*\n" +
 	"\x11cache_write_error\x18\x15 \x01(\tR\x0fcacheWriteError\x120\n" +
-	"\x14cache_pending_writes\x18\x16 \x01(\x04R\x12cachePendingWrites\x1aA\n" +
+	"\x14cache_pending_writes\x18\x16 \x01(\x04R\x12cachePendingWrites\x12.\n" +
+	"\x13misses_rate_limited\x18\x17 \x01(\x04R\x11missesRateLimited\x120\n" +
+	"\x14connections_at_limit\x18\x18 \x01(\x04R\x12connectionsAtLimit\x12'\n" +
+	"\x0fmax_connections\x18\x19 \x01(\rR\x0emaxConnections\x12#\n" +
+	"\rpolicy_loaded\x18\x1a \x01(\bR\fpolicyLoaded\x12!\n" +
+	"\fcache_sealed\x18\x1b \x01(\bR\vcacheSealed\x1aA\n" +
 	"\x13EntriesByStateEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01*\xbe\x01\n" +

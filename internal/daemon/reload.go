@@ -1,0 +1,91 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"encoding/hex"
+	"log/slog"
+
+	"github.com/tokend/tokend/internal/whop"
+)
+
+// initialKey fills cfg.APIKey from cfg.Keys unless dev mode or the caller
+// already set one, and says where it came from (never the key).
+func initialKey(cfg *Config) (from string, err error) {
+	switch {
+	case cfg.Dev:
+		return "dev mode", nil
+	case cfg.APIKey != "":
+		return "Config.APIKey", nil
+	}
+	cfg.APIKey, from, err = LoadAPIKey(cfg.Keys)
+	return from, err
+}
+
+// reloader re-reads what a reload (SIGHUP, systemctl reload) may change:
+// the API key, from the same source as at start. Connections, the cache and
+// every other setting stay as they are. A source that fails to load keeps
+// the current key.
+type reloader struct {
+	log    *slog.Logger
+	keys   KeySource
+	client *whop.Client
+	sd     *notifier
+	// fixed says why the key cannot be re-read, or "" when it can.
+	fixed string
+}
+
+func newReloader(cfg Config, from string, log *slog.Logger, client *whop.Client, n *notifier) *reloader {
+	r := &reloader{log: log, keys: cfg.Keys, client: client, sd: n}
+	switch {
+	case cfg.Dev:
+		r.fixed = "dev mode uses a generated key and the fake upstream"
+	case from == "Config.APIKey":
+		r.fixed = "the API key was given directly, not from a file or the environment"
+	}
+	return r
+}
+
+// run reloads once per value received from reload until ctx ends.
+func (r *reloader) run(ctx context.Context, reload <-chan struct{}) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-reload:
+			r.reload()
+		}
+	}
+}
+
+func (r *reloader) reload() {
+	r.sd.reloading()
+	defer r.sd.ready()
+	if r.fixed != "" {
+		r.log.Info("reload: nothing to re-read", "reason", r.fixed)
+		return
+	}
+	key, from, err := LoadAPIKey(r.keys)
+	if err != nil {
+		r.log.Error("reload: keeping the current API key", "err", err)
+		return
+	}
+	old := r.client.KeyFingerprint()
+	if err := r.client.SetAPIKey(key); err != nil {
+		r.log.Error("reload: keeping the current API key", "source", from, "err", err)
+		return
+	}
+	fp := r.client.KeyFingerprint()
+	if bytes.Equal(old, fp) {
+		r.log.Info("reload: API key unchanged", "source", from, "key_fingerprint", shortFingerprint(fp))
+		return
+	}
+	r.log.Info("reload: API key replaced; tokens of the old key are minted again on their next use", "source", from,
+		"old_key_fingerprint", shortFingerprint(old), "key_fingerprint", shortFingerprint(fp))
+}
+
+// shortFingerprint is enough of the salted key fingerprint to tell keys
+// apart in logs.
+func shortFingerprint(fp []byte) string {
+	return hex.EncodeToString(fp[:min(len(fp), 4)])
+}

@@ -1,0 +1,71 @@
+package daemon
+
+import (
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/user"
+	"strconv"
+	"strings"
+
+	"github.com/tokend/tokend/internal/audit"
+)
+
+// loadCacheKey reads the key that seals tokens at rest: 32 raw bytes, or 64
+// hex digits (a trailing newline is ignored). The file must not be readable
+// by group or others. Errors never show the key.
+func loadCacheKey(path string) ([]byte, error) {
+	if path == "" {
+		return nil, nil
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("read cache key file: %w", err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("cache key file %s is mode %04o, readable by group or others; run chmod 600 %s", path, fi.Mode().Perm(), path)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read cache key file: %w", err)
+	}
+	if len(b) == 32 {
+		return b, nil
+	}
+	if h := strings.TrimSpace(string(b)); len(h) == 64 {
+		if k, err := hex.DecodeString(h); err == nil {
+			return k, nil
+		}
+	}
+	return nil, fmt.Errorf("cache key file %s: want 32 random bytes (head -c32 /dev/urandom > %s) or 64 hex digits, found %d bytes", path, path, len(b))
+}
+
+// lookupGroup resolves a group name or numeric gid.
+func lookupGroup(name string) (uint32, error) {
+	if n, err := strconv.ParseUint(name, 10, 32); err == nil {
+		return uint32(n), nil
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		return 0, fmt.Errorf("--admin-group %q: %w", name, err)
+	}
+	n, err := strconv.ParseUint(g.Gid, 10, 32)
+	if err != nil {
+		return 0, fmt.Errorf("--admin-group %q: gid %q: %w", name, g.Gid, err)
+	}
+	return uint32(n), nil
+}
+
+// openAudit opens the audit trail: JSON lines appended to path, or lines on
+// the daemon's log (stderr, the journal) with logger=audit.
+func openAudit(path string, log *slog.Logger) (*audit.Trail, func(), error) {
+	if path == "" {
+		return audit.New(audit.Config{Logger: log.With("logger", "audit")}), func() {}, nil
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open audit log: %w", err)
+	}
+	return audit.New(audit.Config{Logger: slog.New(slog.NewJSONHandler(f, nil))}), func() { f.Close() }, nil
+}
