@@ -137,6 +137,7 @@ KEY arguments accept any unambiguous prefix of a key id shown by "tokenctl list"
 		c.newEvictCmd(opts),
 		c.newRefreshCmd(opts),
 		c.newStatusCmd(opts),
+		c.newPolicyCmd(opts),
 	)
 	return root
 }

@@ -4,11 +4,15 @@
 package daemon
 
 import (
+	"strings"
+	"sync/atomic"
+
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
 	"github.com/tokend/tokend/internal/audit"
+	"github.com/tokend/tokend/internal/policy"
 	"io"
 	"log/slog"
 	"os"
@@ -59,6 +63,8 @@ type Config struct {
 	UpstreamTimeout time.Duration
 
 	// Local security; see the README's security section.
+	// PolicyFile, when set, restricts who may ask for which token.
+	PolicyFile string
 	// AdminGroup names the group whose members may call AdminService.
 	AdminGroup string
 	// AuditLog is the file audit lines are appended to; empty sends them to
@@ -113,6 +119,15 @@ func Run(ctx context.Context, cfg Config) (err error) {
 			return err
 		}
 		adminGID = &gid
+	}
+	var pol atomic.Pointer[policy.Policy]
+	if cfg.PolicyFile != "" {
+		p, err := policy.Load(cfg.PolicyFile)
+		if err != nil {
+			return fmt.Errorf("load policy: %w", err)
+		}
+		pol.Store(p)
+		log.Info("policy loaded", "file", cfg.PolicyFile, "rules", strings.Join(p.Rules(), ","))
 	}
 	trail, closeAudit, err := openAudit(cfg.AuditLog, log)
 	if err != nil {
@@ -192,8 +207,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		MaxStreams:     uint32(cfg.MaxStreams),
 		Conns:          conns,
 		SealedCache:    sealKey != nil,
+		Policy:         &pol,
 	})
-	log.Warn("no policy loaded: any process that can open the socket may get any token; the socket's mode and group are the boundary", "socket", cfg.Socket)
+	if cfg.PolicyFile == "" {
+		log.Warn("no policy loaded: any process that can open the socket may get any token; the socket's mode and group are the boundary", "socket", cfg.Socket)
+	}
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return srv.Serve(gctx, ln) })
@@ -203,6 +221,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	sdn := newNotifier(log, c, ref)
 	g.Go(func() error { return sdn.run(gctx) })
 	rl := newReloader(cfg, keyFrom, log, client, sdn)
+	rl.policyFile, rl.policy = cfg.PolicyFile, &pol
 	g.Go(func() error { return rl.run(gctx, cfg.Reload) })
 	log.Info("tokend ready", "version", cfg.Version, "socket", cfg.Socket, "state_dir", cfg.StateDir, "entries", stats.Loaded)
 	if cfg.Dev {

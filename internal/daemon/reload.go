@@ -1,9 +1,13 @@
 package daemon
 
 import (
+	"strings"
+	"sync/atomic"
+
 	"bytes"
 	"context"
 	"encoding/hex"
+	"github.com/tokend/tokend/internal/policy"
 	"log/slog"
 
 	"github.com/tokend/tokend/internal/whop"
@@ -33,6 +37,9 @@ type reloader struct {
 	sd     *notifier
 	// fixed says why the key cannot be re-read, or "" when it can.
 	fixed string
+	// policyFile is re-read into policy on reload, when set.
+	policyFile string
+	policy     *atomic.Pointer[policy.Policy]
 }
 
 func newReloader(cfg Config, from string, log *slog.Logger, client *whop.Client, n *notifier) *reloader {
@@ -61,6 +68,7 @@ func (r *reloader) run(ctx context.Context, reload <-chan struct{}) error {
 func (r *reloader) reload() {
 	r.sd.reloading()
 	defer r.sd.ready()
+	r.reloadPolicy()
 	if r.fixed != "" {
 		r.log.Info("reload: nothing to re-read", "reason", r.fixed)
 		return
@@ -88,4 +96,19 @@ func (r *reloader) reload() {
 // apart in logs.
 func shortFingerprint(fp []byte) string {
 	return hex.EncodeToString(fp[:min(len(fp), 4)])
+}
+
+// reloadPolicy re-reads the policy file; a file that no longer parses keeps
+// the policy in force.
+func (r *reloader) reloadPolicy() {
+	if r.policyFile == "" {
+		return
+	}
+	p, err := policy.Load(r.policyFile)
+	if err != nil {
+		r.log.Error("reload: keeping the current policy", "err", err)
+		return
+	}
+	r.policy.Store(p)
+	r.log.Info("reload: policy loaded", "file", r.policyFile, "rules", strings.Join(p.Rules(), ","))
 }

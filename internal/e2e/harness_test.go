@@ -34,6 +34,11 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	// Readable by all: the security tests run tokenctl as another user.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
 	bin.tokend = filepath.Join(dir, "tokend")
 	bin.tokenctl = filepath.Join(dir, "tokenctl")
 	for out, pkg := range map[string]string{bin.tokend: "../../cmd/tokend", bin.tokenctl: "../../cmd/tokenctl"} {

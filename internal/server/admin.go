@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"github.com/tokend/tokend/internal/policy"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -220,4 +221,32 @@ func timestamp(t time.Time) *timestamppb.Timestamp {
 		return nil
 	}
 	return timestamppb.New(t)
+}
+
+func (a *adminService) CheckPolicy(_ context.Context, req *tokendv1.CheckPolicyRequest) (*tokendv1.CheckPolicyResponse, error) {
+	if req.GetUser() == "" {
+		return nil, status.Error(codes.InvalidArgument, "user is required: a local user name or uid")
+	}
+	r, err := validate(&tokendv1.GetTokenRequest{CompanyId: req.GetCompanyId(), UserId: req.GetUserId(), ScopedActions: req.GetScopedActions()})
+	if err != nil {
+		return nil, err
+	}
+	caller, err := policy.CallerForUser(req.GetUser(), policy.SystemIDs())
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "user %q: %v", req.GetUser(), err)
+	}
+	resp := &tokendv1.CheckPolicyResponse{Uid: caller.UID}
+	var p *policy.Policy
+	if a.s.cfg.Policy != nil {
+		p = a.s.cfg.Policy.Load()
+	}
+	if p == nil {
+		resp.Allowed = true
+		resp.Reason = "no policy is loaded: every caller that can open the socket is allowed"
+		return resp, nil
+	}
+	k := cache.NewKey(a.s.cfg.Credential, r.companyID, r.userID, r.scopes)
+	d := p.Check(caller, policy.Request{Credential: k.Credential, CompanyID: k.CompanyID, UserID: k.UserID, Scopes: k.Scopes})
+	resp.PolicyLoaded, resp.Allowed, resp.Rule, resp.Reason = true, d.Allowed, d.Rule, d.Reason
+	return resp, nil
 }

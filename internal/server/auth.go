@@ -3,6 +3,8 @@ package server
 import (
 	"context"
 	"fmt"
+	"github.com/tokend/tokend/internal/cache"
+	"github.com/tokend/tokend/internal/policy"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -57,8 +59,9 @@ type connKey struct{}
 
 // connState is what tokend keeps per client connection.
 type connState struct {
-	peer  *peercred.Info
-	audit *audit.Conn // nil without an audit trail
+	peer   *peercred.Info
+	audit  *audit.Conn   // nil without an audit trail
+	caller policy.Caller // the peer as the policy sees it, built once
 }
 
 // connTracker is a stats.Handler that opens per-connection state when a
@@ -70,6 +73,9 @@ type connTracker struct {
 func (t connTracker) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context {
 	p, _ := peercred.FromContext(ctx)
 	cs := &connState{peer: p}
+	if p != nil {
+		cs.caller = policy.Caller{UID: p.UID, GID: p.GID, Groups: p.Groups, PID: p.PID, Exe: p.Exe}
+	}
 	if t.s.cfg.Audit != nil {
 		cs.audit = t.s.cfg.Audit.Open(p)
 	}
@@ -111,4 +117,23 @@ func (m *missLimits) forUID(uid uint32) *rate.Limiter {
 		m.byUID[uid] = l
 	}
 	return l
+}
+
+// checkPolicy applies the loaded policy, if any, to a token request.
+func (s *Server) checkPolicy(cs *connState, k cache.Key) error {
+	if s.cfg.Policy == nil {
+		return nil
+	}
+	p := s.cfg.Policy.Load()
+	if p == nil {
+		return nil
+	}
+	if cs == nil || cs.peer == nil {
+		return status.Error(codes.PermissionDenied, "policy: the caller's credentials are unknown")
+	}
+	d := p.Check(cs.caller, policy.Request{Credential: k.Credential, CompanyID: k.CompanyID, UserID: k.UserID, Scopes: k.Scopes})
+	if !d.Allowed {
+		return status.Error(codes.PermissionDenied, "policy: "+d.Reason)
+	}
+	return nil
 }

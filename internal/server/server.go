@@ -5,6 +5,9 @@
 package server
 
 import (
+	"sync/atomic"
+
+	"github.com/tokend/tokend/internal/policy"
 	"golang.org/x/time/rate"
 
 	"context"
@@ -81,6 +84,9 @@ type Config struct {
 	Conns *ConnLimit
 	// SealedCache says whether tokens are sealed at rest, for status.
 	SealedCache bool
+	// Policy, when it holds one, decides who may ask for which token; it
+	// is swapped on reload. Nil or empty: anyone who can open the socket.
+	Policy *atomic.Pointer[policy.Policy]
 }
 
 // Server is tokend's gRPC server.
@@ -181,6 +187,9 @@ func (t *tokenService) GetToken(ctx context.Context, req *tokendv1.GetTokenReque
 	opts := refresher.Options{MinTTL: r.minTTL, Rejected: req.GetRejectedToken()}
 	if cs != nil && cs.peer != nil {
 		opts.MissLimiter = t.s.misses.forUID(cs.peer.UID)
+	}
+	if err := t.s.checkPolicy(cs, k); err != nil {
+		return nil, err
 	}
 	start := time.Now()
 	tok, e, err := t.s.cfg.Tokens.Get(ctx, k, opts)

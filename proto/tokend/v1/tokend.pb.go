@@ -246,6 +246,155 @@ func (x *Token) GetKeyId() string {
 	return ""
 }
 
+type CheckPolicyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A local user name or numeric uid.
+	User          string   `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	CompanyId     string   `protobuf:"bytes,2,opt,name=company_id,json=companyId,proto3" json:"company_id,omitempty"`
+	UserId        string   `protobuf:"bytes,3,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	ScopedActions []string `protobuf:"bytes,4,rep,name=scoped_actions,json=scopedActions,proto3" json:"scoped_actions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckPolicyRequest) Reset() {
+	*x = CheckPolicyRequest{}
+	mi := &file_tokend_v1_tokend_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckPolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckPolicyRequest) ProtoMessage() {}
+
+func (x *CheckPolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tokend_v1_tokend_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckPolicyRequest.ProtoReflect.Descriptor instead.
+func (*CheckPolicyRequest) Descriptor() ([]byte, []int) {
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *CheckPolicyRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *CheckPolicyRequest) GetCompanyId() string {
+	if x != nil {
+		return x.CompanyId
+	}
+	return ""
+}
+
+func (x *CheckPolicyRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *CheckPolicyRequest) GetScopedActions() []string {
+	if x != nil {
+		return x.ScopedActions
+	}
+	return nil
+}
+
+type CheckPolicyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// False when tokend runs without a policy: then every caller that can
+	// open the socket is allowed.
+	PolicyLoaded bool `protobuf:"varint,1,opt,name=policy_loaded,json=policyLoaded,proto3" json:"policy_loaded,omitempty"`
+	Allowed      bool `protobuf:"varint,2,opt,name=allowed,proto3" json:"allowed,omitempty"`
+	// The rule that allows it.
+	Rule string `protobuf:"bytes,3,opt,name=rule,proto3" json:"rule,omitempty"`
+	// Why not, naming the missing rule.
+	Reason        string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	Uid           uint32 `protobuf:"varint,5,opt,name=uid,proto3" json:"uid,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckPolicyResponse) Reset() {
+	*x = CheckPolicyResponse{}
+	mi := &file_tokend_v1_tokend_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckPolicyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckPolicyResponse) ProtoMessage() {}
+
+func (x *CheckPolicyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tokend_v1_tokend_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckPolicyResponse.ProtoReflect.Descriptor instead.
+func (*CheckPolicyResponse) Descriptor() ([]byte, []int) {
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *CheckPolicyResponse) GetPolicyLoaded() bool {
+	if x != nil {
+		return x.PolicyLoaded
+	}
+	return false
+}
+
+func (x *CheckPolicyResponse) GetAllowed() bool {
+	if x != nil {
+		return x.Allowed
+	}
+	return false
+}
+
+func (x *CheckPolicyResponse) GetRule() string {
+	if x != nil {
+		return x.Rule
+	}
+	return ""
+}
+
+func (x *CheckPolicyResponse) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *CheckPolicyResponse) GetUid() uint32 {
+	if x != nil {
+		return x.Uid
+	}
+	return 0
+}
+
 type ListEntriesRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// When set, only entries whose company_id or user_id equals it.
@@ -256,7 +405,7 @@ type ListEntriesRequest struct {
 
 func (x *ListEntriesRequest) Reset() {
 	*x = ListEntriesRequest{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[2]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -268,7 +417,7 @@ func (x *ListEntriesRequest) String() string {
 func (*ListEntriesRequest) ProtoMessage() {}
 
 func (x *ListEntriesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[2]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -281,7 +430,7 @@ func (x *ListEntriesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEntriesRequest.ProtoReflect.Descriptor instead.
 func (*ListEntriesRequest) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{2}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ListEntriesRequest) GetSubject() string {
@@ -300,7 +449,7 @@ type ListEntriesResponse struct {
 
 func (x *ListEntriesResponse) Reset() {
 	*x = ListEntriesResponse{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[3]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -312,7 +461,7 @@ func (x *ListEntriesResponse) String() string {
 func (*ListEntriesResponse) ProtoMessage() {}
 
 func (x *ListEntriesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[3]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -325,7 +474,7 @@ func (x *ListEntriesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEntriesResponse.ProtoReflect.Descriptor instead.
 func (*ListEntriesResponse) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{3}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ListEntriesResponse) GetEntries() []*Entry {
@@ -344,7 +493,7 @@ type GetEntryRequest struct {
 
 func (x *GetEntryRequest) Reset() {
 	*x = GetEntryRequest{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[4]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -356,7 +505,7 @@ func (x *GetEntryRequest) String() string {
 func (*GetEntryRequest) ProtoMessage() {}
 
 func (x *GetEntryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[4]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -369,7 +518,7 @@ func (x *GetEntryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetEntryRequest.ProtoReflect.Descriptor instead.
 func (*GetEntryRequest) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{4}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetEntryRequest) GetKeyId() string {
@@ -393,7 +542,7 @@ type EvictEntriesRequest struct {
 
 func (x *EvictEntriesRequest) Reset() {
 	*x = EvictEntriesRequest{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[5]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -405,7 +554,7 @@ func (x *EvictEntriesRequest) String() string {
 func (*EvictEntriesRequest) ProtoMessage() {}
 
 func (x *EvictEntriesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[5]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -418,7 +567,7 @@ func (x *EvictEntriesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EvictEntriesRequest.ProtoReflect.Descriptor instead.
 func (*EvictEntriesRequest) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{5}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *EvictEntriesRequest) GetTarget() isEvictEntriesRequest_Target {
@@ -489,7 +638,7 @@ type EvictEntriesResponse struct {
 
 func (x *EvictEntriesResponse) Reset() {
 	*x = EvictEntriesResponse{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[6]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -501,7 +650,7 @@ func (x *EvictEntriesResponse) String() string {
 func (*EvictEntriesResponse) ProtoMessage() {}
 
 func (x *EvictEntriesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[6]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -514,7 +663,7 @@ func (x *EvictEntriesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EvictEntriesResponse.ProtoReflect.Descriptor instead.
 func (*EvictEntriesResponse) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{6}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *EvictEntriesResponse) GetKeyIds() []string {
@@ -533,7 +682,7 @@ type RefreshEntryRequest struct {
 
 func (x *RefreshEntryRequest) Reset() {
 	*x = RefreshEntryRequest{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[7]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -545,7 +694,7 @@ func (x *RefreshEntryRequest) String() string {
 func (*RefreshEntryRequest) ProtoMessage() {}
 
 func (x *RefreshEntryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[7]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -558,7 +707,7 @@ func (x *RefreshEntryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshEntryRequest.ProtoReflect.Descriptor instead.
 func (*RefreshEntryRequest) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{7}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RefreshEntryRequest) GetKeyId() string {
@@ -592,7 +741,7 @@ type Entry struct {
 
 func (x *Entry) Reset() {
 	*x = Entry{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[8]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -604,7 +753,7 @@ func (x *Entry) String() string {
 func (*Entry) ProtoMessage() {}
 
 func (x *Entry) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[8]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -617,7 +766,7 @@ func (x *Entry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Entry.ProtoReflect.Descriptor instead.
 func (*Entry) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{8}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Entry) GetKeyId() string {
@@ -725,7 +874,7 @@ type UpstreamError struct {
 
 func (x *UpstreamError) Reset() {
 	*x = UpstreamError{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[9]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -737,7 +886,7 @@ func (x *UpstreamError) String() string {
 func (*UpstreamError) ProtoMessage() {}
 
 func (x *UpstreamError) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[9]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -750,7 +899,7 @@ func (x *UpstreamError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpstreamError.ProtoReflect.Descriptor instead.
 func (*UpstreamError) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{9}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *UpstreamError) GetAt() *timestamppb.Timestamp {
@@ -789,7 +938,7 @@ type GetStatusRequest struct {
 
 func (x *GetStatusRequest) Reset() {
 	*x = GetStatusRequest{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[10]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -801,7 +950,7 @@ func (x *GetStatusRequest) String() string {
 func (*GetStatusRequest) ProtoMessage() {}
 
 func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[10]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -814,7 +963,7 @@ func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetStatusRequest) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{10}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{12}
 }
 
 type Status struct {
@@ -864,7 +1013,7 @@ type Status struct {
 
 func (x *Status) Reset() {
 	*x = Status{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[11]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -876,7 +1025,7 @@ func (x *Status) String() string {
 func (*Status) ProtoMessage() {}
 
 func (x *Status) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[11]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -889,7 +1038,7 @@ func (x *Status) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Status.ProtoReflect.Descriptor instead.
 func (*Status) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{11}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Status) GetVersion() string {
@@ -1097,7 +1246,19 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x129\n" +
 	"\n" +
 	"expires_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x15\n" +
-	"\x06key_id\x18\x03 \x01(\tR\x05keyId\".\n" +
+	"\x06key_id\x18\x03 \x01(\tR\x05keyId\"\x87\x01\n" +
+	"\x12CheckPolicyRequest\x12\x12\n" +
+	"\x04user\x18\x01 \x01(\tR\x04user\x12\x1d\n" +
+	"\n" +
+	"company_id\x18\x02 \x01(\tR\tcompanyId\x12\x17\n" +
+	"\auser_id\x18\x03 \x01(\tR\x06userId\x12%\n" +
+	"\x0escoped_actions\x18\x04 \x03(\tR\rscopedActions\"\x92\x01\n" +
+	"\x13CheckPolicyResponse\x12#\n" +
+	"\rpolicy_loaded\x18\x01 \x01(\bR\fpolicyLoaded\x12\x18\n" +
+	"\aallowed\x18\x02 \x01(\bR\aallowed\x12\x12\n" +
+	"\x04rule\x18\x03 \x01(\tR\x04rule\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\x12\x10\n" +
+	"\x03uid\x18\x05 \x01(\rR\x03uid\".\n" +
 	"\x12ListEntriesRequest\x12\x18\n" +
 	"\asubject\x18\x01 \x01(\tR\asubject\"A\n" +
 	"\x13ListEntriesResponse\x12*\n" +
@@ -1183,13 +1344,14 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x13ENTRY_STATE_EXPIRED\x10\x05\x12\x14\n" +
 	"\x10ENTRY_STATE_IDLE\x10\x062H\n" +
 	"\fTokenService\x128\n" +
-	"\bGetToken\x12\x1a.tokend.v1.GetTokenRequest\x1a\x10.tokend.v1.Token2\xe6\x02\n" +
+	"\bGetToken\x12\x1a.tokend.v1.GetTokenRequest\x1a\x10.tokend.v1.Token2\xb4\x03\n" +
 	"\fAdminService\x12L\n" +
 	"\vListEntries\x12\x1d.tokend.v1.ListEntriesRequest\x1a\x1e.tokend.v1.ListEntriesResponse\x128\n" +
 	"\bGetEntry\x12\x1a.tokend.v1.GetEntryRequest\x1a\x10.tokend.v1.Entry\x12O\n" +
 	"\fEvictEntries\x12\x1e.tokend.v1.EvictEntriesRequest\x1a\x1f.tokend.v1.EvictEntriesResponse\x12@\n" +
 	"\fRefreshEntry\x12\x1e.tokend.v1.RefreshEntryRequest\x1a\x10.tokend.v1.Entry\x12;\n" +
-	"\tGetStatus\x12\x1b.tokend.v1.GetStatusRequest\x1a\x11.tokend.v1.StatusB3Z1github.com/tokend/tokend/proto/tokend/v1;tokendv1b\x06proto3"
+	"\tGetStatus\x12\x1b.tokend.v1.GetStatusRequest\x1a\x11.tokend.v1.Status\x12L\n" +
+	"\vCheckPolicy\x12\x1d.tokend.v1.CheckPolicyRequest\x1a\x1e.tokend.v1.CheckPolicyResponseB3Z1github.com/tokend/tokend/proto/tokend/v1;tokendv1b\x06proto3"
 
 var (
 	file_tokend_v1_tokend_proto_rawDescOnce sync.Once
@@ -1204,55 +1366,59 @@ func file_tokend_v1_tokend_proto_rawDescGZIP() []byte {
 }
 
 var file_tokend_v1_tokend_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tokend_v1_tokend_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_tokend_v1_tokend_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_tokend_v1_tokend_proto_goTypes = []any{
 	(EntryState)(0),               // 0: tokend.v1.EntryState
 	(*GetTokenRequest)(nil),       // 1: tokend.v1.GetTokenRequest
 	(*Token)(nil),                 // 2: tokend.v1.Token
-	(*ListEntriesRequest)(nil),    // 3: tokend.v1.ListEntriesRequest
-	(*ListEntriesResponse)(nil),   // 4: tokend.v1.ListEntriesResponse
-	(*GetEntryRequest)(nil),       // 5: tokend.v1.GetEntryRequest
-	(*EvictEntriesRequest)(nil),   // 6: tokend.v1.EvictEntriesRequest
-	(*EvictEntriesResponse)(nil),  // 7: tokend.v1.EvictEntriesResponse
-	(*RefreshEntryRequest)(nil),   // 8: tokend.v1.RefreshEntryRequest
-	(*Entry)(nil),                 // 9: tokend.v1.Entry
-	(*UpstreamError)(nil),         // 10: tokend.v1.UpstreamError
-	(*GetStatusRequest)(nil),      // 11: tokend.v1.GetStatusRequest
-	(*Status)(nil),                // 12: tokend.v1.Status
-	nil,                           // 13: tokend.v1.Status.EntriesByStateEntry
-	(*durationpb.Duration)(nil),   // 14: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
+	(*CheckPolicyRequest)(nil),    // 3: tokend.v1.CheckPolicyRequest
+	(*CheckPolicyResponse)(nil),   // 4: tokend.v1.CheckPolicyResponse
+	(*ListEntriesRequest)(nil),    // 5: tokend.v1.ListEntriesRequest
+	(*ListEntriesResponse)(nil),   // 6: tokend.v1.ListEntriesResponse
+	(*GetEntryRequest)(nil),       // 7: tokend.v1.GetEntryRequest
+	(*EvictEntriesRequest)(nil),   // 8: tokend.v1.EvictEntriesRequest
+	(*EvictEntriesResponse)(nil),  // 9: tokend.v1.EvictEntriesResponse
+	(*RefreshEntryRequest)(nil),   // 10: tokend.v1.RefreshEntryRequest
+	(*Entry)(nil),                 // 11: tokend.v1.Entry
+	(*UpstreamError)(nil),         // 12: tokend.v1.UpstreamError
+	(*GetStatusRequest)(nil),      // 13: tokend.v1.GetStatusRequest
+	(*Status)(nil),                // 14: tokend.v1.Status
+	nil,                           // 15: tokend.v1.Status.EntriesByStateEntry
+	(*durationpb.Duration)(nil),   // 16: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
 }
 var file_tokend_v1_tokend_proto_depIdxs = []int32{
-	14, // 0: tokend.v1.GetTokenRequest.min_ttl:type_name -> google.protobuf.Duration
-	15, // 1: tokend.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
-	9,  // 2: tokend.v1.ListEntriesResponse.entries:type_name -> tokend.v1.Entry
+	16, // 0: tokend.v1.GetTokenRequest.min_ttl:type_name -> google.protobuf.Duration
+	17, // 1: tokend.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	11, // 2: tokend.v1.ListEntriesResponse.entries:type_name -> tokend.v1.Entry
 	0,  // 3: tokend.v1.Entry.state:type_name -> tokend.v1.EntryState
-	15, // 4: tokend.v1.Entry.expires_at:type_name -> google.protobuf.Timestamp
-	15, // 5: tokend.v1.Entry.obtained_at:type_name -> google.protobuf.Timestamp
-	15, // 6: tokend.v1.Entry.next_refresh_at:type_name -> google.protobuf.Timestamp
-	15, // 7: tokend.v1.Entry.last_requested_at:type_name -> google.protobuf.Timestamp
-	10, // 8: tokend.v1.Entry.last_error:type_name -> tokend.v1.UpstreamError
-	15, // 9: tokend.v1.UpstreamError.at:type_name -> google.protobuf.Timestamp
-	15, // 10: tokend.v1.Status.started_at:type_name -> google.protobuf.Timestamp
-	14, // 11: tokend.v1.Status.uptime:type_name -> google.protobuf.Duration
-	13, // 12: tokend.v1.Status.entries_by_state:type_name -> tokend.v1.Status.EntriesByStateEntry
-	10, // 13: tokend.v1.Status.last_upstream_error:type_name -> tokend.v1.UpstreamError
-	15, // 14: tokend.v1.Status.upstream_paused_until:type_name -> google.protobuf.Timestamp
+	17, // 4: tokend.v1.Entry.expires_at:type_name -> google.protobuf.Timestamp
+	17, // 5: tokend.v1.Entry.obtained_at:type_name -> google.protobuf.Timestamp
+	17, // 6: tokend.v1.Entry.next_refresh_at:type_name -> google.protobuf.Timestamp
+	17, // 7: tokend.v1.Entry.last_requested_at:type_name -> google.protobuf.Timestamp
+	12, // 8: tokend.v1.Entry.last_error:type_name -> tokend.v1.UpstreamError
+	17, // 9: tokend.v1.UpstreamError.at:type_name -> google.protobuf.Timestamp
+	17, // 10: tokend.v1.Status.started_at:type_name -> google.protobuf.Timestamp
+	16, // 11: tokend.v1.Status.uptime:type_name -> google.protobuf.Duration
+	15, // 12: tokend.v1.Status.entries_by_state:type_name -> tokend.v1.Status.EntriesByStateEntry
+	12, // 13: tokend.v1.Status.last_upstream_error:type_name -> tokend.v1.UpstreamError
+	17, // 14: tokend.v1.Status.upstream_paused_until:type_name -> google.protobuf.Timestamp
 	1,  // 15: tokend.v1.TokenService.GetToken:input_type -> tokend.v1.GetTokenRequest
-	3,  // 16: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
-	5,  // 17: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
-	6,  // 18: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
-	8,  // 19: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
-	11, // 20: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
-	2,  // 21: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
-	4,  // 22: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
-	9,  // 23: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
-	7,  // 24: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
-	9,  // 25: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
-	12, // 26: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
-	21, // [21:27] is the sub-list for method output_type
-	15, // [15:21] is the sub-list for method input_type
+	5,  // 16: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
+	7,  // 17: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
+	8,  // 18: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
+	10, // 19: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
+	13, // 20: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
+	3,  // 21: tokend.v1.AdminService.CheckPolicy:input_type -> tokend.v1.CheckPolicyRequest
+	2,  // 22: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
+	6,  // 23: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
+	11, // 24: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
+	9,  // 25: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
+	11, // 26: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
+	14, // 27: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
+	4,  // 28: tokend.v1.AdminService.CheckPolicy:output_type -> tokend.v1.CheckPolicyResponse
+	22, // [22:29] is the sub-list for method output_type
+	15, // [15:22] is the sub-list for method input_type
 	15, // [15:15] is the sub-list for extension type_name
 	15, // [15:15] is the sub-list for extension extendee
 	0,  // [0:15] is the sub-list for field type_name
@@ -1263,7 +1429,7 @@ func file_tokend_v1_tokend_proto_init() {
 	if File_tokend_v1_tokend_proto != nil {
 		return
 	}
-	file_tokend_v1_tokend_proto_msgTypes[5].OneofWrappers = []any{
+	file_tokend_v1_tokend_proto_msgTypes[7].OneofWrappers = []any{
 		(*EvictEntriesRequest_KeyId)(nil),
 		(*EvictEntriesRequest_Subject)(nil),
 		(*EvictEntriesRequest_All)(nil),
@@ -1274,7 +1440,7 @@ func file_tokend_v1_tokend_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tokend_v1_tokend_proto_rawDesc), len(file_tokend_v1_tokend_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   13,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

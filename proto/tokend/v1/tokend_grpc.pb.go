@@ -140,6 +140,7 @@ const (
 	AdminService_EvictEntries_FullMethodName = "/tokend.v1.AdminService/EvictEntries"
 	AdminService_RefreshEntry_FullMethodName = "/tokend.v1.AdminService/RefreshEntry"
 	AdminService_GetStatus_FullMethodName    = "/tokend.v1.AdminService/GetStatus"
+	AdminService_CheckPolicy_FullMethodName  = "/tokend.v1.AdminService/CheckPolicy"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -155,6 +156,9 @@ type AdminServiceClient interface {
 	// RefreshEntry fetches a new token for the entry now and waits for it.
 	RefreshEntry(ctx context.Context, in *RefreshEntryRequest, opts ...grpc.CallOption) (*Entry, error)
 	GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*Status, error)
+	// CheckPolicy says whether a local user would be allowed a token under
+	// the daemon's loaded policy, and by which rule.
+	CheckPolicy(ctx context.Context, in *CheckPolicyRequest, opts ...grpc.CallOption) (*CheckPolicyResponse, error)
 }
 
 type adminServiceClient struct {
@@ -215,6 +219,16 @@ func (c *adminServiceClient) GetStatus(ctx context.Context, in *GetStatusRequest
 	return out, nil
 }
 
+func (c *adminServiceClient) CheckPolicy(ctx context.Context, in *CheckPolicyRequest, opts ...grpc.CallOption) (*CheckPolicyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CheckPolicyResponse)
+	err := c.cc.Invoke(ctx, AdminService_CheckPolicy_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -228,6 +242,9 @@ type AdminServiceServer interface {
 	// RefreshEntry fetches a new token for the entry now and waits for it.
 	RefreshEntry(context.Context, *RefreshEntryRequest) (*Entry, error)
 	GetStatus(context.Context, *GetStatusRequest) (*Status, error)
+	// CheckPolicy says whether a local user would be allowed a token under
+	// the daemon's loaded policy, and by which rule.
+	CheckPolicy(context.Context, *CheckPolicyRequest) (*CheckPolicyResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -252,6 +269,9 @@ func (UnimplementedAdminServiceServer) RefreshEntry(context.Context, *RefreshEnt
 }
 func (UnimplementedAdminServiceServer) GetStatus(context.Context, *GetStatusRequest) (*Status, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetStatus not implemented")
+}
+func (UnimplementedAdminServiceServer) CheckPolicy(context.Context, *CheckPolicyRequest) (*CheckPolicyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CheckPolicy not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -364,6 +384,24 @@ func _AdminService_GetStatus_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_CheckPolicy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CheckPolicyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).CheckPolicy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_CheckPolicy_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).CheckPolicy(ctx, req.(*CheckPolicyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -390,6 +428,10 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetStatus",
 			Handler:    _AdminService_GetStatus_Handler,
+		},
+		{
+			MethodName: "CheckPolicy",
+			Handler:    _AdminService_CheckPolicy_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
