@@ -118,11 +118,14 @@ func (c *Conn) HandedOut(s Subject, token string, minted bool) {
 	h := handout{s.KeyID, token}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if tl, seen := c.counts[h]; seen && !minted {
+	tl, seen := c.counts[h]
+	if seen && !minted {
 		tl.n++
 		return
 	}
-	c.counts[h] = &tally{subject: s}
+	if !seen {
+		c.counts[h] = &tally{subject: s}
+	}
 	source := "hit"
 	if minted {
 		source = "mint"

@@ -33,6 +33,9 @@ type Info struct {
 	// startTime is the process start time (clock ticks since boot) that
 	// pins PID to one process.
 	startTime uint64
+	// Local is the server's own per-connection state, set by a wrapping
+	// handshake before the connection serves calls and read-only after.
+	Local any
 }
 
 // AuthType implements credentials.AuthInfo.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"github.com/tokend/tokend/internal/cache"
 	"github.com/tokend/tokend/internal/policy"
+	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -12,7 +13,7 @@ import (
 	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/stats"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
 	"github.com/tokend/tokend/internal/audit"
@@ -55,8 +56,6 @@ func (s *Server) checkAdmin(ctx context.Context) error {
 	return status.Errorf(codes.PermissionDenied, "admin: uid %d refused: %s", p.UID, why)
 }
 
-type connKey struct{}
-
 // connState is what tokend keeps per client connection.
 type connState struct {
 	peer   *peercred.Info
@@ -64,37 +63,53 @@ type connState struct {
 	caller policy.Caller // the peer as the policy sees it, built once
 }
 
-// connTracker is a stats.Handler that opens per-connection state when a
-// connection starts and closes it (writing its audit summary) when it ends.
-type connTracker struct {
+// creds reads the peer's credentials once per connection and attaches
+// tokend's per-connection state to them, so calls find it in their AuthInfo
+// without per-call work; closing the connection closes the state.
+type creds struct {
+	peercred.Credentials
 	s *Server
 }
 
-func (t connTracker) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context {
-	p, _ := peercred.FromContext(ctx)
-	cs := &connState{peer: p}
-	if p != nil {
-		cs.caller = policy.Caller{UID: p.UID, GID: p.GID, Groups: p.Groups, PID: p.PID, Exe: p.Exe}
+func (c creds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	conn, ai, err := c.Credentials.ServerHandshake(conn)
+	if err != nil {
+		return nil, nil, err
 	}
-	if t.s.cfg.Audit != nil {
-		cs.audit = t.s.cfg.Audit.Open(p)
+	p := ai.(*peercred.Info)
+	cs := &connState{peer: p, caller: policy.Caller{UID: p.UID, GID: p.GID, Groups: p.Groups, PID: p.PID, Exe: p.Exe}}
+	if c.s.cfg.Audit != nil {
+		cs.audit = c.s.cfg.Audit.Open(p)
 	}
-	return context.WithValue(ctx, connKey{}, cs)
+	p.Local = cs
+	return &stateConn{Conn: conn, state: cs}, p, nil
 }
 
-func (t connTracker) HandleConn(ctx context.Context, st stats.ConnStats) {
-	if _, end := st.(*stats.ConnEnd); end {
-		if cs, ok := ctx.Value(connKey{}).(*connState); ok && cs.audit != nil {
-			cs.audit.Close()
+func (c creds) Clone() credentials.TransportCredentials { return c }
+
+// stateConn ends a connection's state when gRPC closes it.
+type stateConn struct {
+	net.Conn
+	state *connState
+	once  sync.Once
+}
+
+func (c *stateConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() {
+		if c.state.audit != nil {
+			c.state.audit.Close()
 		}
-	}
+	})
+	return err
 }
-
-func (connTracker) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context { return ctx }
-func (connTracker) HandleRPC(context.Context, stats.RPCStats)                       {}
 
 func connFrom(ctx context.Context) *connState {
-	cs, _ := ctx.Value(connKey{}).(*connState)
+	p, ok := peercred.FromContext(ctx)
+	if !ok {
+		return nil
+	}
+	cs, _ := p.Local.(*connState)
 	return cs
 }
 

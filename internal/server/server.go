@@ -14,7 +14,6 @@ import (
 	"errors"
 	"fmt"
 	"github.com/tokend/tokend/internal/audit"
-	"github.com/tokend/tokend/internal/peercred"
 	"log/slog"
 	"net"
 	"time"
@@ -128,10 +127,9 @@ func New(cfg Config) *Server {
 		misses:  &missLimits{limit: cfg.MissRate, burst: cfg.MissBurst, byUID: make(map[uint32]*rate.Limiter)},
 	}
 	s.grpc = grpc.NewServer(
-		grpc.Creds(peercred.Credentials{}),
+		grpc.Creds(creds{s: s}),
 		grpc.MaxRecvMsgSize(MaxMessageBytes),
 		grpc.MaxConcurrentStreams(cfg.MaxStreams),
-		grpc.StatsHandler(connTracker{s}),
 		grpc.UnaryInterceptor(s.authorize),
 	)
 	tokendv1.RegisterTokenServiceServer(s.grpc, &tokenService{s: s})
