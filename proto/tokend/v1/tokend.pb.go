@@ -1342,9 +1342,11 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x14ENTRY_STATE_RETRYING\x10\x03\x12\x17\n" +
 	"\x13ENTRY_STATE_FAILING\x10\x04\x12\x17\n" +
 	"\x13ENTRY_STATE_EXPIRED\x10\x05\x12\x14\n" +
-	"\x10ENTRY_STATE_IDLE\x10\x062H\n" +
+	"\x10ENTRY_STATE_IDLE\x10\x062\x86\x01\n" +
 	"\fTokenService\x128\n" +
-	"\bGetToken\x12\x1a.tokend.v1.GetTokenRequest\x1a\x10.tokend.v1.Token2\xb4\x03\n" +
+	"\bGetToken\x12\x1a.tokend.v1.GetTokenRequest\x1a\x10.tokend.v1.Token\x12<\n" +
+	"\n" +
+	"WatchToken\x12\x1a.tokend.v1.GetTokenRequest\x1a\x10.tokend.v1.Token0\x012\xb4\x03\n" +
 	"\fAdminService\x12L\n" +
 	"\vListEntries\x12\x1d.tokend.v1.ListEntriesRequest\x1a\x1e.tokend.v1.ListEntriesResponse\x128\n" +
 	"\bGetEntry\x12\x1a.tokend.v1.GetEntryRequest\x1a\x10.tokend.v1.Entry\x12O\n" +
@@ -1404,21 +1406,23 @@ var file_tokend_v1_tokend_proto_depIdxs = []int32{
 	12, // 13: tokend.v1.Status.last_upstream_error:type_name -> tokend.v1.UpstreamError
 	17, // 14: tokend.v1.Status.upstream_paused_until:type_name -> google.protobuf.Timestamp
 	1,  // 15: tokend.v1.TokenService.GetToken:input_type -> tokend.v1.GetTokenRequest
-	5,  // 16: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
-	7,  // 17: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
-	8,  // 18: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
-	10, // 19: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
-	13, // 20: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
-	3,  // 21: tokend.v1.AdminService.CheckPolicy:input_type -> tokend.v1.CheckPolicyRequest
-	2,  // 22: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
-	6,  // 23: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
-	11, // 24: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
-	9,  // 25: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
-	11, // 26: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
-	14, // 27: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
-	4,  // 28: tokend.v1.AdminService.CheckPolicy:output_type -> tokend.v1.CheckPolicyResponse
-	22, // [22:29] is the sub-list for method output_type
-	15, // [15:22] is the sub-list for method input_type
+	1,  // 16: tokend.v1.TokenService.WatchToken:input_type -> tokend.v1.GetTokenRequest
+	5,  // 17: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
+	7,  // 18: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
+	8,  // 19: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
+	10, // 20: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
+	13, // 21: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
+	3,  // 22: tokend.v1.AdminService.CheckPolicy:input_type -> tokend.v1.CheckPolicyRequest
+	2,  // 23: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
+	2,  // 24: tokend.v1.TokenService.WatchToken:output_type -> tokend.v1.Token
+	6,  // 25: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
+	11, // 26: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
+	9,  // 27: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
+	11, // 28: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
+	14, // 29: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
+	4,  // 30: tokend.v1.AdminService.CheckPolicy:output_type -> tokend.v1.CheckPolicyResponse
+	23, // [23:31] is the sub-list for method output_type
+	15, // [15:23] is the sub-list for method input_type
 	15, // [15:15] is the sub-list for extension type_name
 	15, // [15:15] is the sub-list for extension extendee
 	0,  // [0:15] is the sub-list for field type_name

@@ -23,7 +23,8 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	TokenService_GetToken_FullMethodName = "/tokend.v1.TokenService/GetToken"
+	TokenService_GetToken_FullMethodName   = "/tokend.v1.TokenService/GetToken"
+	TokenService_WatchToken_FullMethodName = "/tokend.v1.TokenService/WatchToken"
 )
 
 // TokenServiceClient is the client API for TokenService service.
@@ -36,6 +37,12 @@ type TokenServiceClient interface {
 	// for at least min_ttl. A cache hit is served from memory; a miss makes one
 	// upstream call however many callers ask for the same key at once.
 	GetToken(ctx context.Context, in *GetTokenRequest, opts ...grpc.CallOption) (*Token, error)
+	// WatchToken sends the current token at once, then every replacement the
+	// moment tokend obtains it. The stream ends with a status when the entry
+	// fails for good (the code GetToken would return) or is evicted
+	// (Aborted). Watchers of one key share its refreshes: a thousand of them
+	// cost one upstream call per refresh.
+	WatchToken(ctx context.Context, in *GetTokenRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Token], error)
 }
 
 type tokenServiceClient struct {
@@ -56,6 +63,25 @@ func (c *tokenServiceClient) GetToken(ctx context.Context, in *GetTokenRequest, 
 	return out, nil
 }
 
+func (c *tokenServiceClient) WatchToken(ctx context.Context, in *GetTokenRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Token], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &TokenService_ServiceDesc.Streams[0], TokenService_WatchToken_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[GetTokenRequest, Token]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenService_WatchTokenClient = grpc.ServerStreamingClient[Token]
+
 // TokenServiceServer is the server API for TokenService service.
 // All implementations must embed UnimplementedTokenServiceServer
 // for forward compatibility.
@@ -66,6 +92,12 @@ type TokenServiceServer interface {
 	// for at least min_ttl. A cache hit is served from memory; a miss makes one
 	// upstream call however many callers ask for the same key at once.
 	GetToken(context.Context, *GetTokenRequest) (*Token, error)
+	// WatchToken sends the current token at once, then every replacement the
+	// moment tokend obtains it. The stream ends with a status when the entry
+	// fails for good (the code GetToken would return) or is evicted
+	// (Aborted). Watchers of one key share its refreshes: a thousand of them
+	// cost one upstream call per refresh.
+	WatchToken(*GetTokenRequest, grpc.ServerStreamingServer[Token]) error
 	mustEmbedUnimplementedTokenServiceServer()
 }
 
@@ -78,6 +110,9 @@ type UnimplementedTokenServiceServer struct{}
 
 func (UnimplementedTokenServiceServer) GetToken(context.Context, *GetTokenRequest) (*Token, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetToken not implemented")
+}
+func (UnimplementedTokenServiceServer) WatchToken(*GetTokenRequest, grpc.ServerStreamingServer[Token]) error {
+	return status.Error(codes.Unimplemented, "method WatchToken not implemented")
 }
 func (UnimplementedTokenServiceServer) mustEmbedUnimplementedTokenServiceServer() {}
 func (UnimplementedTokenServiceServer) testEmbeddedByValue()                      {}
@@ -118,6 +153,17 @@ func _TokenService_GetToken_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TokenService_WatchToken_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(GetTokenRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(TokenServiceServer).WatchToken(m, &grpc.GenericServerStream[GetTokenRequest, Token]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenService_WatchTokenServer = grpc.ServerStreamingServer[Token]
+
 // TokenService_ServiceDesc is the grpc.ServiceDesc for TokenService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -130,7 +176,13 @@ var TokenService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _TokenService_GetToken_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchToken",
+			Handler:       _TokenService_WatchToken_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "tokend/v1/tokend.proto",
 }
 
