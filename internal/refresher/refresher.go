@@ -156,6 +156,8 @@ type Refresher struct {
 	queue queue
 	wake  chan struct{}
 
+	watches watches
+
 	hits, misses   atomic.Uint64
 	upstreamCalls  atomic.Uint64
 	upstreamErrors atomic.Uint64
@@ -492,6 +494,7 @@ func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
 	it.bo, it.err, it.errUntil = nil, nil, time.Time{}
 	r.scheduleLocked(it, due)
 	r.mu.Unlock()
+	r.notify(e)
 	if r.cfg.OnMint != nil {
 		r.cfg.OnMint(e, t, w.cause)
 	}
@@ -558,6 +561,7 @@ func (r *Refresher) failed(e *cache.Entry, err error, fp []byte) {
 		m.Failures++
 		m.LastError = &info
 	})
+	defer r.notify(e)
 	r.log.Warn("upstream refresh failed", "key", e.ID(), "subject", e.Key().Subject(), "status", info.Status, "retryable", info.Retryable, "retry_in", it.errUntil.Sub(now).Round(time.Millisecond), "err", info.Message)
 }
 
@@ -628,6 +632,9 @@ func (r *Refresher) Evict(es ...*cache.Entry) {
 	}
 	r.mu.Unlock()
 	r.cache.Remove(es...)
+	for _, e := range es {
+		r.notify(e)
+	}
 }
 
 // Refresh mints a new token for e now, sharing a call already in flight.
@@ -703,7 +710,7 @@ func (r *Refresher) act(e *cache.Entry) {
 	t := e.Token()
 	m := e.Meta()
 	expired := t == nil || !t.ExpiresAt.After(now)
-	idle := t != nil && now.Sub(e.LastRequested()) > t.ExpiresAt.Sub(t.ObtainedAt)
+	idle := t != nil && now.Sub(e.LastRequested()) > t.ExpiresAt.Sub(t.ObtainedAt) && !r.watched(e)
 	switch {
 	case t == nil, m.State == cache.StateFailing && expired:
 		r.drop(e)
@@ -742,5 +749,6 @@ func (r *Refresher) drop(e *cache.Entry) {
 	r.mu.Unlock()
 	if stale {
 		r.cache.Remove(e)
+		r.notify(e)
 	}
 }

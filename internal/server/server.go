@@ -41,6 +41,11 @@ type Tokens interface {
 	Refresh(ctx context.Context, e *cache.Entry) error
 	Evict(es ...*cache.Entry)
 	Stats() refresher.Stats
+	// For WatchToken.
+	Watch(e *cache.Entry) (stop func())
+	Changed(e *cache.Entry) <-chan struct{}
+	Live(e *cache.Entry) bool
+	LastError(e *cache.Entry) error
 }
 
 // Entries is the read side of the cache that AdminService lists.
@@ -198,6 +203,65 @@ func (t *tokenService) GetToken(ctx context.Context, req *tokendv1.GetTokenReque
 		cs.audit.HandedOut(audit.Subject{KeyID: e.ID(), CompanyID: k.CompanyID, UserID: k.UserID, Scopes: k.Scopes}, tok.Value, !tok.ObtainedAt.Before(start))
 	}
 	return &tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: e.ID()}, nil
+}
+
+// WatchToken sends the current token, then each replacement as soon as
+// the refresher installs it. A stalled watcher blocks only its own Send.
+func (t *tokenService) WatchToken(req *tokendv1.GetTokenRequest, stream tokendv1.TokenService_WatchTokenServer) error {
+	ctx := stream.Context()
+	r, err := validate(req)
+	if err != nil {
+		return err
+	}
+	k := cache.NewKey(t.s.cfg.Credential, r.companyID, r.userID, r.scopes)
+	cs := connFrom(ctx)
+	if err := t.s.checkPolicy(cs, k); err != nil {
+		return err
+	}
+	opts := refresher.Options{MinTTL: r.minTTL}
+	if cs != nil && cs.peer != nil {
+		opts.MissLimiter = t.s.misses.forUID(cs.peer.UID)
+	}
+	tok, e, err := t.s.cfg.Tokens.Get(ctx, k, opts)
+	if err != nil {
+		return upstreamStatus(err)
+	}
+	tokens := t.s.cfg.Tokens
+	stop := tokens.Watch(e)
+	defer stop()
+	send := func(tok *cache.Token) error {
+		if cs != nil && cs.audit != nil {
+			cs.audit.HandedOut(audit.Subject{KeyID: e.ID(), CompanyID: k.CompanyID, UserID: k.UserID, Scopes: k.Scopes}, tok.Value, false)
+		}
+		return stream.Send(&tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: e.ID()})
+	}
+	if err := send(tok); err != nil {
+		return err
+	}
+	last := tok
+	for {
+		changed := tokens.Changed(e)
+		switch cur := e.Token(); {
+		case cur != nil && cur != last:
+			if err := send(cur); err != nil {
+				return err
+			}
+			last = cur
+			continue
+		case !tokens.Live(e):
+			if m := e.Meta(); m.State == cache.StateFailing {
+				if err := tokens.LastError(e); err != nil {
+					return upstreamStatus(err)
+				}
+			}
+			return status.Errorf(codes.Aborted, "entry %s was evicted; call again to get a new one", e.ID())
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return status.FromContextError(ctx.Err()).Err()
+		}
+	}
 }
 
 // upstreamStatus maps a failure to mint into the gRPC code a caller can act

@@ -1,0 +1,134 @@
+package e2e
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
+)
+
+// TestWatchTokenFanOut: 1,000 watchers of one key each get every refreshed
+// token within 100 ms of the refresh, one upstream call per refresh, and a
+// watcher that never reads holds nobody up.
+func TestWatchTokenFanOut(t *testing.T) {
+	e := newEnv(t)
+	e.start("--token-lifetime", "3s")
+	req := &tokendv1.GetTokenRequest{CompanyId: "biz_watch", MinTtl: noMinTTL}
+	const conns, perConn = 10, 100
+	type got struct {
+		token string
+		at    time.Time
+	}
+	recv := make([][]got, conns*perConn)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+
+	// The stalled watcher: opens a stream and never reads it.
+	stalled, err := e.tokens().WatchToken(ctx, req)
+	must(t, err)
+	_ = stalled
+
+	var ready, done sync.WaitGroup
+	for c := range conns {
+		tc := e.tokens() // its own connection
+		for s := range perConn {
+			i := c*perConn + s
+			ready.Add(1)
+			done.Add(1)
+			go func() {
+				defer done.Done()
+				st, err := tc.WatchToken(ctx, req)
+				if err != nil {
+					t.Error(err)
+					ready.Done()
+					return
+				}
+				first := true
+				for {
+					tok, err := st.Recv()
+					if err != nil {
+						if first {
+							ready.Done()
+						}
+						if status.Code(err) != codes.Canceled {
+							t.Errorf("watcher %d: %v", i, err)
+						}
+						return
+					}
+					recv[i] = append(recv[i], got{tok.Token, time.Now()})
+					if first {
+						first = false
+						ready.Done()
+					}
+				}
+			}()
+		}
+	}
+	ready.Wait()
+	start := time.Now()
+	// Two refreshes: each comes 1.7-2 s after the token before it.
+	deadline := time.Now().Add(15 * time.Second)
+	for e.fake.CallsFor("biz_watch") < 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no second refresh within 15s (calls %d)", e.fake.CallsFor("biz_watch"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond) // delivery
+	calls := e.fake.Calls()
+	cancel()
+	done.Wait()
+
+	refreshAt := map[int]time.Time{}
+	for i, c := range calls {
+		refreshAt[i] = c.At
+	}
+	tokensSeen := map[string]int{} // token -> index of the upstream call
+	var worst time.Duration
+	for i, gs := range recv {
+		if len(gs) < 3 {
+			t.Fatalf("watcher %d got %d tokens, want the first and two refreshes", i, len(gs))
+		}
+		for n, g := range gs[:3] {
+			if idx, ok := tokensSeen[g.token]; ok && idx != n {
+				t.Fatalf("watchers disagree on the order of tokens")
+			}
+			tokensSeen[g.token] = n
+			if n == 0 {
+				continue
+			}
+			lag := g.at.Sub(refreshAt[n])
+			worst = max(worst, lag)
+		}
+	}
+	t.Logf("%d watchers, %d upstream calls over %v; slowest delivery %v after the upstream call", len(recv), len(calls), time.Since(start).Round(time.Millisecond), worst.Round(time.Millisecond))
+	if len(tokensSeen) != 3 {
+		t.Fatalf("watchers saw %d distinct tokens in their first three, want 3", len(tokensSeen))
+	}
+	if n := e.fake.CallsFor("biz_watch"); n != 3 {
+		t.Fatalf("%d upstream calls for 2 refreshes and the first mint, want 3", n)
+	}
+	if worst > 100*time.Millisecond {
+		t.Fatalf("a watcher got a refreshed token %v after the refresh; want within 100ms", worst)
+	}
+}
+
+// TestWatchTokenEndsOnEvict: evicting the entry ends its watchers with
+// Aborted.
+func TestWatchTokenEndsOnEvict(t *testing.T) {
+	e := newEnv(t)
+	e.start()
+	st, err := e.tokens().WatchToken(ctx(t), &tokendv1.GetTokenRequest{CompanyId: "biz_ev"})
+	must(t, err)
+	first, err := st.Recv()
+	must(t, err)
+	e.mustCtl("evict", first.KeyId)
+	if _, err := st.Recv(); status.Code(err) != codes.Aborted {
+		t.Fatalf("after evict: %v, want Aborted", err)
+	}
+}
