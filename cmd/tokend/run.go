@@ -31,9 +31,9 @@ type options struct {
 	retryInitial, retryMax, negativeTTL, restartSpread, upstreamTTO time.Duration
 	maxEntries                                                      int
 
-	adminGroup, auditLog, cacheKeyFile, policyFile string
-	missRate                                       float64
-	missBurst, maxConns, maxStreams                int
+	adminGroup, auditLog, cacheKeyFile, policyFile, metricsAddr string
+	missRate                                                    float64
+	missBurst, maxConns, maxStreams                             int
 }
 
 // run starts tokend; a value on reload (SIGHUP) re-reads the API key.
@@ -94,6 +94,7 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (op
 	fs.DurationVar(&o.restartSpread, "restart-spread", envDuration(getenv, "TOKEND_RESTART_SPREAD", time.Minute), "window over which refreshes that fell due while tokend was down are spread (env TOKEND_RESTART_SPREAD)")
 	fs.DurationVar(&o.upstreamTTO, "upstream-timeout", envDuration(getenv, "TOKEND_UPSTREAM_TIMEOUT", 10*time.Second), "per-request timeout of upstream calls, cutting stuck connections (env TOKEND_UPSTREAM_TIMEOUT)")
 	fs.IntVar(&o.maxEntries, "max-entries", envInt(getenv, "TOKEND_MAX_ENTRIES", 100_000), "most cache entries; a new key beyond it evicts the least recently requested (env TOKEND_MAX_ENTRIES)")
+	fs.StringVar(&o.metricsAddr, "metrics-addr", env("TOKEND_METRICS_ADDR", ""), "serve Prometheus metrics at /metrics on a loopback host:port or unix:/path; off when empty (env TOKEND_METRICS_ADDR)")
 	fs.StringVar(&o.policyFile, "policy", env("TOKEND_POLICY", ""), "YAML policy file saying which local users may ask for which subjects and scopes; re-read on SIGHUP (env TOKEND_POLICY)")
 	fs.StringVar(&o.adminGroup, "admin-group", env("TOKEND_ADMIN_GROUP", ""), "group (name or gid) whose members may use AdminService besides root and tokend's own user (env TOKEND_ADMIN_GROUP)")
 	fs.StringVar(&o.auditLog, "audit-log", env("TOKEND_AUDIT_LOG", ""), "file to append the audit trail to as JSON lines; default: the log on stderr with logger=audit (env TOKEND_AUDIT_LOG)")
@@ -177,6 +178,7 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 		UpstreamTimeout: o.upstreamTTO,
 
 		PolicyFile:      o.policyFile,
+		MetricsAddr:     o.metricsAddr,
 		AdminGroup:      o.adminGroup,
 		AuditLog:        o.auditLog,
 		CacheKeyFile:    o.cacheKeyFile,

@@ -4,6 +4,9 @@
 package daemon
 
 import (
+	"net"
+
+	"github.com/tokend/tokend/internal/metrics"
 	"strings"
 	"sync/atomic"
 
@@ -63,6 +66,9 @@ type Config struct {
 	UpstreamTimeout time.Duration
 
 	// Local security; see the README's security section.
+	// MetricsAddr, when set, serves Prometheus metrics: a loopback
+	// host:port or unix:/path.
+	MetricsAddr string
 	// PolicyFile, when set, restricts who may ask for which token.
 	PolicyFile string
 	// AdminGroup names the group whose members may call AdminService.
@@ -163,7 +169,18 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return err
 	}
+	var srv *server.Server
+	var met *metrics.Metrics
+	var metricsLn net.Listener
+	if cfg.MetricsAddr != "" {
+		if metricsLn, err = metrics.Listen(cfg.MetricsAddr); err != nil {
+			return err
+		}
+		defer metricsLn.Close()
+		met = metrics.New(func() metrics.Snapshot { return srv.MetricsSnapshot() })
+	}
 	ref, err := refresher.New(refresher.Config{
+		Observer:    observer(met),
 		Cache:       c,
 		Fetcher:     client,
 		Logger:      log.With("component", "refresher"),
@@ -191,7 +208,8 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		return err
 	}
 	ln, conns := server.LimitConns(ln, cfg.MaxConnections)
-	srv := server.New(server.Config{
+	srv = server.New(server.Config{
+		Metrics:        serverMetrics(met),
 		Tokens:         ref,
 		Entries:        c,
 		Logger:         log.With("component", "server"),
@@ -217,6 +235,10 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	g.Go(func() error { return srv.Serve(gctx, ln) })
 	g.Go(func() error { return ref.Run(gctx) })
 	g.Go(func() error { return trail.Run(gctx) })
+	if met != nil {
+		g.Go(func() error { return met.Serve(gctx, metricsLn) })
+		log.Info("serving metrics", "addr", cfg.MetricsAddr)
+	}
 	// The cache is loaded and the socket accepts: tell systemd.
 	sdn := newNotifier(log, c, ref)
 	g.Go(func() error { return sdn.run(gctx) })
@@ -261,4 +283,20 @@ func startDev(cfg *Config, log *slog.Logger) (stop func(), err error) {
 			os.RemoveAll(tmp)
 		}
 	}, nil
+}
+
+// observer and serverMetrics keep a nil *metrics.Metrics from becoming a
+// non-nil interface holding nil.
+func observer(m *metrics.Metrics) refresher.Observer {
+	if m == nil {
+		return nil
+	}
+	return m
+}
+
+func serverMetrics(m *metrics.Metrics) server.Metrics {
+	if m == nil {
+		return nil
+	}
+	return m
 }

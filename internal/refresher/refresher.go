@@ -72,6 +72,8 @@ type Config struct {
 	// MaxEntries bounds the cache; a new key beyond it evicts the least
 	// recently requested entry. Default 100,000.
 	MaxEntries int
+	// Observer, if set, is told about upstream calls for metrics.
+	Observer Observer
 	// OnMint, if set, is told of every token obtained from Whop and why:
 	// "miss", "refresh" (scheduled) or "admin". For the audit trail.
 	OnMint func(e *cache.Entry, t *cache.Token, cause string)
@@ -136,6 +138,16 @@ func (c *Config) setDefaults() error {
 		c.MaxEntries = 100_000
 	}
 	return nil
+}
+
+// Observer receives the refresher's events for metrics.
+type Observer interface {
+	// Upstream: one request to Whop; status 0 for network errors.
+	Upstream(status int, d time.Duration)
+	// Minted: one mint attempt by cause ("miss", "refresh", "rejected", "admin").
+	Minted(cause string, ok bool)
+	// LimiterWait: an upstream call waited d for the limiter.
+	LimiterWait(d time.Duration)
 }
 
 // Refresher serves tokens from the cache and keeps them fresh.
@@ -462,14 +474,19 @@ func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
 	defer r.setMinting(e, false)
 	prev := e.Meta().State
 	r.cache.SetState(e, cache.StateRefreshing)
+	waitStart := time.Now()
 	release, err := r.gate.acquire(r.base)
 	if err != nil {
 		r.cache.SetState(e, prev)
 		return nil, fmt.Errorf("waiting for the upstream limiter: %w", err)
 	}
+	if waited := time.Since(waitStart); waited > time.Millisecond && r.cfg.Observer != nil {
+		r.cfg.Observer.LimiterWait(waited)
+	}
 	k := e.Key()
 	start := r.clock.Now()
 	r.upstreamCalls.Add(1)
+	callStart := time.Now()
 	at, err := r.cfg.Fetcher.CreateAccessToken(r.base, whop.Request{
 		CompanyID:     k.CompanyID,
 		UserID:        k.UserID,
@@ -477,6 +494,17 @@ func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
 		ExpiresAt:     start.Add(w.lifetime),
 	})
 	release()
+	if o := r.cfg.Observer; o != nil {
+		st := 200
+		var we *whop.Error
+		if errors.As(err, &we) {
+			st = we.StatusCode
+		} else if err != nil {
+			st = 0
+		}
+		o.Upstream(st, time.Since(callStart))
+		o.Minted(w.cause, err == nil)
+	}
 	if err != nil {
 		r.failed(e, err, fp)
 		return nil, err

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"github.com/tokend/tokend/internal/metrics"
 	"github.com/tokend/tokend/internal/policy"
 	"time"
 
@@ -249,4 +250,21 @@ func (a *adminService) CheckPolicy(_ context.Context, req *tokendv1.CheckPolicyR
 	d := p.Check(caller, policy.Request{Credential: k.Credential, CompanyID: k.CompanyID, UserID: k.UserID, Scopes: k.Scopes})
 	resp.PolicyLoaded, resp.Allowed, resp.Rule, resp.Reason = true, d.Allowed, d.Rule, d.Reason
 	return resp, nil
+}
+
+// MetricsSnapshot describes the cache for a metrics scrape.
+func (s *Server) MetricsSnapshot() metrics.Snapshot {
+	now := s.cfg.Now()
+	snap := metrics.Snapshot{EntriesByState: map[string]int{}, EarliestExpiry: -1, UpstreamInFlight: s.cfg.Tokens.Stats().UpstreamInFlight}
+	var earliest time.Time
+	for _, e := range s.cfg.Entries.Entries() {
+		snap.EntriesByState[stateName(entryState(e, now))]++
+		if t := e.Token(); t != nil && t.ExpiresAt.After(now) && (earliest.IsZero() || t.ExpiresAt.Before(earliest)) {
+			earliest = t.ExpiresAt
+		}
+	}
+	if !earliest.IsZero() {
+		snap.EarliestExpiry = earliest.Sub(now)
+	}
+	return snap
 }

@@ -48,6 +48,12 @@ type Tokens interface {
 	LastError(e *cache.Entry) error
 }
 
+// Metrics is what the server reports about GetToken calls.
+type Metrics interface {
+	// GetToken: result is "hit", "miss", "refreshed" or "error".
+	GetToken(result string, code codes.Code)
+}
+
 // Entries is the read side of the cache that AdminService lists.
 type Entries interface {
 	Entries() []*cache.Entry
@@ -88,6 +94,8 @@ type Config struct {
 	Conns *ConnLimit
 	// SealedCache says whether tokens are sealed at rest, for status.
 	SealedCache bool
+	// Metrics counts GetToken calls; nil counts nothing.
+	Metrics Metrics
 	// Policy, when it holds one, decides who may ask for which token; it
 	// is swapped on reload. Nil or empty: anyone who can open the socket.
 	Policy *atomic.Pointer[policy.Policy]
@@ -181,9 +189,17 @@ type tokenService struct {
 var _ tokendv1.TokenServiceServer = (*tokenService)(nil)
 
 func (t *tokenService) GetToken(ctx context.Context, req *tokendv1.GetTokenRequest) (*tokendv1.Token, error) {
+	tok, result, err := t.getToken(ctx, req)
+	if m := t.s.cfg.Metrics; m != nil {
+		m.GetToken(result, status.Code(err))
+	}
+	return tok, err
+}
+
+func (t *tokenService) getToken(ctx context.Context, req *tokendv1.GetTokenRequest) (_ *tokendv1.Token, result string, _ error) {
 	r, err := validate(req)
 	if err != nil {
-		return nil, err
+		return nil, "error", err
 	}
 	k := cache.NewKey(t.s.cfg.Credential, r.companyID, r.userID, r.scopes)
 	cs := connFrom(ctx)
@@ -192,17 +208,25 @@ func (t *tokenService) GetToken(ctx context.Context, req *tokendv1.GetTokenReque
 		opts.MissLimiter = t.s.misses.forUID(cs.peer.UID)
 	}
 	if err := t.s.checkPolicy(cs, k); err != nil {
-		return nil, err
+		return nil, "error", err
 	}
 	start := time.Now()
 	tok, e, err := t.s.cfg.Tokens.Get(ctx, k, opts)
 	if err != nil {
-		return nil, upstreamStatus(err)
+		return nil, "error", upstreamStatus(err)
 	}
+	minted := !tok.ObtainedAt.Before(start)
 	if cs != nil && cs.audit != nil {
-		cs.audit.HandedOut(audit.Subject{KeyID: e.ID(), CompanyID: k.CompanyID, UserID: k.UserID, Scopes: k.Scopes}, tok.Value, !tok.ObtainedAt.Before(start))
+		cs.audit.HandedOut(audit.Subject{KeyID: e.ID(), CompanyID: k.CompanyID, UserID: k.UserID, Scopes: k.Scopes}, tok.Value, minted)
 	}
-	return &tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: e.ID()}, nil
+	result = "hit"
+	switch {
+	case minted && req.GetRejectedToken() != "":
+		result = "refreshed"
+	case minted:
+		result = "miss"
+	}
+	return &tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: e.ID()}, result, nil
 }
 
 // WatchToken sends the current token, then each replacement as soon as
