@@ -2,9 +2,12 @@ package server
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"github.com/tokend/tokend/internal/metrics"
 	"github.com/tokend/tokend/internal/policy"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -28,6 +31,9 @@ func (a *adminService) ListEntries(_ context.Context, req *tokendv1.ListEntriesR
 	resp := &tokendv1.ListEntriesResponse{}
 	for _, e := range a.s.cfg.Entries.Entries() {
 		if req.GetSubject() != "" && !hasSubject(e, req.GetSubject()) {
+			continue
+		}
+		if req.GetCredential() != "" && e.Key().Credential != req.GetCredential() {
 			continue
 		}
 		resp.Entries = append(resp.Entries, entryProto(e, now))
@@ -206,8 +212,28 @@ func entryProto(e *cache.Entry, now time.Time) *tokendv1.Entry {
 	if t := e.Token(); t != nil {
 		p.ExpiresAt = timestamp(t.ExpiresAt)
 		p.ObtainedAt = timestamp(t.ObtainedAt)
+		p.JwtHeaderJson, p.JwtClaimsJson = decodeJWT(t.Value)
 	}
+	p.Credential = k.Credential
 	return p
+}
+
+// decodeJWT returns a JWT's header and claims as JSON, unverified, for
+// operators; the signature, which makes a token usable, is never returned.
+// Anything that is not a JWT decodes to nothing.
+func decodeJWT(token string) (header, claims string) {
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 {
+		return "", ""
+	}
+	part := func(s string) string {
+		b, err := base64.RawURLEncoding.DecodeString(s)
+		if err != nil || !json.Valid(b) {
+			return ""
+		}
+		return string(b)
+	}
+	return part(parts[0]), part(parts[1])
 }
 
 func errorProto(le *cache.ErrorInfo) *tokendv1.UpstreamError {

@@ -115,6 +115,9 @@ type GetTokenRequest struct {
 	// many callers report it) and returns the new one; otherwise it was
 	// already replaced and the current token is returned. Never logged.
 	RejectedToken string `protobuf:"bytes,5,opt,name=rejected_token,json=rejectedToken,proto3" json:"rejected_token,omitempty"`
+	// The name of the credential to mint with, from tokend's configuration.
+	// Empty means "default" when there is one.
+	Credential    string `protobuf:"bytes,6,opt,name=credential,proto3" json:"credential,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -180,6 +183,13 @@ func (x *GetTokenRequest) GetMinTtl() *durationpb.Duration {
 func (x *GetTokenRequest) GetRejectedToken() string {
 	if x != nil {
 		return x.RejectedToken
+	}
+	return ""
+}
+
+func (x *GetTokenRequest) GetCredential() string {
+	if x != nil {
+		return x.Credential
 	}
 	return ""
 }
@@ -398,7 +408,9 @@ func (x *CheckPolicyResponse) GetUid() uint32 {
 type ListEntriesRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// When set, only entries whose company_id or user_id equals it.
-	Subject       string `protobuf:"bytes,1,opt,name=subject,proto3" json:"subject,omitempty"`
+	Subject string `protobuf:"bytes,1,opt,name=subject,proto3" json:"subject,omitempty"`
+	// When set, only entries of this credential.
+	Credential    string `protobuf:"bytes,2,opt,name=credential,proto3" json:"credential,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -436,6 +448,13 @@ func (*ListEntriesRequest) Descriptor() ([]byte, []int) {
 func (x *ListEntriesRequest) GetSubject() string {
 	if x != nil {
 		return x.Subject
+	}
+	return ""
+}
+
+func (x *ListEntriesRequest) GetCredential() string {
+	if x != nil {
+		return x.Credential
 	}
 	return ""
 }
@@ -733,8 +752,14 @@ type Entry struct {
 	// Successful upstream fetches since the entry was created.
 	Refreshes uint64 `protobuf:"varint,11,opt,name=refreshes,proto3" json:"refreshes,omitempty"`
 	// Consecutive failed refreshes.
-	Failures      uint32         `protobuf:"varint,12,opt,name=failures,proto3" json:"failures,omitempty"`
-	LastError     *UpstreamError `protobuf:"bytes,13,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	Failures  uint32         `protobuf:"varint,12,opt,name=failures,proto3" json:"failures,omitempty"`
+	LastError *UpstreamError `protobuf:"bytes,13,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	// The credential that mints this entry's tokens.
+	Credential string `protobuf:"bytes,14,opt,name=credential,proto3" json:"credential,omitempty"`
+	// The current token's JWT header and claims, decoded as JSON objects (not
+	// verified); never the token itself.
+	JwtHeaderJson string `protobuf:"bytes,15,opt,name=jwt_header_json,json=jwtHeaderJson,proto3" json:"jwt_header_json,omitempty"`
+	JwtClaimsJson string `protobuf:"bytes,16,opt,name=jwt_claims_json,json=jwtClaimsJson,proto3" json:"jwt_claims_json,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -858,6 +883,27 @@ func (x *Entry) GetLastError() *UpstreamError {
 		return x.LastError
 	}
 	return nil
+}
+
+func (x *Entry) GetCredential() string {
+	if x != nil {
+		return x.Credential
+	}
+	return ""
+}
+
+func (x *Entry) GetJwtHeaderJson() string {
+	if x != nil {
+		return x.JwtHeaderJson
+	}
+	return ""
+}
+
+func (x *Entry) GetJwtClaimsJson() string {
+	if x != nil {
+		return x.JwtClaimsJson
+	}
+	return ""
 }
 
 type UpstreamError struct {
@@ -1006,7 +1052,9 @@ type Status struct {
 	// A policy file restricts who may ask for which token.
 	PolicyLoaded bool `protobuf:"varint,26,opt,name=policy_loaded,json=policyLoaded,proto3" json:"policy_loaded,omitempty"`
 	// Whether token strings are sealed in the cache file.
-	CacheSealed   bool `protobuf:"varint,27,opt,name=cache_sealed,json=cacheSealed,proto3" json:"cache_sealed,omitempty"`
+	CacheSealed bool `protobuf:"varint,27,opt,name=cache_sealed,json=cacheSealed,proto3" json:"cache_sealed,omitempty"`
+	// One line per configured credential.
+	Credentials   []*CredentialStatus `protobuf:"bytes,28,rep,name=credentials,proto3" json:"credentials,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1230,18 +1278,148 @@ func (x *Status) GetCacheSealed() bool {
 	return false
 }
 
+func (x *Status) GetCredentials() []*CredentialStatus {
+	if x != nil {
+		return x.Credentials
+	}
+	return nil
+}
+
+type CredentialStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// "api_key" or "oauth_user".
+	Kind string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	// A short salted fingerprint of the current secret; never the secret.
+	Fingerprint string `protobuf:"bytes,3,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	// Whop answered 401 to it: no calls until it is reloaded.
+	Rejected       bool                   `protobuf:"varint,4,opt,name=rejected,proto3" json:"rejected,omitempty"`
+	PausedUntil    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=paused_until,json=pausedUntil,proto3" json:"paused_until,omitempty"`
+	InFlight       uint32                 `protobuf:"varint,6,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	UpstreamCalls  uint64                 `protobuf:"varint,7,opt,name=upstream_calls,json=upstreamCalls,proto3" json:"upstream_calls,omitempty"`
+	UpstreamErrors uint64                 `protobuf:"varint,8,opt,name=upstream_errors,json=upstreamErrors,proto3" json:"upstream_errors,omitempty"`
+	// For oauth_user credentials whose token is a JWT: when it expires.
+	SecretExpiresAt *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=secret_expires_at,json=secretExpiresAt,proto3" json:"secret_expires_at,omitempty"`
+	Entries         uint64                 `protobuf:"varint,10,opt,name=entries,proto3" json:"entries,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *CredentialStatus) Reset() {
+	*x = CredentialStatus{}
+	mi := &file_tokend_v1_tokend_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CredentialStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CredentialStatus) ProtoMessage() {}
+
+func (x *CredentialStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_tokend_v1_tokend_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CredentialStatus.ProtoReflect.Descriptor instead.
+func (*CredentialStatus) Descriptor() ([]byte, []int) {
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *CredentialStatus) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CredentialStatus) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *CredentialStatus) GetFingerprint() string {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return ""
+}
+
+func (x *CredentialStatus) GetRejected() bool {
+	if x != nil {
+		return x.Rejected
+	}
+	return false
+}
+
+func (x *CredentialStatus) GetPausedUntil() *timestamppb.Timestamp {
+	if x != nil {
+		return x.PausedUntil
+	}
+	return nil
+}
+
+func (x *CredentialStatus) GetInFlight() uint32 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+func (x *CredentialStatus) GetUpstreamCalls() uint64 {
+	if x != nil {
+		return x.UpstreamCalls
+	}
+	return 0
+}
+
+func (x *CredentialStatus) GetUpstreamErrors() uint64 {
+	if x != nil {
+		return x.UpstreamErrors
+	}
+	return 0
+}
+
+func (x *CredentialStatus) GetSecretExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.SecretExpiresAt
+	}
+	return nil
+}
+
+func (x *CredentialStatus) GetEntries() uint64 {
+	if x != nil {
+		return x.Entries
+	}
+	return 0
+}
+
 var File_tokend_v1_tokend_proto protoreflect.FileDescriptor
 
 const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\n" +
-	"\x16tokend/v1/tokend.proto\x12\ttokend.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcb\x01\n" +
+	"\x16tokend/v1/tokend.proto\x12\ttokend.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x01\n" +
 	"\x0fGetTokenRequest\x12\x1d\n" +
 	"\n" +
 	"company_id\x18\x01 \x01(\tR\tcompanyId\x12\x17\n" +
 	"\auser_id\x18\x02 \x01(\tR\x06userId\x12%\n" +
 	"\x0escoped_actions\x18\x03 \x03(\tR\rscopedActions\x122\n" +
 	"\amin_ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x06minTtl\x12%\n" +
-	"\x0erejected_token\x18\x05 \x01(\tR\rrejectedToken\"o\n" +
+	"\x0erejected_token\x18\x05 \x01(\tR\rrejectedToken\x12\x1e\n" +
+	"\n" +
+	"credential\x18\x06 \x01(\tR\n" +
+	"credential\"o\n" +
 	"\x05Token\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x129\n" +
 	"\n" +
@@ -1258,9 +1436,12 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\aallowed\x18\x02 \x01(\bR\aallowed\x12\x12\n" +
 	"\x04rule\x18\x03 \x01(\tR\x04rule\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x12\x10\n" +
-	"\x03uid\x18\x05 \x01(\rR\x03uid\".\n" +
+	"\x03uid\x18\x05 \x01(\rR\x03uid\"N\n" +
 	"\x12ListEntriesRequest\x12\x18\n" +
-	"\asubject\x18\x01 \x01(\tR\asubject\"A\n" +
+	"\asubject\x18\x01 \x01(\tR\asubject\x12\x1e\n" +
+	"\n" +
+	"credential\x18\x02 \x01(\tR\n" +
+	"credential\"A\n" +
 	"\x13ListEntriesResponse\x12*\n" +
 	"\aentries\x18\x01 \x03(\v2\x10.tokend.v1.EntryR\aentries\"(\n" +
 	"\x0fGetEntryRequest\x12\x15\n" +
@@ -1273,7 +1454,7 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x14EvictEntriesResponse\x12\x17\n" +
 	"\akey_ids\x18\x01 \x03(\tR\x06keyIds\",\n" +
 	"\x13RefreshEntryRequest\x12\x15\n" +
-	"\x06key_id\x18\x01 \x01(\tR\x05keyId\"\xb5\x04\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\"\xa5\x05\n" +
 	"\x05Entry\x12\x15\n" +
 	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x1d\n" +
 	"\n" +
@@ -1292,14 +1473,20 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\trefreshes\x18\v \x01(\x04R\trefreshes\x12\x1a\n" +
 	"\bfailures\x18\f \x01(\rR\bfailures\x127\n" +
 	"\n" +
-	"last_error\x18\r \x01(\v2\x18.tokend.v1.UpstreamErrorR\tlastError\"\x94\x01\n" +
+	"last_error\x18\r \x01(\v2\x18.tokend.v1.UpstreamErrorR\tlastError\x12\x1e\n" +
+	"\n" +
+	"credential\x18\x0e \x01(\tR\n" +
+	"credential\x12&\n" +
+	"\x0fjwt_header_json\x18\x0f \x01(\tR\rjwtHeaderJson\x12&\n" +
+	"\x0fjwt_claims_json\x18\x10 \x01(\tR\rjwtClaimsJson\"\x94\x01\n" +
 	"\rUpstreamError\x12*\n" +
 	"\x02at\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x1f\n" +
 	"\vhttp_status\x18\x02 \x01(\x05R\n" +
 	"httpStatus\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\x12\x1c\n" +
 	"\tretryable\x18\x04 \x01(\bR\tretryable\"\x12\n" +
-	"\x10GetStatusRequest\"\xf8\t\n" +
+	"\x10GetStatusRequest\"\xb7\n" +
+	"\n" +
 	"\x06Status\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
 	"\n" +
@@ -1330,10 +1517,23 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x14connections_at_limit\x18\x18 \x01(\x04R\x12connectionsAtLimit\x12'\n" +
 	"\x0fmax_connections\x18\x19 \x01(\rR\x0emaxConnections\x12#\n" +
 	"\rpolicy_loaded\x18\x1a \x01(\bR\fpolicyLoaded\x12!\n" +
-	"\fcache_sealed\x18\x1b \x01(\bR\vcacheSealed\x1aA\n" +
+	"\fcache_sealed\x18\x1b \x01(\bR\vcacheSealed\x12=\n" +
+	"\vcredentials\x18\x1c \x03(\v2\x1b.tokend.v1.CredentialStatusR\vcredentials\x1aA\n" +
 	"\x13EntriesByStateEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01*\xbe\x01\n" +
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\x86\x03\n" +
+	"\x10CredentialStatus\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12 \n" +
+	"\vfingerprint\x18\x03 \x01(\tR\vfingerprint\x12\x1a\n" +
+	"\brejected\x18\x04 \x01(\bR\brejected\x12=\n" +
+	"\fpaused_until\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\vpausedUntil\x12\x1b\n" +
+	"\tin_flight\x18\x06 \x01(\rR\binFlight\x12%\n" +
+	"\x0eupstream_calls\x18\a \x01(\x04R\rupstreamCalls\x12'\n" +
+	"\x0fupstream_errors\x18\b \x01(\x04R\x0eupstreamErrors\x12F\n" +
+	"\x11secret_expires_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\x0fsecretExpiresAt\x12\x18\n" +
+	"\aentries\x18\n" +
+	" \x01(\x04R\aentries*\xbe\x01\n" +
 	"\n" +
 	"EntryState\x12\x1b\n" +
 	"\x17ENTRY_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
@@ -1368,7 +1568,7 @@ func file_tokend_v1_tokend_proto_rawDescGZIP() []byte {
 }
 
 var file_tokend_v1_tokend_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tokend_v1_tokend_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_tokend_v1_tokend_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_tokend_v1_tokend_proto_goTypes = []any{
 	(EntryState)(0),               // 0: tokend.v1.EntryState
 	(*GetTokenRequest)(nil),       // 1: tokend.v1.GetTokenRequest
@@ -1385,47 +1585,51 @@ var file_tokend_v1_tokend_proto_goTypes = []any{
 	(*UpstreamError)(nil),         // 12: tokend.v1.UpstreamError
 	(*GetStatusRequest)(nil),      // 13: tokend.v1.GetStatusRequest
 	(*Status)(nil),                // 14: tokend.v1.Status
-	nil,                           // 15: tokend.v1.Status.EntriesByStateEntry
-	(*durationpb.Duration)(nil),   // 16: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
+	(*CredentialStatus)(nil),      // 15: tokend.v1.CredentialStatus
+	nil,                           // 16: tokend.v1.Status.EntriesByStateEntry
+	(*durationpb.Duration)(nil),   // 17: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 18: google.protobuf.Timestamp
 }
 var file_tokend_v1_tokend_proto_depIdxs = []int32{
-	16, // 0: tokend.v1.GetTokenRequest.min_ttl:type_name -> google.protobuf.Duration
-	17, // 1: tokend.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	17, // 0: tokend.v1.GetTokenRequest.min_ttl:type_name -> google.protobuf.Duration
+	18, // 1: tokend.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
 	11, // 2: tokend.v1.ListEntriesResponse.entries:type_name -> tokend.v1.Entry
 	0,  // 3: tokend.v1.Entry.state:type_name -> tokend.v1.EntryState
-	17, // 4: tokend.v1.Entry.expires_at:type_name -> google.protobuf.Timestamp
-	17, // 5: tokend.v1.Entry.obtained_at:type_name -> google.protobuf.Timestamp
-	17, // 6: tokend.v1.Entry.next_refresh_at:type_name -> google.protobuf.Timestamp
-	17, // 7: tokend.v1.Entry.last_requested_at:type_name -> google.protobuf.Timestamp
+	18, // 4: tokend.v1.Entry.expires_at:type_name -> google.protobuf.Timestamp
+	18, // 5: tokend.v1.Entry.obtained_at:type_name -> google.protobuf.Timestamp
+	18, // 6: tokend.v1.Entry.next_refresh_at:type_name -> google.protobuf.Timestamp
+	18, // 7: tokend.v1.Entry.last_requested_at:type_name -> google.protobuf.Timestamp
 	12, // 8: tokend.v1.Entry.last_error:type_name -> tokend.v1.UpstreamError
-	17, // 9: tokend.v1.UpstreamError.at:type_name -> google.protobuf.Timestamp
-	17, // 10: tokend.v1.Status.started_at:type_name -> google.protobuf.Timestamp
-	16, // 11: tokend.v1.Status.uptime:type_name -> google.protobuf.Duration
-	15, // 12: tokend.v1.Status.entries_by_state:type_name -> tokend.v1.Status.EntriesByStateEntry
+	18, // 9: tokend.v1.UpstreamError.at:type_name -> google.protobuf.Timestamp
+	18, // 10: tokend.v1.Status.started_at:type_name -> google.protobuf.Timestamp
+	17, // 11: tokend.v1.Status.uptime:type_name -> google.protobuf.Duration
+	16, // 12: tokend.v1.Status.entries_by_state:type_name -> tokend.v1.Status.EntriesByStateEntry
 	12, // 13: tokend.v1.Status.last_upstream_error:type_name -> tokend.v1.UpstreamError
-	17, // 14: tokend.v1.Status.upstream_paused_until:type_name -> google.protobuf.Timestamp
-	1,  // 15: tokend.v1.TokenService.GetToken:input_type -> tokend.v1.GetTokenRequest
-	1,  // 16: tokend.v1.TokenService.WatchToken:input_type -> tokend.v1.GetTokenRequest
-	5,  // 17: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
-	7,  // 18: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
-	8,  // 19: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
-	10, // 20: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
-	13, // 21: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
-	3,  // 22: tokend.v1.AdminService.CheckPolicy:input_type -> tokend.v1.CheckPolicyRequest
-	2,  // 23: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
-	2,  // 24: tokend.v1.TokenService.WatchToken:output_type -> tokend.v1.Token
-	6,  // 25: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
-	11, // 26: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
-	9,  // 27: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
-	11, // 28: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
-	14, // 29: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
-	4,  // 30: tokend.v1.AdminService.CheckPolicy:output_type -> tokend.v1.CheckPolicyResponse
-	23, // [23:31] is the sub-list for method output_type
-	15, // [15:23] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	18, // 14: tokend.v1.Status.upstream_paused_until:type_name -> google.protobuf.Timestamp
+	15, // 15: tokend.v1.Status.credentials:type_name -> tokend.v1.CredentialStatus
+	18, // 16: tokend.v1.CredentialStatus.paused_until:type_name -> google.protobuf.Timestamp
+	18, // 17: tokend.v1.CredentialStatus.secret_expires_at:type_name -> google.protobuf.Timestamp
+	1,  // 18: tokend.v1.TokenService.GetToken:input_type -> tokend.v1.GetTokenRequest
+	1,  // 19: tokend.v1.TokenService.WatchToken:input_type -> tokend.v1.GetTokenRequest
+	5,  // 20: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
+	7,  // 21: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
+	8,  // 22: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
+	10, // 23: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
+	13, // 24: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
+	3,  // 25: tokend.v1.AdminService.CheckPolicy:input_type -> tokend.v1.CheckPolicyRequest
+	2,  // 26: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
+	2,  // 27: tokend.v1.TokenService.WatchToken:output_type -> tokend.v1.Token
+	6,  // 28: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
+	11, // 29: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
+	9,  // 30: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
+	11, // 31: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
+	14, // 32: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
+	4,  // 33: tokend.v1.AdminService.CheckPolicy:output_type -> tokend.v1.CheckPolicyResponse
+	26, // [26:34] is the sub-list for method output_type
+	18, // [18:26] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_tokend_v1_tokend_proto_init() }
@@ -1444,7 +1648,7 @@ func file_tokend_v1_tokend_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tokend_v1_tokend_proto_rawDesc), len(file_tokend_v1_tokend_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   15,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
