@@ -31,9 +31,9 @@ type options struct {
 	retryInitial, retryMax, negativeTTL, restartSpread, upstreamTTO time.Duration
 	maxEntries                                                      int
 
-	adminGroup, auditLog, cacheKeyFile, policyFile, metricsAddr string
-	missRate                                                    float64
-	missBurst, maxConns, maxStreams                             int
+	adminGroup, auditLog, cacheKeyFile, policyFile, metricsAddr, configFile string
+	missRate                                                                float64
+	missBurst, maxConns, maxStreams                                         int
 }
 
 // run starts tokend; a value on reload (SIGHUP) re-reads the API key.
@@ -95,6 +95,7 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (op
 	fs.DurationVar(&o.upstreamTTO, "upstream-timeout", envDuration(getenv, "TOKEND_UPSTREAM_TIMEOUT", 10*time.Second), "per-request timeout of upstream calls, cutting stuck connections (env TOKEND_UPSTREAM_TIMEOUT)")
 	fs.IntVar(&o.maxEntries, "max-entries", envInt(getenv, "TOKEND_MAX_ENTRIES", 100_000), "most cache entries; a new key beyond it evicts the least recently requested (env TOKEND_MAX_ENTRIES)")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", env("TOKEND_METRICS_ADDR", ""), "serve Prometheus metrics at /metrics on a loopback host:port or unix:/path; off when empty (env TOKEND_METRICS_ADDR)")
+	fs.StringVar(&o.configFile, "config", env("TOKEND_CONFIG", ""), "YAML file listing named credentials (API keys, user OAuth tokens) to mint with, instead of one --api-key-file; re-read on SIGHUP (env TOKEND_CONFIG)")
 	fs.StringVar(&o.policyFile, "policy", env("TOKEND_POLICY", ""), "YAML policy file saying which local users may ask for which subjects and scopes; re-read on SIGHUP (env TOKEND_POLICY)")
 	fs.StringVar(&o.adminGroup, "admin-group", env("TOKEND_ADMIN_GROUP", ""), "group (name or gid) whose members may use AdminService besides root and tokend's own user (env TOKEND_ADMIN_GROUP)")
 	fs.StringVar(&o.auditLog, "audit-log", env("TOKEND_AUDIT_LOG", ""), "file to append the audit trail to as JSON lines; default: the log on stderr with logger=audit (env TOKEND_AUDIT_LOG)")
@@ -178,6 +179,7 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 		UpstreamTimeout: o.upstreamTTO,
 
 		PolicyFile:      o.policyFile,
+		ConfigFile:      o.configFile,
 		MetricsAddr:     o.metricsAddr,
 		AdminGroup:      o.adminGroup,
 		AuditLog:        o.auditLog,
@@ -195,6 +197,9 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 	}
 	if cfg.StateDir == "" {
 		cfg.StateDir = "/var/lib/tokend"
+	}
+	if o.configFile != "" && o.apiKeyFile != "" {
+		return daemon.Config{}, errors.New("--config and --api-key-file exclude each other: list the key in the config file as a credential named default")
 	}
 	// The daemon reads the key from here at start and again on reload.
 	cfg.Keys = daemon.KeySource{File: o.apiKeyFile, CredentialsDir: getenv("CREDENTIALS_DIRECTORY"), Env: getenv("WHOP_API_KEY")}

@@ -30,12 +30,29 @@ type Key struct {
 
 // NewKey returns the canonical key: scopes sorted, duplicates dropped, and
 // nil and empty treated alike. It does not keep a reference to scopes.
+//
+// Scopes that are already sorted and unique (what well-behaved clients
+// send) are used as they are, without a copy: the hit path allocates
+// nothing here. The caller must not modify them afterwards.
 func NewKey(credential, companyID, userID string, scopes []string) Key {
 	k := Key{Credential: credential, CompanyID: companyID, UserID: userID}
-	if len(scopes) > 0 {
+	switch {
+	case len(scopes) == 0:
+	case canonical(scopes):
+		k.Scopes = scopes
+	default:
 		k.Scopes = slices.Compact(slices.Sorted(slices.Values(scopes)))
 	}
 	return k
+}
+
+func canonical(scopes []string) bool {
+	for i := 1; i < len(scopes); i++ {
+		if scopes[i-1] >= scopes[i] {
+			return false
+		}
+	}
+	return true
 }
 
 // Subject is the human form of the subject: company, user, or company/user.
@@ -57,7 +74,12 @@ func (k Key) Encode() []byte {
 	for _, s := range k.Scopes {
 		n += binary.MaxVarintLen64 + len(s)
 	}
-	b := make([]byte, 0, n)
+	return k.AppendEncode(make([]byte, 0, n))
+}
+
+// AppendEncode appends the key's encoding to b, so a lookup can encode
+// into a buffer on the stack.
+func (k Key) AppendEncode(b []byte) []byte {
 	b = append(b, keyVersion)
 	b = appendString(b, k.Credential)
 	b = appendString(b, k.CompanyID)

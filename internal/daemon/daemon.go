@@ -69,6 +69,9 @@ type Config struct {
 	// MetricsAddr, when set, serves Prometheus metrics: a loopback
 	// host:port or unix:/path.
 	MetricsAddr string
+	// ConfigFile, when set, lists the named credentials to mint with
+	// instead of the one API key of Keys.
+	ConfigFile string
 	// PolicyFile, when set, restricts who may ask for which token.
 	PolicyFile string
 	// AdminGroup names the group whose members may call AdminService.
@@ -159,13 +162,22 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		log.Info("tokens are stored unsealed in the cache file (mode 0600); set --cache-key-file to seal them", "file", dbPath)
 	}
 
-	client, err := whop.New(whop.Config{
-		BaseURL:         cfg.WhopURL,
-		APIKey:          cfg.APIKey,
-		UserAgent:       "tokend/" + cfg.Version,
-		Timeout:         cfg.UpstreamTimeout,
-		FingerprintSalt: c.Salt(),
-	})
+	creds := &credentialSet{
+		log:     log.With("component", "credentials"),
+		file:    cfg.ConfigFile,
+		keys:    cfg.Keys,
+		credDir: cfg.Keys.CredentialsDir,
+		newWhop: func(key string) (*whop.Client, error) {
+			return whop.New(whop.Config{
+				BaseURL:         cfg.WhopURL,
+				APIKey:          key,
+				UserAgent:       "tokend/" + cfg.Version,
+				Timeout:         cfg.UpstreamTimeout,
+				FingerprintSalt: c.Salt(),
+			})
+		},
+	}
+	credList, err := creds.load(cfg.APIKey)
 	if err != nil {
 		return err
 	}
@@ -182,7 +194,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	ref, err := refresher.New(refresher.Config{
 		Observer:    observer(met),
 		Cache:       c,
-		Fetcher:     client,
+		Credentials: credList,
 		Logger:      log.With("component", "refresher"),
 		Lifetime:    cfg.Lifetime,
 		MaxInFlight: cfg.MaxInFlight,
@@ -242,7 +254,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	// The cache is loaded and the socket accepts: tell systemd.
 	sdn := newNotifier(log, c, ref)
 	g.Go(func() error { return sdn.run(gctx) })
-	rl := newReloader(cfg, keyFrom, log, client, sdn)
+	rl := newReloader(cfg, keyFrom, log, creds, ref, sdn)
 	rl.policyFile, rl.policy = cfg.PolicyFile, &pol
 	g.Go(func() error { return rl.run(gctx, cfg.Reload) })
 	log.Info("tokend ready", "version", cfg.Version, "socket", cfg.Socket, "state_dir", cfg.StateDir, "entries", stats.Loaded)

@@ -10,7 +10,7 @@ import (
 	"github.com/tokend/tokend/internal/policy"
 	"log/slog"
 
-	"github.com/tokend/tokend/internal/whop"
+	"github.com/tokend/tokend/internal/refresher"
 )
 
 // initialKey fills cfg.APIKey from cfg.Keys unless dev mode or the caller
@@ -19,6 +19,8 @@ func initialKey(cfg *Config) (from string, err error) {
 	switch {
 	case cfg.Dev:
 		return "dev mode", nil
+	case cfg.ConfigFile != "":
+		return "credentials of " + cfg.ConfigFile, nil
 	case cfg.APIKey != "":
 		return "Config.APIKey", nil
 	}
@@ -31,10 +33,11 @@ func initialKey(cfg *Config) (from string, err error) {
 // every other setting stay as they are. A source that fails to load keeps
 // the current key.
 type reloader struct {
-	log    *slog.Logger
-	keys   KeySource
-	client *whop.Client
-	sd     *notifier
+	log   *slog.Logger
+	keys  KeySource
+	creds *credentialSet
+	ref   *refresher.Refresher
+	sd    *notifier
 	// fixed says why the key cannot be re-read, or "" when it can.
 	fixed string
 	// policyFile is re-read into policy on reload, when set.
@@ -42,8 +45,8 @@ type reloader struct {
 	policy     *atomic.Pointer[policy.Policy]
 }
 
-func newReloader(cfg Config, from string, log *slog.Logger, client *whop.Client, n *notifier) *reloader {
-	r := &reloader{log: log, keys: cfg.Keys, client: client, sd: n}
+func newReloader(cfg Config, from string, log *slog.Logger, creds *credentialSet, ref *refresher.Refresher, n *notifier) *reloader {
+	r := &reloader{log: log, keys: cfg.Keys, creds: creds, ref: ref, sd: n}
 	switch {
 	case cfg.Dev:
 		r.fixed = "dev mode uses a generated key and the fake upstream"
@@ -69,21 +72,33 @@ func (r *reloader) reload() {
 	r.sd.reloading()
 	defer r.sd.ready()
 	r.reloadPolicy()
+	if r.creds.file != "" {
+		list, err := r.creds.reload()
+		if err != nil {
+			r.log.Error("reload: keeping the current credentials", "err", err)
+			return
+		}
+		if err := r.ref.SetCredentials(list); err != nil {
+			r.log.Error("reload: keeping the current credentials", "err", err)
+		}
+		return
+	}
 	if r.fixed != "" {
 		r.log.Info("reload: nothing to re-read", "reason", r.fixed)
 		return
 	}
+	client := r.creds.clients["default"]
 	key, from, err := LoadAPIKey(r.keys)
 	if err != nil {
 		r.log.Error("reload: keeping the current API key", "err", err)
 		return
 	}
-	old := r.client.KeyFingerprint()
-	if err := r.client.SetAPIKey(key); err != nil {
+	old := client.KeyFingerprint()
+	if err := client.SetAPIKey(key); err != nil {
 		r.log.Error("reload: keeping the current API key", "source", from, "err", err)
 		return
 	}
-	fp := r.client.KeyFingerprint()
+	fp := client.KeyFingerprint()
 	if bytes.Equal(old, fp) {
 		r.log.Info("reload: API key unchanged", "source", from, "key_fingerprint", shortFingerprint(fp))
 		return

@@ -555,3 +555,7 @@ func grepLines(s, substr string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+func whoptestFault429(retryAfter int) whoptest.Fault {
+	return whoptest.Fault{Status: 429, RetryAfter: fmt.Sprint(retryAfter)}
+}

@@ -38,10 +38,13 @@ type Fetcher interface {
 
 // Config configures New. Zero values mean the defaults.
 type Config struct {
-	Cache   *cache.Cache
-	Fetcher Fetcher
-	Clock   clock.Clock
-	Logger  *slog.Logger
+	Cache *cache.Cache
+	// Credentials are the identities to mint with; SetCredentials changes
+	// them later. Fetcher alone is shorthand for one credential "default".
+	Credentials []Credential
+	Fetcher     Fetcher
+	Clock       clock.Clock
+	Logger      *slog.Logger
 
 	// Lifetime is the token lifetime asked of Whop. Default 1h, at most 3h.
 	Lifetime time.Duration
@@ -80,8 +83,11 @@ type Config struct {
 }
 
 func (c *Config) setDefaults() error {
-	if c.Cache == nil || c.Fetcher == nil {
-		return errors.New("refresher: Cache and Fetcher are required")
+	if c.Cache == nil || c.Fetcher == nil && len(c.Credentials) == 0 {
+		return errors.New("refresher: Cache and a Fetcher or Credentials are required")
+	}
+	if len(c.Credentials) == 0 {
+		c.Credentials = []Credential{{Name: "default", Fetcher: c.Fetcher}}
 	}
 	if c.Clock == nil {
 		c.Clock = clock.Real{}
@@ -156,7 +162,7 @@ type Refresher struct {
 	cache *cache.Cache
 	clock clock.Clock
 	log   *slog.Logger
-	gate  *gate
+	ups   atomic.Pointer[upstreamSet]
 	sf    singleflight.Group
 
 	// base is cancelled when Run returns, ending fetches nobody waits for.
@@ -190,11 +196,14 @@ func New(cfg Config) (*Refresher, error) {
 		cache:  cfg.Cache,
 		clock:  cfg.Clock,
 		log:    cfg.Logger,
-		gate:   newGate(cfg.Clock, cfg.MaxInFlight, cfg.Rate, cfg.Burst),
 		base:   base,
 		cancel: cancel,
 		items:  make(map[*cache.Entry]*item),
 		wake:   make(chan struct{}, 1),
+	}
+	r.ups.Store(&upstreamSet{})
+	if err := r.SetCredentials(cfg.Credentials); err != nil {
+		return nil, err
 	}
 	r.scheduleLoaded()
 	return r, nil
@@ -245,17 +254,26 @@ type Stats struct {
 }
 
 func (r *Refresher) Stats() Stats {
+	st := r.stats()
+	for _, u := range r.upstreams() {
+		st.UpstreamInFlight += u.gate.inFlight()
+		if p := u.gate.pausedTill(); p.After(st.UpstreamPausedUntil) {
+			st.UpstreamPausedUntil = p
+		}
+		st.APIKeyRejected = st.APIKeyRejected || u.gate.isRejected(u.Fetcher.KeyFingerprint())
+	}
+	return st
+}
+
+func (r *Refresher) stats() Stats {
 	return Stats{
 		Hits:                r.hits.Load(),
 		Misses:              r.misses.Load(),
 		UpstreamCalls:       r.upstreamCalls.Load(),
 		UpstreamErrors:      r.upstreamErrors.Load(),
 		LastError:           r.lastError.Load(),
-		UpstreamInFlight:    r.gate.inFlight(),
 		UpstreamMaxInFlight: r.cfg.MaxInFlight,
 		UpstreamRate:        float64(r.cfg.Rate),
-		UpstreamPausedUntil: r.gate.pausedTill(),
-		APIKeyRejected:      r.gate.isRejected(r.cfg.Fetcher.KeyFingerprint()),
 		EvictedOverCapacity: r.evicted.Load(),
 		DroppedIdle:         r.droppedIdle.Load(),
 		MaxEntries:          r.cfg.MaxEntries,
@@ -275,10 +293,15 @@ var ErrLifetime = errors.New("no token Whop issues stays valid that long")
 // it.
 func (r *Refresher) Get(ctx context.Context, k cache.Key, o Options) (*cache.Token, *cache.Entry, error) {
 	minTTL, rejected := o.MinTTL, o.Rejected
-	enc := k.Encode()
+	var buf [256]byte // most keys fit: the hit path encodes without allocating
+	enc := k.AppendEncode(buf[:0])
 	now := r.clock.Now()
+	up := r.upstream(k.Credential)
+	if up == nil {
+		return nil, nil, fmt.Errorf("credential %q: %w", k.Credential, ErrUnknownCredential)
+	}
 	if e := r.cache.Get(enc); e != nil {
-		if t := e.Token(); r.usable(t, now, minTTL) && !isToken(t, rejected) {
+		if t := e.Token(); r.usable(up, t, now, minTTL) && !isToken(t, rejected) {
 			e.Touch(now, true)
 			r.hits.Add(1)
 			if e.Idle() && e.Revive() {
@@ -289,7 +312,7 @@ func (r *Refresher) Get(ctx context.Context, k cache.Key, o Options) (*cache.Tok
 	}
 	r.misses.Add(1)
 	if r.log.Enabled(ctx, slog.LevelDebug) {
-		r.log.Debug("cache miss", "key", k.ID(), "subject", k.Subject(), "reason", r.missReason(enc, now, minTTL, rejected))
+		r.log.Debug("cache miss", "key", k.ID(), "subject", k.Subject(), "reason", r.missReason(up, enc, now, minTTL, rejected))
 	}
 	want := want{minTTL: minTTL, rejected: rejected, lifetime: r.cfg.Lifetime, cause: "miss"}
 	if rejected != "" {
@@ -316,7 +339,7 @@ func (r *Refresher) Get(ctx context.Context, k cache.Key, o Options) (*cache.Tok
 		if err != nil {
 			return nil, e, err
 		}
-		if r.usable(t, r.clock.Now(), minTTL) {
+		if r.usable(up, t, r.clock.Now(), minTTL) {
 			return t, e, nil
 		}
 		// We joined a call made for a shorter min_ttl; make our own once.
@@ -336,7 +359,7 @@ func (r *Refresher) revive(e *cache.Entry) {
 }
 
 // missReason says why Get could not answer from the cache, for debug logs.
-func (r *Refresher) missReason(enc []byte, now time.Time, minTTL time.Duration, rejected string) string {
+func (r *Refresher) missReason(up *upstream, enc []byte, now time.Time, minTTL time.Duration, rejected string) string {
 	e := r.cache.Get(enc)
 	switch t := (*cache.Token)(nil); {
 	case e == nil:
@@ -345,7 +368,7 @@ func (r *Refresher) missReason(enc []byte, now time.Time, minTTL time.Duration, 
 		return "no token yet"
 	case isToken(e.Token(), rejected):
 		return "caller reported the token rejected"
-	case !bytes.Equal(e.Token().Fingerprint, r.cfg.Fetcher.KeyFingerprint()):
+	case !up.current(e.Token()):
 		return "token minted by another API key"
 	default:
 		t = e.Token()
@@ -401,8 +424,8 @@ func (r *Refresher) enforceCapacity(keep *cache.Entry) {
 
 // usable reports whether t can be handed out: minted by the current key and
 // valid for minTTL beyond the safety margin.
-func (r *Refresher) usable(t *cache.Token, now time.Time, minTTL time.Duration) bool {
-	return t.ValidFor(now, minTTL+r.cfg.ExpiryMargin) && bytes.Equal(t.Fingerprint, r.cfg.Fetcher.KeyFingerprint())
+func (r *Refresher) usable(up *upstream, t *cache.Token, now time.Time, minTTL time.Duration) bool {
+	return t.ValidFor(now, minTTL+r.cfg.ExpiryMargin) && up.current(t)
 }
 
 // remembered returns the entry's last error while callers should get it
@@ -412,7 +435,8 @@ func (r *Refresher) remembered(e *cache.Entry) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	it := r.items[e]
-	if it == nil || it.err == nil || !r.clock.Now().Before(it.errUntil) || !bytes.Equal(it.errKey, r.cfg.Fetcher.KeyFingerprint()) {
+	up := r.upstream(e.Key().Credential)
+	if it == nil || it.err == nil || up == nil || !r.clock.Now().Before(it.errUntil) || !bytes.Equal(it.errKey, up.Fetcher.KeyFingerprint()) {
 		return nil
 	}
 	return it.err
@@ -453,21 +477,25 @@ func (r *Refresher) mintShared(ctx context.Context, e *cache.Entry, w want) (*ca
 
 // ErrKeyRejected is returned without an upstream call while Whop's last
 // answer to the current API key was 401.
-var ErrKeyRejected = &whop.Error{StatusCode: 401, Type: "unauthorized", Message: "Whop rejected tokend's API key earlier; no call is made with it again until the key is reloaded (systemctl reload tokend) or tokend restarts"}
+var ErrKeyRejected = &whop.Error{StatusCode: 401, Type: "unauthorized", Message: "Whop rejected this credential earlier; no call is made with it again until it is reloaded (systemctl reload tokend) or tokend restarts"}
 
 // mint makes one upstream call for e and records the outcome, unless a
 // call that finished just before already satisfies w.
 func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
+	up := r.upstream(e.Key().Credential)
+	if up == nil {
+		return nil, fmt.Errorf("credential %q: %w", e.Key().Credential, ErrUnknownCredential)
+	}
 	if !w.force {
-		if t := e.Token(); r.usable(t, r.clock.Now(), w.minTTL) && !isToken(t, w.rejected) {
+		if t := e.Token(); r.usable(up, t, r.clock.Now(), w.minTTL) && !isToken(t, w.rejected) {
 			return t, nil // a call that just finished already did it
 		}
 		if err := r.remembered(e); err != nil {
 			return nil, err // one that just failed: wait out its backoff
 		}
 	}
-	fp := r.cfg.Fetcher.KeyFingerprint()
-	if r.gate.isRejected(fp) {
+	fp := up.Fetcher.KeyFingerprint()
+	if up.gate.isRejected(fp) {
 		return nil, ErrKeyRejected
 	}
 	r.setMinting(e, true)
@@ -475,7 +503,7 @@ func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
 	prev := e.Meta().State
 	r.cache.SetState(e, cache.StateRefreshing)
 	waitStart := time.Now()
-	release, err := r.gate.acquire(r.base)
+	release, err := up.gate.acquire(r.base)
 	if err != nil {
 		r.cache.SetState(e, prev)
 		return nil, fmt.Errorf("waiting for the upstream limiter: %w", err)
@@ -486,13 +514,13 @@ func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
 	k := e.Key()
 	start := r.clock.Now()
 	r.upstreamCalls.Add(1)
+	up.calls.Add(1)
 	callStart := time.Now()
-	at, err := r.cfg.Fetcher.CreateAccessToken(r.base, whop.Request{
-		CompanyID:     k.CompanyID,
-		UserID:        k.UserID,
-		ScopedActions: k.Scopes,
-		ExpiresAt:     start.Add(w.lifetime),
-	})
+	req := whop.Request{CompanyID: k.CompanyID, UserID: k.UserID, ScopedActions: k.Scopes, ExpiresAt: start.Add(w.lifetime)}
+	if up.OAuthUser {
+		req.CompanyID, req.UserID = "", "" // the token names its user
+	}
+	at, err := up.Fetcher.CreateAccessToken(r.base, req)
 	release()
 	if o := r.cfg.Observer; o != nil {
 		st := 200
@@ -506,7 +534,8 @@ func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
 		o.Minted(w.cause, err == nil)
 	}
 	if err != nil {
-		r.failed(e, err, fp)
+		up.errors.Add(1)
+		r.failed(up, e, err, fp)
 		return nil, err
 	}
 	t := &cache.Token{Value: at.Token, ExpiresAt: at.ExpiresAt, ObtainedAt: start, Fingerprint: fp}
@@ -541,18 +570,18 @@ func (r *Refresher) refreshTime(t *cache.Token) time.Time {
 }
 
 // failed records an upstream failure on e and decides when to try again.
-func (r *Refresher) failed(e *cache.Entry, err error, fp []byte) {
+func (r *Refresher) failed(up *upstream, e *cache.Entry, err error, fp []byte) {
 	now := r.clock.Now()
 	info := errorInfo(now, err)
 	r.upstreamErrors.Add(1)
 	r.lastError.Store(&info)
 	var we *whop.Error
 	if errors.As(err, &we) && we.StatusCode == 429 && we.RetryAfter > 0 {
-		r.gate.pause(we.RetryAfter)
+		up.gate.pause(we.RetryAfter)
 	}
 	if errors.As(err, &we) && we.StatusCode == 401 {
-		r.gate.rejectKey(fp)
-		r.log.Error("Whop rejected the API key (401); no upstream call until the key is reloaded or tokend restarts", "err", info.Message)
+		up.gate.rejectKey(fp)
+		r.log.Error("Whop rejected a credential (401); no upstream call with it until it is reloaded or tokend restarts", "credential", up.Name, "err", info.Message)
 	}
 	t := e.Token()
 	r.mu.Lock()

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"github.com/tokend/tokend/internal/metrics"
@@ -139,6 +140,22 @@ func (a *adminService) GetStatus(context.Context, *tokendv1.GetStatusRequest) (*
 		DroppedIdle:           st.DroppedIdle,
 		MaxEntries:            uint64(st.MaxEntries),
 	}
+	for _, c := range a.s.cfg.Tokens.CredentialStats() {
+		cs := &tokendv1.CredentialStatus{
+			Name: c.Name, Kind: "api_key", Fingerprint: hex.EncodeToString(c.Fingerprint[:min(4, len(c.Fingerprint))]),
+			Rejected: c.Rejected, InFlight: uint32(c.InFlight), UpstreamCalls: c.Calls, UpstreamErrors: c.Errors, Entries: uint64(c.Entries),
+		}
+		if c.OAuthUser {
+			cs.Kind = "oauth_user"
+		}
+		if c.PausedUntil.After(now) {
+			cs.PausedUntil = timestamppb.New(c.PausedUntil)
+		}
+		if !c.SecretExpiresAt.IsZero() {
+			cs.SecretExpiresAt = timestamppb.New(c.SecretExpiresAt)
+		}
+		resp.Credentials = append(resp.Credentials, cs)
+	}
 	if st.UpstreamPausedUntil.After(now) {
 		resp.UpstreamPausedUntil = timestamppb.New(st.UpstreamPausedUntil)
 	}
@@ -254,10 +271,11 @@ func (a *adminService) CheckPolicy(_ context.Context, req *tokendv1.CheckPolicyR
 	if req.GetUser() == "" {
 		return nil, status.Error(codes.InvalidArgument, "user is required: a local user name or uid")
 	}
-	r, err := validate(&tokendv1.GetTokenRequest{CompanyId: req.GetCompanyId(), UserId: req.GetUserId(), ScopedActions: req.GetScopedActions()})
+	r, k, err := a.s.parse(&tokendv1.GetTokenRequest{CompanyId: req.GetCompanyId(), UserId: req.GetUserId(), ScopedActions: req.GetScopedActions()})
 	if err != nil {
 		return nil, err
 	}
+	_ = r
 	caller, err := policy.CallerForUser(req.GetUser(), policy.SystemIDs())
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "user %q: %v", req.GetUser(), err)
@@ -272,7 +290,6 @@ func (a *adminService) CheckPolicy(_ context.Context, req *tokendv1.CheckPolicyR
 		resp.Reason = "no policy is loaded: every caller that can open the socket is allowed"
 		return resp, nil
 	}
-	k := cache.NewKey(a.s.cfg.Credential, r.companyID, r.userID, r.scopes)
 	d := p.Check(caller, policy.Request{Credential: k.Credential, CompanyID: k.CompanyID, UserID: k.UserID, Scopes: k.Scopes})
 	resp.PolicyLoaded, resp.Allowed, resp.Rule, resp.Reason = true, d.Allowed, d.Rule, d.Reason
 	return resp, nil

@@ -5,6 +5,8 @@
 package server
 
 import (
+	"slices"
+	"strings"
 	"sync/atomic"
 
 	"github.com/tokend/tokend/internal/policy"
@@ -46,6 +48,10 @@ type Tokens interface {
 	Changed(e *cache.Entry) <-chan struct{}
 	Live(e *cache.Entry) bool
 	LastError(e *cache.Entry) error
+	// Credentials are the configured credential names, sorted.
+	Credentials() []string
+	IsOAuthUser(name string) (oauth, ok bool)
+	CredentialStats() []refresher.CredentialStats
 }
 
 // Metrics is what the server reports about GetToken calls.
@@ -63,15 +69,13 @@ type Entries interface {
 
 // Config configures New.
 type Config struct {
-	Tokens  Tokens
-	Entries Entries
-	Logger  *slog.Logger
-	// Credential names the credential whose tokens GetToken serves.
-	Credential string
-	Version    string
-	Socket     string
-	StateDir   string
-	Now        func() time.Time
+	Tokens   Tokens
+	Entries  Entries
+	Logger   *slog.Logger
+	Version  string
+	Socket   string
+	StateDir string
+	Now      func() time.Time
 	// StopTimeout bounds how long Serve waits for in-flight calls after ctx
 	// ends. Default 5s.
 	StopTimeout time.Duration
@@ -120,9 +124,6 @@ func New(cfg Config) *Server {
 	}
 	if cfg.StopTimeout <= 0 {
 		cfg.StopTimeout = 5 * time.Second
-	}
-	if cfg.Credential == "" {
-		cfg.Credential = "default"
 	}
 	if cfg.MissRate <= 0 {
 		cfg.MissRate = 10
@@ -197,11 +198,10 @@ func (t *tokenService) GetToken(ctx context.Context, req *tokendv1.GetTokenReque
 }
 
 func (t *tokenService) getToken(ctx context.Context, req *tokendv1.GetTokenRequest) (_ *tokendv1.Token, result string, _ error) {
-	r, err := validate(req)
+	r, k, err := t.s.parse(req)
 	if err != nil {
 		return nil, "error", err
 	}
-	k := cache.NewKey(t.s.cfg.Credential, r.companyID, r.userID, r.scopes)
 	cs := connFrom(ctx)
 	opts := refresher.Options{MinTTL: r.minTTL, Rejected: req.GetRejectedToken()}
 	if cs != nil && cs.peer != nil {
@@ -229,15 +229,47 @@ func (t *tokenService) getToken(ctx context.Context, req *tokendv1.GetTokenReque
 	return &tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: e.ID()}, result, nil
 }
 
+// parse validates req against its credential and returns its cache key.
+func (s *Server) parse(req *tokendv1.GetTokenRequest) (request, cache.Key, error) {
+	name, err := s.credential(req.GetCredential())
+	if err != nil {
+		return request{}, cache.Key{}, err
+	}
+	oauth, _ := s.cfg.Tokens.IsOAuthUser(name)
+	r, err := validate(req, oauth)
+	if err != nil {
+		return r, cache.Key{}, err
+	}
+	return r, cache.NewKey(name, r.companyID, r.userID, r.scopes), nil
+}
+
+// credential resolves a request's credential name: empty means "default",
+// or the only credential when there is just one.
+func (s *Server) credential(name string) (string, error) {
+	names := s.cfg.Tokens.Credentials()
+	if name == "" {
+		switch {
+		case slices.Contains(names, "default"):
+			return "default", nil
+		case len(names) == 1:
+			return names[0], nil
+		}
+		return "", invalid("credential is required: tokend holds several (%s) and none is named default", strings.Join(names, ", "))
+	}
+	if !slices.Contains(names, name) {
+		return "", invalid("credential %q: no such credential; tokend holds %s", name, strings.Join(names, ", "))
+	}
+	return name, nil
+}
+
 // WatchToken sends the current token, then each replacement as soon as
 // the refresher installs it. A stalled watcher blocks only its own Send.
 func (t *tokenService) WatchToken(req *tokendv1.GetTokenRequest, stream tokendv1.TokenService_WatchTokenServer) error {
 	ctx := stream.Context()
-	r, err := validate(req)
+	r, k, err := t.s.parse(req)
 	if err != nil {
 		return err
 	}
-	k := cache.NewKey(t.s.cfg.Credential, r.companyID, r.userID, r.scopes)
 	cs := connFrom(ctx)
 	if err := t.s.checkPolicy(cs, k); err != nil {
 		return err
@@ -297,6 +329,8 @@ func upstreamStatus(err error) error {
 		return status.Error(codes.DeadlineExceeded, "deadline passed while waiting for Whop; the token will be cached for the next call")
 	case errors.Is(err, context.Canceled):
 		return status.Error(codes.Canceled, "call cancelled")
+	case errors.Is(err, refresher.ErrUnknownCredential):
+		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.Is(err, refresher.ErrLifetime):
 		return status.Error(codes.OutOfRange, err.Error())
 	case errors.Is(err, refresher.ErrMissRateLimited):

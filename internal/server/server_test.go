@@ -53,7 +53,7 @@ func TestValidate(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			r, err := validate(c.req)
+			r, err := validate(c.req, false)
 			if c.wantErr == "" {
 				if err != nil {
 					t.Fatalf("unexpected error: %v", err)
@@ -75,7 +75,7 @@ func FuzzValidate(f *testing.F) {
 	f.Add("", "", "", int64(-1))
 	f.Fuzz(func(t *testing.T, company, user, scope string, ttl int64) {
 		req := &tokendv1.GetTokenRequest{CompanyId: company, UserId: user, ScopedActions: []string{scope}, MinTtl: durationpb.New(time.Duration(ttl) * time.Second)}
-		r, err := validate(req)
+		r, err := validate(req, false)
 		if err != nil {
 			if status.Code(err) != codes.InvalidArgument {
 				t.Fatalf("non-InvalidArgument error %v", err)

@@ -29,10 +29,14 @@ type request struct {
 }
 
 // validate checks req and names the offending field in an InvalidArgument
-// status.
-func validate(req *tokendv1.GetTokenRequest) (request, error) {
+// status. oauth says the credential is a user OAuth token, which names its
+// own user: then the request must name no ids.
+func validate(req *tokendv1.GetTokenRequest, oauth bool) (request, error) {
 	r := request{companyID: req.GetCompanyId(), userID: req.GetUserId(), scopes: req.GetScopedActions(), minTTL: DefaultMinTTL}
-	if r.companyID == "" && r.userID == "" {
+	switch {
+	case oauth && (r.companyID != "" || r.userID != ""):
+		return r, invalid("company_id and user_id must be empty with credential %q: it is a user OAuth token, and Whop derives the user from it", req.GetCredential())
+	case !oauth && r.companyID == "" && r.userID == "":
 		return r, invalid("company_id or user_id is required")
 	}
 	if err := checkID("company_id", r.companyID, "biz_"); err != nil {

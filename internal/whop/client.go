@@ -8,6 +8,7 @@ import (
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -182,6 +183,27 @@ func Fingerprint(salt []byte, key string) []byte {
 	m := hmac.New(sha256.New, salt)
 	m.Write([]byte(key))
 	return m.Sum(nil)[:16]
+}
+
+// SecretExpiresAt is the exp claim of the current secret when it is a JWT,
+// as user OAuth tokens are, so status can warn before it runs out; zero
+// for API keys. Only the claim leaves this method, never the secret.
+func (c *Client) SecretExpiresAt() time.Time {
+	parts := strings.Split(c.key.Load().value, ".")
+	if len(parts) != 3 {
+		return time.Time{}
+	}
+	b, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		return time.Time{}
+	}
+	var claims struct {
+		Exp int64 `json:"exp"`
+	}
+	if json.Unmarshal(b, &claims) != nil || claims.Exp <= 0 {
+		return time.Time{}
+	}
+	return time.Unix(claims.Exp, 0)
 }
 
 // String describes the client without its key.

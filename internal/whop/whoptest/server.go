@@ -86,6 +86,7 @@ type Server struct {
 	closed      bool
 	handlers    sync.WaitGroup
 	keys        map[string][]string
+	oauth       map[string]string // user OAuth token -> the user it belongs to
 	queue       []Fault
 	def         Fault
 	latency     time.Duration
@@ -161,6 +162,17 @@ func (s *Server) Close() {
 
 // AddKey accepts key, replacing its permissions if already known. A nil
 // perms grants every scope.
+// AddOAuthToken makes token a user OAuth token for userID: requests with it
+// name no ids, and the minted token is for that user.
+func (s *Server) AddOAuthToken(token, userID string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.oauth == nil {
+		s.oauth = make(map[string]string)
+	}
+	s.oauth[token] = userID
+}
+
 func (s *Server) AddKey(key string, perms []string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -394,14 +406,23 @@ func (s *Server) handle(r *http.Request, key string, hasBearer bool, req wireReq
 	}
 	s.mu.Lock()
 	perms, known := s.keys[key]
+	oauthUser, isOAuth := s.oauth[key]
 	s.mu.Unlock()
-	if !hasBearer || key == "" || !known {
+	if !hasBearer || key == "" || !known && !isOAuth {
 		return fail(http.StatusUnauthorized, apiError{Type: "unauthorized", Message: "Invalid or missing API key"})
 	}
 	if bodyErr != nil {
 		return fail(http.StatusBadRequest, invalidRequest("invalid_json", "", "Request body is not valid JSON."))
 	}
 	company, user := deref(req.CompanyID), deref(req.UserID)
+	if isOAuth {
+		// With OAuth the user is derived from the token.
+		if company != "" || user != "" {
+			return fail(http.StatusBadRequest, invalidRequest("parameter_invalid", "company_id",
+				"Invalid parameter: company_id and user_id are not accepted with a user OAuth token."))
+		}
+		user = oauthUser
+	}
 	if company == "" && user == "" {
 		return fail(http.StatusBadRequest, invalidRequest("parameter_missing", "company_id",
 			"Missing required parameter: company_id or user_id."))

@@ -1,0 +1,76 @@
+package server
+
+import (
+	"context"
+	"path/filepath"
+	"testing"
+
+	"github.com/tokend/tokend/internal/cache"
+	"github.com/tokend/tokend/internal/refresher"
+	"github.com/tokend/tokend/internal/whop"
+	"github.com/tokend/tokend/internal/whop/whoptest"
+	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
+)
+
+// BenchmarkGetTokenHit is the hit path of the handler on real parts (cache,
+// refresher, Whop client against the fake upstream), without the transport:
+// what tokend adds to every call. .ci/run runs it briefly; watch allocs/op.
+func BenchmarkGetTokenHit(b *testing.B) {
+	ts, req := hitRig(b)
+	ctx := context.Background()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		if _, err := ts.GetToken(ctx, req); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// TestGetTokenHitAllocs guards the hit path: beyond the response message
+// and its timestamp, which protobuf needs, tokend allocates nothing.
+func TestGetTokenHitAllocs(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates")
+	}
+	ts, req := hitRig(t)
+	ctx := context.Background()
+	allocs := testing.AllocsPerRun(1000, func() {
+		if _, err := ts.GetToken(ctx, req); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if allocs > 2 {
+		t.Fatalf("a cache hit allocates %v times; want at most 2 (the Token and its Timestamp)", allocs)
+	}
+}
+
+// hitRig is a warm tokenService on real parts.
+func hitRig(b testing.TB) (*tokenService, *tokendv1.GetTokenRequest) {
+	fake, err := whoptest.NewServer(whoptest.Config{Keys: map[string][]string{"k": nil}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(fake.Close)
+	c, _, err := cache.Open(cache.Config{Path: filepath.Join(b.TempDir(), "cache.db")})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close() })
+	client, err := whop.New(whop.Config{BaseURL: fake.URL(), APIKey: "k", FingerprintSalt: c.Salt()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ref, err := refresher.New(refresher.Config{Cache: c, Fetcher: client})
+	if err != nil {
+		b.Fatal(err)
+	}
+	s := New(Config{Tokens: ref, Entries: c})
+	ts := &tokenService{s: s}
+	req := &tokendv1.GetTokenRequest{CompanyId: "biz_bench", ScopedActions: []string{"chat:read", "dms:message:manage"}}
+	ctx := context.Background()
+	if _, err := ts.GetToken(ctx, req); err != nil {
+		b.Fatal(err)
+	}
+	return ts, req
+}
