@@ -149,25 +149,8 @@ func (e *env) start(extra ...string) *daemon {
 
 func (e *env) startArgs(args ...string) *daemon {
 	e.t.Helper()
-	d := &daemon{t: e.t, out: &syncBuffer{}, done: make(chan struct{})}
+	d := e.startCmd(nil, bin.tokend, args...)
 	e.daemons = append(e.daemons, d)
-	d.cmd = exec.Command(bin.tokend, args...)
-	d.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + e.dir}
-	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
-	if err := d.cmd.Start(); err != nil {
-		e.t.Fatal(err)
-	}
-	go func() {
-		d.err = d.cmd.Wait()
-		close(d.done)
-	}()
-	e.t.Cleanup(func() {
-		d.cmd.Process.Kill()
-		<-d.done
-		if e.t.Failed() {
-			e.t.Logf("tokend output:\n%s", d.out.String())
-		}
-	})
 	return d
 }
 
@@ -226,7 +209,16 @@ func (e *env) tokens() tokendv1.TokenServiceClient {
 // ctl runs tokenctl against the env's socket.
 func (e *env) ctl(args ...string) (stdout, stderr string, code int) {
 	e.t.Helper()
+	return e.runCtl(nil, args...)
+}
+
+// runCtl runs tokenctl, as another user when cred is set.
+func (e *env) runCtl(cred *syscall.Credential, args ...string) (stdout, stderr string, code int) {
+	e.t.Helper()
 	cmd := exec.Command(bin.tokenctl, append([]string{"--socket", e.socket}, args...)...)
+	if cred != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	}
 	var o, er bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &o, &er
 	err := cmd.Run()

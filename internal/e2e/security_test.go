@@ -4,9 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
-	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -24,19 +22,7 @@ const nobodyUID = 65534
 // ctlAs runs tokenctl as uid/gid, as an unprivileged local process would.
 func (e *env) ctlAs(uid, gid uint32, args ...string) (stdout, stderr string, code int) {
 	e.t.Helper()
-	cmd := exec.Command(bin.tokenctl, append([]string{"--socket", e.socket}, args...)...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid}}
-	var o, er bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &o, &er
-	err := cmd.Run()
-	var xe *exec.ExitError
-	switch {
-	case errors.As(err, &xe):
-		code = xe.ExitCode()
-	case err != nil:
-		e.t.Fatal(err)
-	}
-	return o.String(), er.String(), code
+	return e.runCtl(&syscall.Credential{Uid: uid, Gid: gid}, args...)
 }
 
 // openToOthers lets another uid reach the socket: the boundary under test
