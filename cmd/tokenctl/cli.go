@@ -31,6 +31,9 @@ type cli struct {
 	// now is the clock for relative times ("in 41m12s", "3m ago"); timestamps
 	// are printed in the location of the times it returns.
 	now func() time.Time
+	// wait, when set, replaces the timer between watch's polls; it returns
+	// ctx's error once ctx is done.
+	wait func(ctx context.Context, d time.Duration) error
 }
 
 // options are the persistent flags, shared by every command.
@@ -137,6 +140,7 @@ KEY arguments accept any unambiguous prefix of a key id shown by "tokenctl list"
 		c.newEvictCmd(opts),
 		c.newRefreshCmd(opts),
 		c.newStatusCmd(opts),
+		c.newWatchCmd(opts),
 		c.newPolicyCmd(opts),
 	)
 	return root

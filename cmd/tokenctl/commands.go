@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 
 	"github.com/spf13/cobra"
@@ -26,8 +28,8 @@ In table mode it prints only the token, so this works:
   curl -H "Authorization: Bearer $(tokenctl get --company biz_x --scope chat:read)" ...`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if req.CompanyId == "" && req.UserId == "" {
-				return usagef("get needs --company, --user, or both")
+			if req.CompanyId == "" && req.UserId == "" && req.Credential == "" {
+				return usagef("get needs --company, --user, or both (or --credential of a user OAuth token)")
 			}
 			if cmd.Flags().Changed("min-ttl") {
 				d, _ := cmd.Flags().GetDuration("min-ttl")
@@ -43,7 +45,7 @@ In table mode it prints only the token, so this works:
 					return err
 				}
 				if opts.json() {
-					return c.printJSON(tok, false)
+					return c.printJSON(tok)
 				}
 				_, err = fmt.Fprintln(c.stdout, tok.GetToken())
 				return err
@@ -53,36 +55,9 @@ In table mode it prints only the token, so this works:
 	f := cmd.Flags()
 	f.StringVar(&req.CompanyId, "company", "", `company to mint for ("biz_...")`)
 	f.StringVar(&req.UserId, "user", "", `user to mint for ("user_..."); with --company, a user within it`)
+	f.StringVar(&req.Credential, "credential", "", "the daemon's credential to mint with (default: default)")
 	f.StringSliceVar(&scopes, "scope", nil, `permission scope such as "chat:read"; repeatable; none means every permission`)
 	f.Duration("min-ttl", 0, "the token stays valid at least this long (daemon default 1m, at most 3h)")
-	return cmd
-}
-
-func (c *cli) newListCmd(opts *options) *cobra.Command {
-	var req tokendv1.ListEntriesRequest
-	cmd := &cobra.Command{
-		Use:   "list [--subject ID]",
-		Short: "List cache entries",
-		Args:  noArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			return c.withDaemon(cmd.Context(), opts, func(ctx context.Context, d *daemon) error {
-				resp, err := tokendv1.NewAdminServiceClient(d.conn).ListEntries(ctx, &req)
-				if err != nil {
-					return err
-				}
-				if opts.json() {
-					// An empty list still prints "entries": [] for jq.
-					return c.printJSON(resp, len(resp.GetEntries()) == 0)
-				}
-				if len(resp.GetEntries()) == 0 {
-					_, err := fmt.Fprintln(c.stdout, "no entries")
-					return err
-				}
-				return writeEntries(c.stdout, resp.GetEntries(), c.now())
-			})
-		},
-	}
-	cmd.Flags().StringVar(&req.Subject, "subject", "", "only entries whose company or user id equals ID")
 	return cmd
 }
 
@@ -164,7 +139,7 @@ func (c *cli) newEvictCmd(opts *options) *cobra.Command {
 					return err
 				}
 				if opts.json() {
-					return c.printJSON(resp, true)
+					return c.printJSON(resp)
 				}
 				if len(resp.GetKeyIds()) == 0 {
 					_, err := fmt.Fprintln(c.stdout, "no entries evicted")
@@ -196,7 +171,7 @@ func (c *cli) newStatusCmd(opts *options) *cobra.Command {
 					return err
 				}
 				if opts.json() {
-					return c.printJSON(s, false)
+					return c.printJSON(s)
 				}
 				return writeStatus(c.stdout, s, c.now())
 			})
@@ -206,24 +181,38 @@ func (c *cli) newStatusCmd(opts *options) *cobra.Command {
 
 func (c *cli) printEntry(opts *options, e *tokendv1.Entry) error {
 	if opts.json() {
-		return c.printJSON(e, false)
+		return c.printJSON(e)
 	}
 	return writeEntry(c.stdout, e, c.now())
 }
 
-// printJSON writes m as indented protojson with the .proto field names.
-// emitUnpopulated is for list-only responses, so that an empty list prints
-// as [] rather than vanishing.
-func (c *cli) printJSON(m proto.Message, emitUnpopulated bool) error {
-	b, err := protojson.MarshalOptions{
-		Multiline:       true,
-		Indent:          "  ",
-		UseProtoNames:   true,
-		EmitUnpopulated: emitUnpopulated,
-	}.Marshal(m)
+// printJSON writes m as indented protojson with the .proto field names and
+// every field present, zero or not, so that scripts can rely on the shape.
+func (c *cli) printJSON(m proto.Message) error {
+	b, err := marshalJSON(m)
 	if err != nil {
-		return fmt.Errorf("encode %s as json: %w", m.ProtoReflect().Descriptor().Name(), err)
+		return err
 	}
-	_, err = c.stdout.Write(append(b, '\n'))
+	var out bytes.Buffer
+	// protojson varies its whitespace on purpose; re-indenting makes the
+	// output byte-stable.
+	if err := json.Indent(&out, b, "", "  "); err != nil {
+		return fmt.Errorf("indent %s json: %w", m.ProtoReflect().Descriptor().Name(), err)
+	}
+	out.WriteByte('\n')
+	_, err = c.stdout.Write(out.Bytes())
 	return err
+}
+
+// marshalJSON encodes m as compact protojson with every field present.
+func marshalJSON(m proto.Message) ([]byte, error) {
+	b, err := protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true}.Marshal(m)
+	if err != nil {
+		return nil, fmt.Errorf("encode %s as json: %w", m.ProtoReflect().Descriptor().Name(), err)
+	}
+	var out bytes.Buffer
+	if err := json.Compact(&out, b); err != nil {
+		return nil, fmt.Errorf("compact %s json: %w", m.ProtoReflect().Descriptor().Name(), err)
+	}
+	return out.Bytes(), nil
 }

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
+	"fmt"
 	"net"
 	"path/filepath"
 	"strings"
@@ -32,9 +34,15 @@ type fakeDaemon struct {
 
 	mu      sync.Mutex
 	entries []*tokendv1.Entry
+	tokens  map[string]string // by key id
 	status  *tokendv1.Status
 	lastGet *tokendv1.GetTokenRequest
 	err     error
+	// onGetEntry, when set, runs at every GetEntry with the call's number
+	// (from 1) and the stored entry, which it may change. An error it
+	// returns is the call's.
+	onGetEntry func(call int, e *tokendv1.Entry) error
+	getEntries int
 }
 
 var (
@@ -44,10 +52,35 @@ var (
 
 func ts(d time.Duration) *timestamppb.Timestamp { return timestamppb.New(testNow.Add(d)) }
 
-func cannedEntries() []*tokendv1.Entry {
-	return []*tokendv1.Entry{
+// cannedSignature is the signature part of every canned token. The fake
+// holds the tokens as the daemon does; no admin output may carry them.
+const cannedSignature = "c2lnbmF0dXJlLW9mLWEtY2FubmVkLXRva2VuLW5ldmVyLXByaW50LW1l"
+
+// cannedJWT builds a token like Whop's: an ES256 JWT for subject with the
+// given lifetime, signed with cannedSignature.
+func cannedJWT(sub string, iat, exp time.Time) string {
+	enc := base64.RawURLEncoding.EncodeToString
+	header := `{"alg":"ES256","kid":"whop-2026-02","typ":"JWT"}`
+	claims := fmt.Sprintf(`{"iss":"urn:whopcom:exp-proxy","sub":%q,"aud":"app_tokend","iat":%d,"exp":%d}`, sub, iat.Unix(), exp.Unix())
+	return enc([]byte(header)) + "." + enc([]byte(claims)) + "." + cannedSignature
+}
+
+// decodeJWT is what the daemon does to fill jwt_header_json and
+// jwt_claims_json.
+func decodeJWT(tok string) (header, claims string) {
+	parts := strings.Split(tok, ".")
+	h, _ := base64.RawURLEncoding.DecodeString(parts[0])
+	c, _ := base64.RawURLEncoding.DecodeString(parts[1])
+	return string(h), string(c)
+}
+
+// cannedEntries are the fake's entries, with the tokens it holds for them by
+// key id. The first three have short subjects; the rest have ids as long as
+// Whop's.
+func cannedEntries() ([]*tokendv1.Entry, map[string]string) {
+	entries := []*tokendv1.Entry{
 		{
-			KeyId: "a1ff00112233", UserId: "user_bob",
+			KeyId: "a1ff00112233", UserId: "user_bob", Credential: "default",
 			State: tokendv1.EntryState_ENTRY_STATE_RETRYING, Failures: 3,
 			ExpiresAt: ts(-3 * time.Minute), ObtainedAt: ts(-63 * time.Minute),
 			NextRefreshAt: ts(20 * time.Second), LastRequestedAt: ts(-5 * time.Second),
@@ -57,18 +90,85 @@ func cannedEntries() []*tokendv1.Entry {
 			},
 		},
 		{
-			KeyId: "9e8d7c6b5a40", CompanyId: "biz_alpha", UserId: "user_carol",
+			KeyId: "9e8d7c6b5a40", CompanyId: "biz_alpha", UserId: "user_carol", Credential: "default",
 			ScopedActions: []string{"chat:read", "chat:write", "forums:read"},
 			State:         tokendv1.EntryState_ENTRY_STATE_FRESH,
 			ExpiresAt:     ts(2*time.Hour + 3*time.Minute), Hits: 1234,
 		},
 		{
-			KeyId: "a1b2c3d4e5f6", CompanyId: "biz_alpha",
+			KeyId: "a1b2c3d4e5f6", CompanyId: "biz_alpha", Credential: "default",
 			ScopedActions: []string{"chat:read"},
 			State:         tokendv1.EntryState_ENTRY_STATE_FRESH,
 			ExpiresAt:     ts(41*time.Minute + 12*time.Second), ObtainedAt: ts(-18*time.Minute - 48*time.Second),
 			NextRefreshAt: ts(31 * time.Minute), LastRequestedAt: ts(-2 * time.Second),
 			Hits: 12, Refreshes: 2,
+			LastError: &tokendv1.UpstreamError{
+				At: ts(-25 * time.Minute), HttpStatus: 503, Message: "Service unavailable", Retryable: true,
+			},
+		},
+		{
+			KeyId: "c0ffee112233", CompanyId: "biz_4kQ8tXz1LmN2pB", Credential: "default",
+			ScopedActions: []string{"chat:read", "forums:write"},
+			State:         tokendv1.EntryState_ENTRY_STATE_FAILING, Failures: 1,
+			ExpiresAt: ts(12 * time.Minute), ObtainedAt: ts(-48 * time.Minute),
+			LastRequestedAt: ts(-3 * time.Minute), Hits: 40, Refreshes: 1,
+			LastError: &tokendv1.UpstreamError{
+				At: ts(-2 * time.Minute), HttpStatus: 403, Message: "scope forums:write not granted to this app",
+			},
+		},
+		{
+			KeyId: "d00d5ca1ab1e", UserId: "user_Zx81bQ0pLr4sTe", Credential: "default",
+			ScopedActions: []string{"chat:read", "chat:write"},
+			State:         tokendv1.EntryState_ENTRY_STATE_IDLE,
+			ExpiresAt:     ts(7*time.Minute + 30*time.Second), ObtainedAt: ts(-52*time.Minute - 30*time.Second),
+			LastRequestedAt: ts(-58 * time.Minute), Hits: 1, Refreshes: 1,
+		},
+		{
+			KeyId: "7a11ce0ffee0", CompanyId: "biz_9wErT5yU1iO3pA", Credential: "default",
+			ScopedActions: []string{"payments:read", "memberships:read"},
+			State:         tokendv1.EntryState_ENTRY_STATE_REFRESHING,
+			ExpiresAt:     ts(50 * time.Second), ObtainedAt: ts(-59*time.Minute - 10*time.Second),
+			NextRefreshAt: ts(-1 * time.Second), LastRequestedAt: ts(-9 * time.Second),
+			Hits: 98765, Refreshes: 14,
+		},
+	}
+	tokens := map[string]string{}
+	for _, e := range entries {
+		if e.GetObtainedAt() == nil {
+			continue
+		}
+		tok := cannedJWT(subject(e), e.GetObtainedAt().AsTime(), e.GetExpiresAt().AsTime())
+		tokens[e.GetKeyId()] = tok
+		e.JwtHeaderJson, e.JwtClaimsJson = decodeJWT(tok)
+	}
+	return entries, tokens
+}
+
+func cannedStatus() *tokendv1.Status {
+	return &tokendv1.Status{
+		Version: "v0.3.1", StartedAt: ts(-26*time.Hour - 5*time.Minute),
+		Uptime: durationpb.New(26*time.Hour + 5*time.Minute),
+		Socket: "/run/tokend/tokend.sock", StateDir: "/var/lib/tokend",
+		Entries:        6,
+		EntriesByState: map[string]uint64{"fresh": 2, "retrying": 1, "failing": 1, "idle": 1, "refreshing": 1},
+		Hits:           7, Misses: 1, UpstreamCalls: 4, UpstreamErrors: 1,
+		LastUpstreamError: &tokendv1.UpstreamError{
+			At: ts(-40 * time.Second), HttpStatus: 502, Message: "bad gateway", Retryable: true,
+		},
+		UpstreamInFlight: 1, UpstreamMaxInFlight: 4, UpstreamRatePerSecond: 10,
+		MaxEntries: 100000, EvictedOverCapacity: 2, DroppedIdle: 5,
+		MissesRateLimited: 3, ConnectionsAtLimit: 1, MaxConnections: 256,
+		PolicyLoaded: true, CacheSealed: true,
+		Credentials: []*tokendv1.CredentialStatus{
+			{
+				Name: "default", Kind: "api_key", Fingerprint: "3f9a1c07",
+				UpstreamCalls: 3, UpstreamErrors: 1, Entries: 6, InFlight: 1,
+			},
+			{
+				Name: "acme", Kind: "oauth_user", Fingerprint: "77be0241",
+				PausedUntil: ts(42 * time.Second), UpstreamCalls: 1,
+				SecretExpiresAt: ts(5*24*time.Hour + 2*time.Hour),
+			},
 		},
 	}
 }
@@ -77,19 +177,8 @@ func cannedEntries() []*tokendv1.Entry {
 // returns it with the socket path.
 func startFake(t *testing.T) (*fakeDaemon, string) {
 	t.Helper()
-	f := &fakeDaemon{
-		entries: cannedEntries(),
-		status: &tokendv1.Status{
-			Version: "v0.3.1", StartedAt: ts(-26*time.Hour - 5*time.Minute),
-			Uptime: durationpb.New(26*time.Hour + 5*time.Minute),
-			Socket: "/run/tokend/tokend.sock", StateDir: "/var/lib/tokend",
-			Entries:        3,
-			EntriesByState: map[string]uint64{"fresh": 2, "retrying": 1},
-			Hits:           7, Misses: 1, UpstreamCalls: 4, UpstreamErrors: 1,
-			UpstreamInFlight: 1, UpstreamMaxInFlight: 4, UpstreamRatePerSecond: 10,
-			MaxEntries: 100000, EvictedOverCapacity: 2, DroppedIdle: 5,
-		},
-	}
+	f := &fakeDaemon{status: cannedStatus()}
+	f.entries, f.tokens = cannedEntries()
 	sock := filepath.Join(t.TempDir(), "tokend.sock")
 	lis, err := net.Listen("unix", sock)
 	if err != nil {
@@ -113,7 +202,10 @@ func (f *fakeDaemon) GetToken(_ context.Context, req *tokendv1.GetTokenRequest) 
 	if c := req.GetCompanyId(); c != "" && !strings.HasPrefix(c, "biz_") {
 		return nil, status.Errorf(codes.InvalidArgument, "company_id %q: must start with \"biz_\"", c)
 	}
-	return &tokendv1.Token{Token: "eyJhbGciOiJFUzI1NiJ9.fake.sig", ExpiresAt: ts(time.Hour), KeyId: "a1b2c3d4e5f6"}, nil
+	// Every request gets the one company entry's token: enough for tests of
+	// how get prints it.
+	const key = "a1b2c3d4e5f6"
+	return &tokendv1.Token{Token: f.tokens[key], ExpiresAt: ts(41*time.Minute + 12*time.Second), KeyId: key}, nil
 }
 
 func (f *fakeDaemon) ListEntries(_ context.Context, req *tokendv1.ListEntriesRequest) (*tokendv1.ListEntriesResponse, error) {
@@ -124,7 +216,10 @@ func (f *fakeDaemon) ListEntries(_ context.Context, req *tokendv1.ListEntriesReq
 	}
 	resp := &tokendv1.ListEntriesResponse{}
 	for _, e := range f.entries {
-		if s := req.GetSubject(); s == "" || s == e.GetCompanyId() || s == e.GetUserId() {
+		if s := req.GetSubject(); s != "" && s != e.GetCompanyId() && s != e.GetUserId() {
+			continue
+		}
+		if c := req.GetCredential(); c == "" || c == e.GetCredential() {
 			resp.Entries = append(resp.Entries, proto.Clone(e).(*tokendv1.Entry))
 		}
 	}
@@ -158,6 +253,12 @@ func (f *fakeDaemon) GetEntry(_ context.Context, req *tokendv1.GetEntryRequest) 
 	e, err := f.resolve(req.GetKeyId())
 	if err != nil {
 		return nil, err
+	}
+	if f.onGetEntry != nil {
+		f.getEntries++
+		if err := f.onGetEntry(f.getEntries, e); err != nil {
+			return nil, err
+		}
 	}
 	return proto.Clone(e).(*tokendv1.Entry), nil
 }
@@ -247,4 +348,23 @@ func (f *fakeDaemon) keys() []string {
 		ks = append(ks, e.GetKeyId())
 	}
 	return ks
+}
+
+func (f *fakeDaemon) setEntries(es []*tokendv1.Entry) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.entries = es
+}
+
+func (f *fakeDaemon) setOnGetEntry(fn func(call int, e *tokendv1.Entry) error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.onGetEntry = fn
+}
+
+// token is the token the fake holds for key.
+func (f *fakeDaemon) token(key string) string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.tokens[key]
 }

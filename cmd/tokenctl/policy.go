@@ -37,7 +37,7 @@ func (c *cli) newPolicyCmd(opts *options) *cobra.Command {
 					return err
 				}
 				if opts.json() {
-					return c.printJSON(r, true)
+					return c.printJSON(r)
 				}
 				switch {
 				case !r.GetPolicyLoaded():
