@@ -61,6 +61,7 @@ type connState struct {
 	peer   *peercred.Info
 	audit  *audit.Conn   // nil without an audit trail
 	caller policy.Caller // the peer as the policy sees it, built once
+	misses *rate.Limiter // the peer uid's miss limiter, shared by its connections
 }
 
 // creds reads the peer's credentials once per connection and attaches
@@ -77,7 +78,7 @@ func (c creds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, e
 		return nil, nil, err
 	}
 	p := ai.(*peercred.Info)
-	cs := &connState{peer: p, caller: policy.Caller{UID: p.UID, GID: p.GID, Groups: p.Groups, PID: p.PID, Exe: p.Exe}}
+	cs := &connState{peer: p, caller: policy.Caller{UID: p.UID, GID: p.GID, Groups: p.Groups, PID: p.PID, Exe: p.Exe}, misses: c.s.misses.forUID(p.UID)}
 	if c.s.cfg.Audit != nil {
 		cs.audit = c.s.cfg.Audit.Open(p)
 	}

@@ -5,6 +5,7 @@
 package server
 
 import (
+	"runtime"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -144,6 +145,9 @@ func New(cfg Config) *Server {
 		grpc.Creds(creds{s: s}),
 		grpc.MaxRecvMsgSize(MaxMessageBytes),
 		grpc.MaxConcurrentStreams(cfg.MaxStreams),
+		// Reuse handler goroutines: their stacks are already grown, which
+		// a fresh goroutine per call pays for again.
+		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 		grpc.UnaryInterceptor(s.authorize),
 	)
 	tokendv1.RegisterTokenServiceServer(s.grpc, &tokenService{s: s})
@@ -204,8 +208,8 @@ func (t *tokenService) getToken(ctx context.Context, req *tokendv1.GetTokenReque
 	}
 	cs := connFrom(ctx)
 	opts := refresher.Options{MinTTL: r.minTTL, Rejected: req.GetRejectedToken()}
-	if cs != nil && cs.peer != nil {
-		opts.MissLimiter = t.s.misses.forUID(cs.peer.UID)
+	if cs != nil {
+		opts.MissLimiter = cs.misses
 	}
 	if err := t.s.checkPolicy(cs, k); err != nil {
 		return nil, "error", err
@@ -275,8 +279,8 @@ func (t *tokenService) WatchToken(req *tokendv1.GetTokenRequest, stream tokendv1
 		return err
 	}
 	opts := refresher.Options{MinTTL: r.minTTL}
-	if cs != nil && cs.peer != nil {
-		opts.MissLimiter = t.s.misses.forUID(cs.peer.UID)
+	if cs != nil {
+		opts.MissLimiter = cs.misses
 	}
 	tok, e, err := t.s.cfg.Tokens.Get(ctx, k, opts)
 	if err != nil {
