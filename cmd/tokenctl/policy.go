@@ -53,6 +53,7 @@ func (c *cli) newPolicyCmd(opts *options) *cobra.Command {
 	}
 	f := check.Flags()
 	f.StringVar(&req.User, "as", "", "local user name or uid making the request")
+	f.StringVar(&req.Credential, "credential", "", "the credential asked for (default: as GetToken resolves it)")
 	f.StringVar(&req.CompanyId, "company", "", `company asked for ("biz_...")`)
 	f.StringVar(&req.UserId, "user", "", `user asked for ("user_...")`)
 	f.StringSliceVar(&scopes, "scope", nil, "scope asked for; repeatable; none means every permission")

@@ -76,6 +76,7 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (op
 		}
 		return def
 	}
+	ev := &envDefaults{getenv: getenv}
 	fs := flag.NewFlagSet("tokend", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&o.socket, "socket", env("TOKEND_SOCKET", "/run/tokend/tokend.sock"), "Unix socket to serve gRPC on (env TOKEND_SOCKET)")
@@ -83,31 +84,34 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (op
 	fs.StringVar(&o.stateDir, "state-dir", env("TOKEND_STATE_DIR", ""), "directory of the cache database cache.db (env TOKEND_STATE_DIR; default /var/lib/tokend, or a temporary directory with --dev)")
 	fs.StringVar(&o.whopURL, "whop-url", env("TOKEND_WHOP_URL", whop.DefaultBaseURL), "Whop API base URL (env TOKEND_WHOP_URL)")
 	fs.StringVar(&o.apiKeyFile, "api-key-file", env("TOKEND_API_KEY_FILE", ""), "file holding the Whop API key, mode 0600 (env TOKEND_API_KEY_FILE; else $CREDENTIALS_DIRECTORY/whop-api-key, else WHOP_API_KEY)")
-	fs.DurationVar(&o.lifetime, "token-lifetime", envDuration(getenv, "TOKEND_TOKEN_LIFETIME", time.Hour), "lifetime of the tokens asked of Whop, at most 3h (env TOKEND_TOKEN_LIFETIME)")
-	fs.IntVar(&o.maxInFlight, "upstream-max-inflight", envInt(getenv, "TOKEND_UPSTREAM_MAX_INFLIGHT", 4), "most upstream calls in flight at once (env TOKEND_UPSTREAM_MAX_INFLIGHT)")
-	fs.Float64Var(&o.rate, "upstream-rate", envFloat(getenv, "TOKEND_UPSTREAM_RATE", 10), "upstream calls per second, sustained (env TOKEND_UPSTREAM_RATE)")
-	fs.IntVar(&o.burst, "upstream-burst", envInt(getenv, "TOKEND_UPSTREAM_BURST", 20), "upstream calls allowed in a burst (env TOKEND_UPSTREAM_BURST)")
-	fs.Float64Var(&o.refreshAt, "refresh-at", envFloat(getenv, "TOKEND_REFRESH_AT", 2.0/3), "fraction of a token's lifetime after which it is refreshed, minus up to 0.1 of jitter (env TOKEND_REFRESH_AT)")
-	fs.DurationVar(&o.retryInitial, "retry-initial", envDuration(getenv, "TOKEND_RETRY_INITIAL", time.Second), "first backoff interval after a failed refresh; it doubles, randomized by ±50% (env TOKEND_RETRY_INITIAL)")
-	fs.DurationVar(&o.retryMax, "retry-max", envDuration(getenv, "TOKEND_RETRY_MAX", 2*time.Minute), "longest backoff interval between retries (env TOKEND_RETRY_MAX)")
-	fs.DurationVar(&o.negativeTTL, "negative-ttl", envDuration(getenv, "TOKEND_NEGATIVE_TTL", 30*time.Second), "how long an error a retry cannot fix (400, 403, 404, 422) is returned without asking Whop again (env TOKEND_NEGATIVE_TTL)")
-	fs.DurationVar(&o.restartSpread, "restart-spread", envDuration(getenv, "TOKEND_RESTART_SPREAD", time.Minute), "window over which refreshes that fell due while tokend was down are spread (env TOKEND_RESTART_SPREAD)")
-	fs.DurationVar(&o.upstreamTTO, "upstream-timeout", envDuration(getenv, "TOKEND_UPSTREAM_TIMEOUT", 10*time.Second), "per-request timeout of upstream calls, cutting stuck connections (env TOKEND_UPSTREAM_TIMEOUT)")
-	fs.IntVar(&o.maxEntries, "max-entries", envInt(getenv, "TOKEND_MAX_ENTRIES", 100_000), "most cache entries; a new key beyond it evicts the least recently requested (env TOKEND_MAX_ENTRIES)")
+	fs.DurationVar(&o.lifetime, "token-lifetime", ev.duration("TOKEND_TOKEN_LIFETIME", time.Hour), "lifetime of the tokens asked of Whop, at most 3h (env TOKEND_TOKEN_LIFETIME)")
+	fs.IntVar(&o.maxInFlight, "upstream-max-inflight", ev.int("TOKEND_UPSTREAM_MAX_INFLIGHT", 4), "most upstream calls in flight at once (env TOKEND_UPSTREAM_MAX_INFLIGHT)")
+	fs.Float64Var(&o.rate, "upstream-rate", ev.float("TOKEND_UPSTREAM_RATE", 10), "upstream calls per second, sustained (env TOKEND_UPSTREAM_RATE)")
+	fs.IntVar(&o.burst, "upstream-burst", ev.int("TOKEND_UPSTREAM_BURST", 20), "upstream calls allowed in a burst (env TOKEND_UPSTREAM_BURST)")
+	fs.Float64Var(&o.refreshAt, "refresh-at", ev.float("TOKEND_REFRESH_AT", 2.0/3), "fraction of a token's lifetime after which it is refreshed, minus up to 0.1 of jitter (env TOKEND_REFRESH_AT)")
+	fs.DurationVar(&o.retryInitial, "retry-initial", ev.duration("TOKEND_RETRY_INITIAL", time.Second), "first backoff interval after a failed refresh; it doubles, randomized by ±50% (env TOKEND_RETRY_INITIAL)")
+	fs.DurationVar(&o.retryMax, "retry-max", ev.duration("TOKEND_RETRY_MAX", 2*time.Minute), "longest backoff interval between retries (env TOKEND_RETRY_MAX)")
+	fs.DurationVar(&o.negativeTTL, "negative-ttl", ev.duration("TOKEND_NEGATIVE_TTL", 30*time.Second), "how long an error a retry cannot fix (400, 403, 404, 422) is returned without asking Whop again (env TOKEND_NEGATIVE_TTL)")
+	fs.DurationVar(&o.restartSpread, "restart-spread", ev.duration("TOKEND_RESTART_SPREAD", time.Minute), "window over which refreshes that fell due while tokend was down are spread (env TOKEND_RESTART_SPREAD)")
+	fs.DurationVar(&o.upstreamTTO, "upstream-timeout", ev.duration("TOKEND_UPSTREAM_TIMEOUT", 10*time.Second), "per-request timeout of upstream calls, cutting stuck connections (env TOKEND_UPSTREAM_TIMEOUT)")
+	fs.IntVar(&o.maxEntries, "max-entries", ev.int("TOKEND_MAX_ENTRIES", 100_000), "most cache entries; a new key beyond it evicts the least recently requested (env TOKEND_MAX_ENTRIES)")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", env("TOKEND_METRICS_ADDR", ""), "serve Prometheus metrics at /metrics on a loopback host:port or unix:/path; off when empty (env TOKEND_METRICS_ADDR)")
 	fs.StringVar(&o.configFile, "config", env("TOKEND_CONFIG", ""), "YAML file listing named credentials (API keys, user OAuth tokens) to mint with, instead of one --api-key-file; re-read on SIGHUP (env TOKEND_CONFIG)")
 	fs.StringVar(&o.policyFile, "policy", env("TOKEND_POLICY", ""), "YAML policy file saying which local users may ask for which subjects and scopes; re-read on SIGHUP (env TOKEND_POLICY)")
 	fs.StringVar(&o.adminGroup, "admin-group", env("TOKEND_ADMIN_GROUP", ""), "group (name or gid) whose members may use AdminService besides root and tokend's own user (env TOKEND_ADMIN_GROUP)")
 	fs.StringVar(&o.auditLog, "audit-log", env("TOKEND_AUDIT_LOG", ""), "file to append the audit trail to as JSON lines; default: the log on stderr with logger=audit (env TOKEND_AUDIT_LOG)")
 	fs.StringVar(&o.cacheKeyFile, "cache-key-file", env("TOKEND_CACHE_KEY_FILE", ""), "file with 32 random bytes that seal tokens at rest with AES-256-GCM (env TOKEND_CACHE_KEY_FILE; else $CREDENTIALS_DIRECTORY/tokend-cache-key if present)")
-	fs.Float64Var(&o.missRate, "miss-rate-per-uid", envFloat(getenv, "TOKEND_MISS_RATE_PER_UID", 10), "cache misses per second one local uid may send upstream (env TOKEND_MISS_RATE_PER_UID)")
-	fs.IntVar(&o.missBurst, "miss-burst-per-uid", envInt(getenv, "TOKEND_MISS_BURST_PER_UID", 1000), "burst of upstream-bound misses one uid may make, e.g. a service warming its keys (env TOKEND_MISS_BURST_PER_UID)")
-	fs.IntVar(&o.maxConns, "max-connections", envInt(getenv, "TOKEND_MAX_CONNECTIONS", 1024), "most client connections open at once; more wait (env TOKEND_MAX_CONNECTIONS)")
-	fs.IntVar(&o.maxStreams, "max-streams", envInt(getenv, "TOKEND_MAX_STREAMS", 128), "most concurrent calls per connection (env TOKEND_MAX_STREAMS)")
+	fs.Float64Var(&o.missRate, "miss-rate-per-uid", ev.float("TOKEND_MISS_RATE_PER_UID", 10), "cache misses per second one local uid may send upstream (env TOKEND_MISS_RATE_PER_UID)")
+	fs.IntVar(&o.missBurst, "miss-burst-per-uid", ev.int("TOKEND_MISS_BURST_PER_UID", 1000), "burst of upstream-bound misses one uid may make, e.g. a service warming its keys (env TOKEND_MISS_BURST_PER_UID)")
+	fs.IntVar(&o.maxConns, "max-connections", ev.int("TOKEND_MAX_CONNECTIONS", 1024), "most client connections open at once; more wait (env TOKEND_MAX_CONNECTIONS)")
+	fs.IntVar(&o.maxStreams, "max-streams", ev.int("TOKEND_MAX_STREAMS", 128), "most concurrent calls per connection (env TOKEND_MAX_STREAMS)")
 	fs.StringVar(&o.logLevel, "log-level", env("TOKEND_LOG_LEVEL", "info"), "debug, info, warn or error (env TOKEND_LOG_LEVEL)")
 	fs.BoolVar(&o.dev, "dev", getenv("TOKEND_DEV") == "1", "dev mode: fake Whop upstream on loopback, no API key, temporary state, socket in $XDG_RUNTIME_DIR or /tmp/tokend-dev (env TOKEND_DEV=1)")
 	if err := fs.Parse(args); err != nil {
 		return o, false, err
+	}
+	if ev.err != nil {
+		return o, false, ev.err
 	}
 	if fs.NArg() > 0 {
 		return o, false, fmt.Errorf("unexpected argument %q; tokend takes flags only (see -h)", fs.Arg(0))
@@ -129,8 +133,22 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 	if o.lifetime <= 0 || o.lifetime > refresher.MaxLifetime {
 		return daemon.Config{}, fmt.Errorf("--token-lifetime %v: must be positive and at most %v", o.lifetime, refresher.MaxLifetime)
 	}
-	if o.maxInFlight < 1 || o.burst < 1 || o.rate <= 0 {
-		return daemon.Config{}, errors.New("--upstream-max-inflight, --upstream-rate and --upstream-burst must be positive")
+	for _, c := range []struct {
+		name string
+		ok   bool
+		v    any
+	}{
+		{"--upstream-max-inflight", o.maxInFlight >= 1, o.maxInFlight},
+		{"--upstream-rate", o.rate > 0, o.rate},
+		{"--upstream-burst", o.burst >= 1, o.burst},
+		{"--miss-rate-per-uid", o.missRate > 0, o.missRate},
+		{"--miss-burst-per-uid", o.missBurst >= 1, o.missBurst},
+		{"--max-connections", o.maxConns >= 1, o.maxConns},
+		{"--max-streams", o.maxStreams >= 1, o.maxStreams},
+	} {
+		if !c.ok {
+			return daemon.Config{}, fmt.Errorf("%s %v: must be positive", c.name, c.v)
+		}
 	}
 	if o.refreshAt <= 0.1 || o.refreshAt >= 1 {
 		return daemon.Config{}, fmt.Errorf("--refresh-at %v: must be above 0.1 (the jitter) and below 1", o.refreshAt)
@@ -149,9 +167,7 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 	if o.maxEntries < 1 {
 		return daemon.Config{}, fmt.Errorf("--max-entries %d: must be positive", o.maxEntries)
 	}
-	if o.missRate <= 0 || o.missBurst < 1 || o.maxConns < 1 || o.maxStreams < 1 {
-		return daemon.Config{}, errors.New("--miss-rate-per-uid, --miss-burst-per-uid, --max-connections and --max-streams must be positive")
-	}
+
 	if o.cacheKeyFile == "" {
 		if dir := getenv("CREDENTIALS_DIRECTORY"); dir != "" {
 			if p := filepath.Join(dir, "tokend-cache-key"); fileExists(p) {
@@ -214,25 +230,57 @@ func devSocket(getenv func(string) string) string {
 	return "/tmp/tokend-dev/tokend.sock"
 }
 
-func envDuration(getenv func(string) string, name string, def time.Duration) time.Duration {
-	if d, err := time.ParseDuration(getenv(name)); err == nil {
-		return d
-	}
-	return def
+// envDefaults reads flag defaults from the environment and remembers a
+// value that does not parse, so a typo is an error rather than a silent
+// default.
+type envDefaults struct {
+	getenv func(string) string
+	err    error
 }
 
-func envInt(getenv func(string) string, name string, def int) int {
-	if n, err := strconv.Atoi(getenv(name)); err == nil {
-		return n
+func (ev *envDefaults) bad(name, v, want string) {
+	if ev.err == nil {
+		ev.err = fmt.Errorf("environment %s=%q: want %s", name, v, want)
 	}
-	return def
 }
 
-func envFloat(getenv func(string) string, name string, def float64) float64 {
-	if f, err := strconv.ParseFloat(getenv(name), 64); err == nil {
-		return f
+func (ev *envDefaults) duration(name string, def time.Duration) time.Duration {
+	v := ev.getenv(name)
+	if v == "" {
+		return def
 	}
-	return def
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		ev.bad(name, v, "a duration such as 90s or 1h")
+		return def
+	}
+	return d
+}
+
+func (ev *envDefaults) int(name string, def int) int {
+	v := ev.getenv(name)
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		ev.bad(name, v, "a whole number")
+		return def
+	}
+	return n
+}
+
+func (ev *envDefaults) float(name string, def float64) float64 {
+	v := ev.getenv(name)
+	if v == "" {
+		return def
+	}
+	f, err := strconv.ParseFloat(v, 64)
+	if err != nil {
+		ev.bad(name, v, "a number")
+		return def
+	}
+	return f
 }
 
 func fileExists(path string) bool {

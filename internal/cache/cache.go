@@ -29,6 +29,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/tokend/tokend/internal/clock"
+	storev1 "github.com/tokend/tokend/proto/tokend/store/v1"
 )
 
 var (
@@ -68,7 +69,9 @@ type Cache struct {
 	salt  []byte
 	aead  cipher.AEAD // nil: tokens stored plain
 
-	wmu          sync.Mutex
+	flushMu      sync.Mutex // one Flush at a time
+	wmu          sync.Mutex // guards dirty, deletes, writing and the write status
+	writing      int        // changes in the transaction being written
 	dirty        map[*Entry]struct{}
 	deletes      map[string]struct{}
 	lastWriteErr error
@@ -507,7 +510,7 @@ func (c *Cache) wake() {
 func (c *Cache) WriteStatus() (pending int, lastErr error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	return len(c.dirty) + len(c.deletes), c.lastWriteErr
+	return len(c.dirty) + len(c.deletes) + c.writing, c.lastWriteErr
 }
 
 func (c *Cache) flusher() {
@@ -536,45 +539,71 @@ func (c *Cache) flusher() {
 }
 
 // Flush writes every pending change in one transaction. On failure the
-// changes stay pending and the in-memory index keeps serving.
+// changes stay pending and the in-memory index keeps serving. The write
+// itself runs without c.wmu, so a slow disk never blocks a lookup.
 func (c *Cache) Flush() error {
+	c.flushMu.Lock()
+	defer c.flushMu.Unlock()
 	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if len(c.dirty) == 0 && len(c.deletes) == 0 {
+	dirty, deletes := c.dirty, c.deletes
+	c.dirty, c.deletes = make(map[*Entry]struct{}), make(map[string]struct{})
+	c.writing = len(dirty) + len(deletes)
+	c.wmu.Unlock()
+	if len(dirty) == 0 && len(deletes) == 0 {
 		return nil
 	}
 	type put struct{ k, v []byte }
-	puts := make([]put, 0, len(c.dirty))
-	for e := range c.dirty {
-		rec, err := e.record(c.aead)
-		if err != nil {
-			return fmt.Errorf("encode cache record %s: %w", e.id, err)
+	puts := make([]put, 0, len(dirty))
+	var err error
+	for e := range dirty {
+		var rec *storev1.Record
+		if rec, err = e.record(c.aead); err != nil {
+			err = fmt.Errorf("encode cache record %s: %w", e.id, err)
+			break
 		}
-		v, err := proto.Marshal(rec)
-		if err != nil {
-			return fmt.Errorf("encode cache record %s: %w", e.id, err)
+		v, merr := proto.Marshal(rec)
+		if merr != nil {
+			err = fmt.Errorf("encode cache record %s: %w", e.id, merr)
+			break
 		}
 		puts = append(puts, put{[]byte(e.enc), v})
 	}
-	// Sorted keys make bbolt's page writes sequential.
-	sort.Slice(puts, func(i, j int) bool { return string(puts[i].k) < string(puts[j].k) })
-	err := c.db.Update(func(tx *bolt.Tx) error {
-		b := tx.Bucket(entriesBucket)
-		for k := range c.deletes {
-			if err := b.Delete([]byte(k)); err != nil {
-				return err
+	if err == nil {
+		// Sorted keys make bbolt's page writes sequential.
+		sort.Slice(puts, func(i, j int) bool { return string(puts[i].k) < string(puts[j].k) })
+		err = c.db.Update(func(tx *bolt.Tx) error {
+			b := tx.Bucket(entriesBucket)
+			for k := range deletes {
+				if err := b.Delete([]byte(k)); err != nil {
+					return err
+				}
 			}
-		}
-		for _, p := range puts {
-			if err := b.Put(p.k, p.v); err != nil {
-				return err
+			for _, p := range puts {
+				if err := b.Put(p.k, p.v); err != nil {
+					return err
+				}
 			}
-		}
-		return nil
-	})
+			return nil
+		})
+	}
+	c.mu.RLock()
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	defer c.mu.RUnlock()
+	c.writing = 0
 	if err != nil {
+		// Put the batch back: deletes first (they are applied before puts),
+		// and the entries that are still live.
+		for k := range deletes {
+			c.deletes[k] = struct{}{}
+		}
+		for e := range dirty {
+			if c.index[e.enc] == e {
+				c.dirty[e] = struct{}{}
+			}
+		}
 		if c.lastWriteErr == nil {
-			c.log.Error("cache write failed; serving from memory and retrying", "file", c.cfg.Path, "pending", len(puts)+len(c.deletes), "err", err)
+			c.log.Error("cache write failed; serving from memory and retrying", "file", c.cfg.Path, "pending", len(c.dirty)+len(c.deletes), "err", err)
 		}
 		c.lastWriteErr = fmt.Errorf("write cache %s: %w", c.cfg.Path, err)
 		return c.lastWriteErr
@@ -584,8 +613,6 @@ func (c *Cache) Flush() error {
 	}
 	c.lastWriteErr = nil
 	c.lastWriteAt = c.cfg.Clock.Now()
-	clear(c.dirty)
-	clear(c.deletes)
 	return nil
 }
 

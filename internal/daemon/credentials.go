@@ -138,6 +138,11 @@ func (cs *credentialSet) reload() ([]refresher.Credential, error) {
 		if secrets[s.Name], err = cs.read(s); err != nil {
 			return nil, err
 		}
+		// Check every secret before changing anything: a bad one keeps the
+		// whole current set, not half of it.
+		if _, err := cs.newWhop(secrets[s.Name]); err != nil {
+			return nil, fmt.Errorf("credential %q: %w", s.Name, err)
+		}
 	}
 	clients, oauth := map[string]*whop.Client{}, map[string]bool{}
 	for _, s := range specs {

@@ -99,6 +99,11 @@ func (r *reloader) reload() {
 		return
 	}
 	fp := client.KeyFingerprint()
+	// Clears a 401 lockout too, so re-enabling a key at Whop and reloading
+	// works without a restart.
+	if err := r.ref.SetCredentials(r.creds.list()); err != nil {
+		r.log.Error("reload: credentials", "err", err)
+	}
 	if bytes.Equal(old, fp) {
 		r.log.Info("reload: API key unchanged", "source", from, "key_fingerprint", shortFingerprint(fp))
 		return

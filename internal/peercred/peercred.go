@@ -33,6 +33,9 @@ type Info struct {
 	// startTime is the process start time (clock ticks since boot) that
 	// pins PID to one process.
 	startTime uint64
+	// exe is the executable at connect time. A process may exec another
+	// binary (same pid and start time) after connecting; Exe then refuses.
+	exe string
 	// Local is the server's own per-connection state, set by a wrapping
 	// handshake before the connection serves calls and read-only after.
 	Local any
@@ -72,6 +75,9 @@ func (i *Info) Exe() (string, error) {
 	// the start time differs.
 	if st, err := startTime(i.PID); err != nil || st != i.startTime {
 		return "", fmt.Errorf("pid %d: %w", i.PID, ErrProcessGone)
+	}
+	if exe != i.exe {
+		return "", fmt.Errorf("pid %d executed %s after connecting as %s: %w", i.PID, exe, i.exe, ErrProcessGone)
 	}
 	return exe, nil
 }
@@ -123,6 +129,7 @@ func (Credentials) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInf
 	if cred.Pid > 0 {
 		info.startTime, _ = startTime(cred.Pid)
 		info.Groups, _ = groups(cred.Pid)
+		info.exe, _ = os.Readlink(fmt.Sprintf("/proc/%d/exe", cred.Pid))
 	}
 	return conn, info, nil
 }

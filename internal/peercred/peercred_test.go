@@ -2,6 +2,7 @@ package peercred
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -92,7 +93,8 @@ func TestExeDetectsExitedProcess(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	info := &Info{PID: pid, startTime: st}
+	exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+	info := &Info{PID: pid, startTime: st, exe: exe}
 	if _, err := info.Exe(); err != nil {
 		t.Fatalf("Exe of a live process: %v", err)
 	}
@@ -105,5 +107,15 @@ func TestExeDetectsExitedProcess(t *testing.T) {
 	self := &Info{PID: int32(os.Getpid()), startTime: 1}
 	if _, err := self.Exe(); err == nil {
 		t.Fatal("Exe accepted a pid whose start time changed")
+	}
+}
+
+// TestExeDetectsExec: a process that executes another binary after
+// connecting keeps its pid and start time, but not its identity.
+func TestExeDetectsExec(t *testing.T) {
+	self := &Info{PID: int32(os.Getpid()), exe: "/usr/bin/allowed"}
+	self.startTime, _ = startTime(self.PID)
+	if _, err := self.Exe(); err == nil {
+		t.Fatal("Exe accepted an executable that differs from the one that connected")
 	}
 }

@@ -57,6 +57,9 @@ func (r *Refresher) SetCredentials(creds []Credential) error {
 			return fmt.Errorf("refresher: credential %q is configured twice", c.Name)
 		}
 		if u := old[c.Name]; u != nil && u.Fetcher == c.Fetcher && u.OAuthUser == c.OAuthUser {
+			// A reload is the operator saying "try this secret again",
+			// even when it did not change.
+			u.gate.rejectKey(nil)
 			next[c.Name] = u
 			continue
 		}

@@ -29,6 +29,10 @@ import (
 // MaxLifetime is the longest token Whop issues.
 const MaxLifetime = 3 * time.Hour
 
+// maxRetryAfter bounds what a Retry-After header may impose: a bad header
+// must not pause a credential for years.
+const maxRetryAfter = time.Hour
+
 // Fetcher mints tokens upstream; *whop.Client is one.
 type Fetcher interface {
 	CreateAccessToken(ctx context.Context, r whop.Request) (whop.AccessToken, error)
@@ -323,17 +327,21 @@ func (r *Refresher) Get(ctx context.Context, k cache.Key, o Options) (*cache.Tok
 		want.lifetime = min(need+time.Minute, MaxLifetime)
 	}
 	for attempt := 0; ; attempt++ {
+		// A refused miss must not create an entry: it would take a slot
+		// from everyone under --max-entries.
+		if e := r.cache.Get(enc); e != nil {
+			if err := r.remembered(e); err != nil {
+				return nil, e, err
+			}
+		}
+		if o.MissLimiter != nil && !r.mintingKey(enc) && !o.MissLimiter.Allow() {
+			r.missesLimited.Add(1)
+			return nil, nil, ErrMissRateLimited
+		}
 		e, created := r.cache.Ensure(k)
 		e.Touch(now, false)
 		if created {
 			r.enforceCapacity(e)
-		}
-		if err := r.remembered(e); err != nil {
-			return nil, e, err
-		}
-		if o.MissLimiter != nil && !r.minting(e) && !o.MissLimiter.Allow() {
-			r.missesLimited.Add(1)
-			return nil, e, ErrMissRateLimited
 		}
 		t, err := r.mintShared(ctx, e, want)
 		if err != nil {
@@ -442,6 +450,12 @@ func (r *Refresher) remembered(e *cache.Entry) error {
 	return it.err
 }
 
+// mintingKey reports whether an upstream call for the key is in flight.
+func (r *Refresher) mintingKey(enc []byte) bool {
+	e := r.cache.Get(enc)
+	return e != nil && r.minting(e)
+}
+
 // minting reports whether an upstream call for e is in flight.
 func (r *Refresher) minting(e *cache.Entry) bool {
 	r.mu.Lock()
@@ -496,6 +510,7 @@ func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
 	}
 	fp := up.Fetcher.KeyFingerprint()
 	if up.gate.isRejected(fp) {
+		r.retryLater(e)
 		return nil, ErrKeyRejected
 	}
 	r.setMinting(e, true)
@@ -506,6 +521,7 @@ func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
 	release, err := up.gate.acquire(r.base)
 	if err != nil {
 		r.cache.SetState(e, prev)
+		r.retryLater(e)
 		return nil, fmt.Errorf("waiting for the upstream limiter: %w", err)
 	}
 	if waited := time.Since(waitStart); waited > time.Millisecond && r.cfg.Observer != nil {
@@ -558,6 +574,22 @@ func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
 	return t, nil
 }
 
+// retryLater keeps an entry on the schedule when a mint could not even be
+// tried (its credential is locked out, or tokend is stopping): it is looked
+// at again after the longest backoff, or dropped once its token expires.
+func (r *Refresher) retryLater(e *cache.Entry) {
+	now := r.clock.Now()
+	at := now.Add(r.cfg.RetryMax)
+	if t := e.Token(); t != nil && t.ExpiresAt.Before(at) {
+		at = t.ExpiresAt
+	}
+	r.mu.Lock()
+	if it := r.items[e]; it == nil || it.index < 0 {
+		r.scheduleLocked(r.itemLocked(e), at)
+	}
+	r.mu.Unlock()
+}
+
 // refreshTime is when t should be replaced: RefreshAt of its lifetime, moved
 // earlier by up to Jitter of it at random.
 func (r *Refresher) refreshTime(t *cache.Token) time.Time {
@@ -577,7 +609,7 @@ func (r *Refresher) failed(up *upstream, e *cache.Entry, err error, fp []byte) {
 	r.lastError.Store(&info)
 	var we *whop.Error
 	if errors.As(err, &we) && we.StatusCode == 429 && we.RetryAfter > 0 {
-		up.gate.pause(we.RetryAfter)
+		up.gate.pause(min(we.RetryAfter, maxRetryAfter))
 	}
 	if errors.As(err, &we) && we.StatusCode == 401 {
 		up.gate.rejectKey(fp)
@@ -594,7 +626,7 @@ func (r *Refresher) failed(up *upstream, e *cache.Entry, err error, fp []byte) {
 		if it.bo == nil {
 			it.bo = r.newBackoff()
 		}
-		wait := max(it.bo.NextBackOff(), whop.RetryAfterOf(err))
+		wait := max(it.bo.NextBackOff(), min(whop.RetryAfterOf(err), maxRetryAfter))
 		it.errUntil = now.Add(wait)
 		if t != nil {
 			// Keep retrying in the background while a token exists to
@@ -603,10 +635,14 @@ func (r *Refresher) failed(up *upstream, e *cache.Entry, err error, fp []byte) {
 		}
 	} else {
 		it.errUntil = now.Add(r.cfg.NegativeTTL)
-		if t != nil && t.ExpiresAt.After(now) {
+		if t != nil {
 			// Nothing will fix it by retrying: keep serving the token we
-			// have and drop the entry when it expires.
-			r.scheduleLocked(it, t.ExpiresAt)
+			// have and drop the entry when it expires (now, if it has).
+			at := t.ExpiresAt
+			if at.Before(now) {
+				at = now
+			}
+			r.scheduleLocked(it, at)
 		}
 	}
 	if t == nil {
@@ -683,12 +719,14 @@ func (r *Refresher) forgetLocked(e *cache.Entry) {
 
 // Evict drops entries from the schedule and the cache.
 func (r *Refresher) Evict(es ...*cache.Entry) {
+	// Out of the cache first: a mint finishing meanwhile then finds the
+	// entry dead and does not put it back on the schedule.
+	r.cache.Remove(es...)
 	r.mu.Lock()
 	for _, e := range es {
 		r.forgetLocked(e)
 	}
 	r.mu.Unlock()
-	r.cache.Remove(es...)
 	for _, e := range es {
 		r.notify(e)
 	}
@@ -790,6 +828,16 @@ func (r *Refresher) act(e *cache.Entry) {
 		r.mu.Unlock()
 		if rescheduled {
 			return // a caller's mint ran meanwhile and set a new time
+		}
+		if up := r.upstream(e.Key().Credential); up != nil {
+			if until := up.gate.pausedTill(); until.After(now) {
+				// Its credential is paused after a 429: come back then
+				// rather than hold a worker other credentials need.
+				r.mu.Lock()
+				r.scheduleLocked(r.itemLocked(e), until)
+				r.mu.Unlock()
+				return
+			}
 		}
 		_, _ = r.mintShared(r.base, e, want{lifetime: r.cfg.Lifetime, force: true, cause: "refresh"})
 	}

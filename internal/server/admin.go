@@ -117,7 +117,28 @@ func (a *adminService) RefreshEntry(ctx context.Context, req *tokendv1.RefreshEn
 	return entryProto(e, a.s.cfg.Now()), nil
 }
 
-func (a *adminService) GetStatus(context.Context, *tokendv1.GetStatusRequest) (*tokendv1.Status, error) {
+func (a *adminService) GetStatus(ctx context.Context, _ *tokendv1.GetStatusRequest) (*tokendv1.Status, error) {
+	resp, err := a.status()
+	if err == nil && a.s.checkAdmin(ctx) != nil {
+		redactStatus(resp)
+	}
+	return resp, err
+}
+
+// redactStatus keeps what any local user may see: counters and health, not
+// Whop's messages (they name other tenants' subjects), paths or names.
+func redactStatus(st *tokendv1.Status) {
+	st.StateDir = ""
+	if le := st.LastUpstreamError; le != nil {
+		le.Message = ""
+	}
+	if st.CacheWriteError != "" {
+		st.CacheWriteError = "failing (details for administrators)"
+	}
+	st.Credentials = nil
+}
+
+func (a *adminService) status() (*tokendv1.Status, error) {
 	now := a.s.cfg.Now()
 	st := a.s.cfg.Tokens.Stats()
 	resp := &tokendv1.Status{
@@ -271,7 +292,7 @@ func (a *adminService) CheckPolicy(_ context.Context, req *tokendv1.CheckPolicyR
 	if req.GetUser() == "" {
 		return nil, status.Error(codes.InvalidArgument, "user is required: a local user name or uid")
 	}
-	r, k, err := a.s.parse(&tokendv1.GetTokenRequest{CompanyId: req.GetCompanyId(), UserId: req.GetUserId(), ScopedActions: req.GetScopedActions()})
+	r, k, err := a.s.parse(&tokendv1.GetTokenRequest{CompanyId: req.GetCompanyId(), UserId: req.GetUserId(), ScopedActions: req.GetScopedActions(), Credential: req.GetCredential()})
 	if err != nil {
 		return nil, err
 	}

@@ -54,12 +54,19 @@ type ConnLimit struct {
 // LimitConns wraps ln so that at most max connections are open at once.
 func LimitConns(ln net.Listener, max int) (net.Listener, *ConnLimit) {
 	cl := &ConnLimit{max: max, slots: make(chan struct{}, max)}
-	return &limitListener{Listener: ln, cl: cl}, cl
+	return &limitListener{Listener: ln, cl: cl, done: make(chan struct{})}, cl
 }
 
 type limitListener struct {
 	net.Listener
-	cl *ConnLimit
+	cl        *ConnLimit
+	done      chan struct{} // closed by Close: a waiting Accept gives up
+	closeOnce sync.Once
+}
+
+func (l *limitListener) Close() error {
+	l.closeOnce.Do(func() { close(l.done) })
+	return l.Listener.Close()
 }
 
 func (l *limitListener) Accept() (net.Conn, error) {
@@ -67,7 +74,11 @@ func (l *limitListener) Accept() (net.Conn, error) {
 	case l.cl.slots <- struct{}{}:
 	default:
 		l.cl.waits.Add(1)
-		l.cl.slots <- struct{}{}
+		select {
+		case l.cl.slots <- struct{}{}:
+		case <-l.done:
+			return nil, net.ErrClosed
+		}
 	}
 	c, err := l.Listener.Accept()
 	if err != nil {

@@ -300,15 +300,22 @@ func (t *tokenService) WatchToken(req *tokendv1.GetTokenRequest, stream tokendv1
 	}
 	last := tok
 	for {
-		changed := tokens.Changed(e)
+		var changed <-chan struct{}
+		if tokens.Live(e) { // a dead entry never changes again: no channel for it
+			changed = tokens.Changed(e)
+		}
 		switch cur := e.Token(); {
 		case cur != nil && cur != last:
+			// The policy may have been reloaded since the stream opened.
+			if err := t.s.checkPolicy(cs, k); err != nil {
+				return err
+			}
 			if err := send(cur); err != nil {
 				return err
 			}
 			last = cur
 			continue
-		case !tokens.Live(e):
+		case changed == nil || !tokens.Live(e):
 			if m := e.Meta(); m.State == cache.StateFailing {
 				if err := tokens.LastError(e); err != nil {
 					return upstreamStatus(err)

@@ -263,6 +263,8 @@ type CheckPolicyRequest struct {
 	CompanyId     string   `protobuf:"bytes,2,opt,name=company_id,json=companyId,proto3" json:"company_id,omitempty"`
 	UserId        string   `protobuf:"bytes,3,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	ScopedActions []string `protobuf:"bytes,4,rep,name=scoped_actions,json=scopedActions,proto3" json:"scoped_actions,omitempty"`
+	// The credential asked for; empty means as GetToken resolves it.
+	Credential    string `protobuf:"bytes,5,opt,name=credential,proto3" json:"credential,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -323,6 +325,13 @@ func (x *CheckPolicyRequest) GetScopedActions() []string {
 		return x.ScopedActions
 	}
 	return nil
+}
+
+func (x *CheckPolicyRequest) GetCredential() string {
+	if x != nil {
+		return x.Credential
+	}
+	return ""
 }
 
 type CheckPolicyResponse struct {
@@ -1424,13 +1433,16 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x129\n" +
 	"\n" +
 	"expires_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x15\n" +
-	"\x06key_id\x18\x03 \x01(\tR\x05keyId\"\x87\x01\n" +
+	"\x06key_id\x18\x03 \x01(\tR\x05keyId\"\xa7\x01\n" +
 	"\x12CheckPolicyRequest\x12\x12\n" +
 	"\x04user\x18\x01 \x01(\tR\x04user\x12\x1d\n" +
 	"\n" +
 	"company_id\x18\x02 \x01(\tR\tcompanyId\x12\x17\n" +
 	"\auser_id\x18\x03 \x01(\tR\x06userId\x12%\n" +
-	"\x0escoped_actions\x18\x04 \x03(\tR\rscopedActions\"\x92\x01\n" +
+	"\x0escoped_actions\x18\x04 \x03(\tR\rscopedActions\x12\x1e\n" +
+	"\n" +
+	"credential\x18\x05 \x01(\tR\n" +
+	"credential\"\x92\x01\n" +
 	"\x13CheckPolicyResponse\x12#\n" +
 	"\rpolicy_loaded\x18\x01 \x01(\bR\fpolicyLoaded\x12\x18\n" +
 	"\aallowed\x18\x02 \x01(\bR\aallowed\x12\x12\n" +

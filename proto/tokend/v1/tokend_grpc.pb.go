@@ -207,6 +207,9 @@ type AdminServiceClient interface {
 	EvictEntries(ctx context.Context, in *EvictEntriesRequest, opts ...grpc.CallOption) (*EvictEntriesResponse, error)
 	// RefreshEntry fetches a new token for the entry now and waits for it.
 	RefreshEntry(ctx context.Context, in *RefreshEntryRequest, opts ...grpc.CallOption) (*Entry, error)
+	// GetStatus is open to every caller of the socket; callers who are not
+	// administrators get counters only (no error messages, paths or
+	// credential names).
 	GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*Status, error)
 	// CheckPolicy says whether a local user would be allowed a token under
 	// the daemon's loaded policy, and by which rule.
@@ -293,6 +296,9 @@ type AdminServiceServer interface {
 	EvictEntries(context.Context, *EvictEntriesRequest) (*EvictEntriesResponse, error)
 	// RefreshEntry fetches a new token for the entry now and waits for it.
 	RefreshEntry(context.Context, *RefreshEntryRequest) (*Entry, error)
+	// GetStatus is open to every caller of the socket; callers who are not
+	// administrators get counters only (no error messages, paths or
+	// credential names).
 	GetStatus(context.Context, *GetStatusRequest) (*Status, error)
 	// CheckPolicy says whether a local user would be allowed a token under
 	// the daemon's loaded policy, and by which rule.
