@@ -3,6 +3,7 @@ package refresher
 import (
 	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -533,5 +534,27 @@ func TestIdleEntryRevivedByRequest(t *testing.T) {
 	g.waitState(e, cache.StateFresh)
 	if e.Idle() {
 		t.Fatal("entry still marked idle after a refresh")
+	}
+}
+
+type never struct{}
+
+func (never) Allow() bool { return false }
+
+// TestRefusedMissCreatesNoEntry: a miss the caller's limiter refuses
+// leaves the cache as it was, so it cannot push out others' entries.
+func TestRefusedMissCreatesNoEntry(t *testing.T) {
+	g := newRig(t, func(c *Config) { c.MaxEntries = 2 })
+	if _, _, err := g.get(key); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		k := cache.NewKey("default", fmt.Sprintf("biz_refused%d", i), "", nil)
+		if _, _, err := g.r.Get(context.Background(), k, Options{MinTTL: time.Minute, MissLimiter: never{}}); !errors.Is(err, ErrMissRateLimited) {
+			t.Fatalf("Get = %v, want ErrMissRateLimited", err)
+		}
+	}
+	if g.cache.Len() != 1 || g.cache.Get(key.Encode()) == nil {
+		t.Fatalf("refused misses changed the cache: %d entries", g.cache.Len())
 	}
 }
