@@ -60,8 +60,8 @@ func TestSecurityOtherUID(t *testing.T) {
 			t.Fatalf("%v as nobody: exit %d, %q; want permission denied", args, code, errOut)
 		}
 	}
-	if out, errOut, code := e.ctlAs(nobodyUID, nobodyUID, "status"); code != 0 || !strings.Contains(out, "version") {
-		t.Fatalf("status as nobody should stay open: exit %d %q", code, errOut)
+	if out, errOut, code := e.ctlAs(nobodyUID, nobodyUID, "status", "-o", "json"); code != 0 || !strings.Contains(out, "version") || strings.Contains(out, e.stateDir) || strings.Contains(out, `"name"`) {
+		t.Fatalf("status as nobody should stay open with counters only: exit %d %q %q", code, out, errOut)
 	}
 
 	out, errOut, code := e.ctlAs(nobodyUID, nobodyUID, "get", "--company", "biz_allowed", "--scope", "chat:read")
@@ -80,6 +80,10 @@ func TestSecurityOtherUID(t *testing.T) {
 		if code != 1 || !strings.Contains(errOut, "permission denied: policy:") || !strings.Contains(errOut, c.want) {
 			t.Fatalf("%v as nobody: exit %d, %q; want a policy denial mentioning %q", c.args, code, errOut, c.want)
 		}
+	}
+	st := e.status(t)
+	if !st.PolicyLoaded || st.MaxConnections != 1024 || st.StateDir == "" {
+		t.Fatalf("status for root: policy_loaded %v, max_connections %d, state_dir %q", st.PolicyLoaded, st.MaxConnections, st.StateDir)
 	}
 	// Root may still administer, and policy check explains decisions.
 	out = e.mustCtl("policy", "check", "--as", "nobody", "--company", "biz_allowed", "--scope", "chat:read")
@@ -152,6 +156,9 @@ func TestSecurityNoSecretsAnywhere(t *testing.T) {
 	e.mustCtl("evict", "--subject", "biz_sec")
 	if _, err := get(&tokendv1.GetTokenRequest{CompanyId: "biz_sec", ScopedActions: []string{"chat:read"}, MinTtl: noMinTTL}); err != nil {
 		t.Fatal(err)
+	}
+	if st := e.status(t); !st.CacheSealed {
+		t.Fatal("status does not say the cache is sealed")
 	}
 	d.stop()
 

@@ -160,6 +160,13 @@ func (a *adminService) status() (*tokendv1.Status, error) {
 		EvictedOverCapacity:   st.EvictedOverCapacity,
 		DroppedIdle:           st.DroppedIdle,
 		MaxEntries:            uint64(st.MaxEntries),
+		MissesRateLimited:     st.MissesRateLimited,
+		CacheSealed:           a.s.cfg.SealedCache,
+		PolicyLoaded:          a.s.cfg.Policy != nil && a.s.cfg.Policy.Load() != nil,
+	}
+	if cl := a.s.cfg.Conns; cl != nil {
+		resp.MaxConnections = uint32(cl.max)
+		resp.ConnectionsAtLimit = cl.waits.Load()
 	}
 	for _, c := range a.s.cfg.Tokens.CredentialStats() {
 		cs := &tokendv1.CredentialStatus{
