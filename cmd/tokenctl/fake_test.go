@@ -285,7 +285,7 @@ func (f *fakeDaemon) EvictEntries(_ context.Context, req *tokendv1.EvictEntriesR
 	if f.err != nil {
 		return nil, f.err
 	}
-	match := func(e *tokendv1.Entry) bool { return false }
+	var match func(e *tokendv1.Entry) bool
 	switch t := req.GetTarget().(type) {
 	case *tokendv1.EvictEntriesRequest_KeyId:
 		e, err := f.resolve(t.KeyId)
@@ -360,11 +360,4 @@ func (f *fakeDaemon) setOnGetEntry(fn func(call int, e *tokendv1.Entry) error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.onGetEntry = fn
-}
-
-// token is the token the fake holds for key.
-func (f *fakeDaemon) token(key string) string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.tokens[key]
 }

@@ -75,7 +75,6 @@ type Cache struct {
 	dirty        map[*Entry]struct{}
 	deletes      map[string]struct{}
 	lastWriteErr error
-	lastWriteAt  time.Time
 	kick         chan struct{}
 	stop         chan struct{}
 	done         chan struct{}
@@ -612,7 +611,6 @@ func (c *Cache) Flush() error {
 		c.log.Info("cache writes recovered", "file", c.cfg.Path)
 	}
 	c.lastWriteErr = nil
-	c.lastWriteAt = c.cfg.Clock.Now()
 	return nil
 }
 

@@ -87,7 +87,6 @@ func parseConfig(path string) ([]credentialSpec, error) {
 type credentialSet struct {
 	log     *slog.Logger
 	file    string // the configuration file; "" means the one default key
-	keys    KeySource
 	credDir string
 	newWhop func(key string) (*whop.Client, error)
 

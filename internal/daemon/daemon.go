@@ -165,7 +165,6 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	creds := &credentialSet{
 		log:     log.With("component", "credentials"),
 		file:    cfg.ConfigFile,
-		keys:    cfg.Keys,
 		credDir: cfg.Keys.CredentialsDir,
 		newWhop: func(key string) (*whop.Client, error) {
 			return whop.New(whop.Config{

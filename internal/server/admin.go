@@ -299,11 +299,10 @@ func (a *adminService) CheckPolicy(_ context.Context, req *tokendv1.CheckPolicyR
 	if req.GetUser() == "" {
 		return nil, status.Error(codes.InvalidArgument, "user is required: a local user name or uid")
 	}
-	r, k, err := a.s.parse(&tokendv1.GetTokenRequest{CompanyId: req.GetCompanyId(), UserId: req.GetUserId(), ScopedActions: req.GetScopedActions(), Credential: req.GetCredential()})
+	_, k, err := a.s.parse(&tokendv1.GetTokenRequest{CompanyId: req.GetCompanyId(), UserId: req.GetUserId(), ScopedActions: req.GetScopedActions(), Credential: req.GetCredential()})
 	if err != nil {
 		return nil, err
 	}
-	_ = r
 	caller, err := policy.CallerForUser(req.GetUser(), policy.SystemIDs())
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "user %q: %v", req.GetUser(), err)

@@ -8,7 +8,6 @@ import (
 	"net"
 	"strings"
 	"sync"
-	"sync/atomic"
 
 	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
@@ -117,11 +116,10 @@ func connFrom(ctx context.Context) *connState {
 // missLimits holds one limiter per uid so a single local caller cannot burn
 // the API key's quota for everyone.
 type missLimits struct {
-	limit   rate.Limit
-	burst   int
-	mu      sync.Mutex
-	byUID   map[uint32]*rate.Limiter
-	limited atomic.Uint64
+	limit rate.Limit
+	burst int
+	mu    sync.Mutex
+	byUID map[uint32]*rate.Limiter
 }
 
 func (m *missLimits) forUID(uid uint32) *rate.Limiter {
