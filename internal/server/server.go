@@ -202,35 +202,60 @@ func (t *tokenService) GetToken(ctx context.Context, req *tokendv1.GetTokenReque
 }
 
 func (t *tokenService) getToken(ctx context.Context, req *tokendv1.GetTokenRequest) (_ *tokendv1.Token, result string, _ error) {
-	r, k, err := t.s.parse(req)
+	g, err := t.s.get(ctx, req)
 	if err != nil {
 		return nil, "error", err
 	}
+	result = "hit"
+	switch {
+	case g.minted && req.GetRejectedToken() != "":
+		result = "refreshed"
+	case g.minted:
+		result = "miss"
+	}
+	return &tokendv1.Token{Token: g.tok.Value, ExpiresAt: timestamp(g.tok.ExpiresAt), KeyId: g.e.ID()}, result, nil
+}
+
+// got is one answered token request.
+type got struct {
+	k      cache.Key
+	cs     *connState // nil outside a peer-credential connection
+	tok    *cache.Token
+	e      *cache.Entry
+	minted bool // obtained from Whop for this call, not from the cache
+}
+
+// get is what GetToken and WatchToken share: validate the request against
+// its credential, apply the policy, answer from the cache or Whop, and
+// record the hand-out in the audit trail.
+func (s *Server) get(ctx context.Context, req *tokendv1.GetTokenRequest) (got, error) {
+	r, k, err := s.parse(req)
+	if err != nil {
+		return got{}, err
+	}
 	cs := connFrom(ctx)
+	if err := s.checkPolicy(cs, k); err != nil {
+		return got{}, err
+	}
 	opts := refresher.Options{MinTTL: r.minTTL, Rejected: req.GetRejectedToken()}
 	if cs != nil {
 		opts.MissLimiter = cs.misses
 	}
-	if err := t.s.checkPolicy(cs, k); err != nil {
-		return nil, "error", err
-	}
 	start := time.Now()
-	tok, e, err := t.s.cfg.Tokens.Get(ctx, k, opts)
+	tok, e, err := s.cfg.Tokens.Get(ctx, k, opts)
 	if err != nil {
-		return nil, "error", upstreamStatus(err)
+		return got{}, upstreamStatus(err)
 	}
-	minted := !tok.ObtainedAt.Before(start)
-	if cs != nil && cs.audit != nil {
-		cs.audit.HandedOut(audit.Subject{KeyID: e.ID(), CompanyID: k.CompanyID, UserID: k.UserID, Scopes: k.Scopes}, tok.Value, minted)
+	g := got{k: k, cs: cs, tok: tok, e: e, minted: !tok.ObtainedAt.Before(start)}
+	g.audit(tok, g.minted)
+	return g, nil
+}
+
+// audit records that tok was handed to the caller's connection.
+func (g got) audit(tok *cache.Token, minted bool) {
+	if g.cs != nil && g.cs.audit != nil {
+		g.cs.audit.HandedOut(audit.Subject{KeyID: g.e.ID(), CompanyID: g.k.CompanyID, UserID: g.k.UserID, Scopes: g.k.Scopes}, tok.Value, minted)
 	}
-	result = "hit"
-	switch {
-	case minted && req.GetRejectedToken() != "":
-		result = "refreshed"
-	case minted:
-		result = "miss"
-	}
-	return &tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: e.ID()}, result, nil
 }
 
 // parse validates req against its credential and returns its cache key.
@@ -270,29 +295,15 @@ func (s *Server) credential(name string) (string, error) {
 // the refresher installs it. A stalled watcher blocks only its own Send.
 func (t *tokenService) WatchToken(req *tokendv1.GetTokenRequest, stream tokendv1.TokenService_WatchTokenServer) error {
 	ctx := stream.Context()
-	r, k, err := t.s.parse(req)
+	g, err := t.s.get(ctx, req)
 	if err != nil {
 		return err
 	}
-	cs := connFrom(ctx)
-	if err := t.s.checkPolicy(cs, k); err != nil {
-		return err
-	}
-	opts := refresher.Options{MinTTL: r.minTTL}
-	if cs != nil {
-		opts.MissLimiter = cs.misses
-	}
-	tok, e, err := t.s.cfg.Tokens.Get(ctx, k, opts)
-	if err != nil {
-		return upstreamStatus(err)
-	}
+	k, cs, e, tok := g.k, g.cs, g.e, g.tok
 	tokens := t.s.cfg.Tokens
 	stop := tokens.Watch(e)
 	defer stop()
 	send := func(tok *cache.Token) error {
-		if cs != nil && cs.audit != nil {
-			cs.audit.HandedOut(audit.Subject{KeyID: e.ID(), CompanyID: k.CompanyID, UserID: k.UserID, Scopes: k.Scopes}, tok.Value, false)
-		}
 		return stream.Send(&tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: e.ID()})
 	}
 	if err := send(tok); err != nil {
@@ -310,6 +321,7 @@ func (t *tokenService) WatchToken(req *tokendv1.GetTokenRequest, stream tokendv1
 			if err := t.s.checkPolicy(cs, k); err != nil {
 				return err
 			}
+			g.audit(cur, false)
 			if err := send(cur); err != nil {
 				return err
 			}
