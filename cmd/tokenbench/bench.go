@@ -48,6 +48,7 @@ type bench struct {
 	// hitsTokend serves the hit test and then the one-cold-key test.
 	hitsTokend *proc
 	hitsFlags  []string
+	hitReqs    []*tokendv1.GetTokenRequest // the warm keys
 	// missLimitFlags raise tokend's per-caller limit on cache misses, when
 	// the binary has flags for it; missLimitNote says what applied.
 	missLimitFlags []string
@@ -68,21 +69,32 @@ func benchmark(ctx context.Context, o options, progress io.Writer) (*Report, err
 		return nil, err
 	}
 	defer b.fake.Close()
-	if rep.Hits, err = b.hits(ctx); err != nil {
+	if err := b.prepare(ctx); err != nil {
 		return nil, fmt.Errorf("hits: %w", err)
 	}
-	if rep.Misses, err = b.misses(ctx); err != nil {
-		return nil, fmt.Errorf("misses: %w", err)
+	if o.sections["hits"] {
+		if rep.Hits, err = b.hits(ctx); err != nil {
+			return nil, fmt.Errorf("hits: %w", err)
+		}
 	}
-	if rep.Scale, err = b.scale(ctx); err != nil {
-		return nil, fmt.Errorf("scale: %w", err)
+	if o.sections["misses"] {
+		if rep.Misses, err = b.misses(ctx); err != nil {
+			return nil, fmt.Errorf("misses: %w", err)
+		}
 	}
-	b.logf("writes: persisting %d records in one Flush", o.writeRecords)
-	wdir := filepath.Join(dir, "writes")
-	if rep.Writes, err = measureWrites(wdir, o.writeRecords, b.answer.GetToken()); err != nil {
-		return nil, fmt.Errorf("writes: %w", err)
+	if o.sections["scale"] {
+		if rep.Scale, err = b.scale(ctx); err != nil {
+			return nil, fmt.Errorf("scale: %w", err)
+		}
 	}
-	rep.evaluate()
+	if o.sections["writes"] {
+		b.logf("writes: persisting %d records in one Flush", o.writeRecords)
+		wdir := filepath.Join(dir, "writes")
+		if rep.Writes, err = measureWrites(wdir, o.writeRecords, b.answer.GetToken()); err != nil {
+			return nil, fmt.Errorf("writes: %w", err)
+		}
+	}
+	rep.evaluate(o.sections)
 	return rep, nil
 }
 
@@ -235,17 +247,19 @@ func connect(socket string, n int) ([]tokendv1.TokenServiceClient, func(), error
 	return clients, closeAll, nil
 }
 
-func (b *bench) hits(ctx context.Context) (hitsReport, error) {
+// prepare starts the tokend of the hit and one-cold-key tests and warms
+// its keys; every section needs one of its real answers.
+func (b *bench) prepare(ctx context.Context) error {
 	o := b.o
 	// Limits out of the way: the hit test must not wait on the limiter
 	// while warming keys.
 	tk, flags, err := b.startTokend("hits", limitFlags(1e6, 100_000, 256), true)
 	if err != nil {
-		return hitsReport{}, err
+		return err
 	}
 	b.hitsTokend, b.hitsFlags = tk, flags
 	if _, err := tk.waitReady(ctx, healthServing); err != nil {
-		return hitsReport{}, err
+		return err
 	}
 	reqs := make([]*tokendv1.GetTokenRequest, o.keys)
 	for i := range reqs {
@@ -253,20 +267,26 @@ func (b *bench) hits(ctx context.Context) (hitsReport, error) {
 	}
 	clients, closeWarm, err := connect(tk.socket, 1)
 	if err != nil {
-		return hitsReport{}, err
+		return err
 	}
 	b.logf("hits: warming %d keys", o.keys)
 	for i, req := range reqs {
 		tok, err := warm(ctx, clients[0], req)
 		if err != nil {
 			closeWarm()
-			return hitsReport{}, fmt.Errorf("warm %s: %w", req.CompanyId, err)
+			return fmt.Errorf("warm %s: %w", req.CompanyId, err)
 		}
 		if i == 0 {
 			b.answer = tok
 		}
 	}
 	closeWarm()
+	b.hitReqs = reqs
+	return nil
+}
+
+func (b *bench) hits(ctx context.Context) (hitsReport, error) {
+	o, reqs, tk, flags := b.o, b.hitReqs, b.hitsTokend, b.hitsFlags
 	rep := hitsReport{Keys: o.keys, Seconds: o.duration.Seconds(), WarmupSeconds: o.warmup.Seconds(), Rounds: o.rounds, AnswerBytes: proto.Size(b.answer), TokendFlags: flags}
 
 	answerFile := filepath.Join(b.dir, "answer.pb")
@@ -307,7 +327,7 @@ func (b *bench) hits(ctx context.Context) (hitsReport, error) {
 			closeT()
 			return rep, err
 		}
-		point.Tokend, point.Floor = compare(ctx, tClients, fClients, reqs, conc, o.warmup, o.duration, o.rounds)
+		point.Tokend, point.Floor = compare(ctx, loadTarget{tClients, tk.pid()}, loadTarget{fClients, floor.pid()}, reqs, conc, o.warmup, o.duration, o.rounds)
 		closeT()
 		closeF()
 		if err := ctx.Err(); err != nil {

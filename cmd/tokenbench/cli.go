@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"time"
 )
@@ -30,7 +31,12 @@ type options struct {
 	writeRecords  int
 	tokendFlags   []string
 	rounds        int
+	// sections are the parts to run, a subset of allSections.
+	sections map[string]bool
 }
+
+// allSections are the benchmark's parts, in the order they run.
+var allSections = []string{"hits", "misses", "scale", "writes"}
 
 // run is the whole command: the hidden floor-server subcommand, or a
 // benchmark run. It returns the exit code.
@@ -90,6 +96,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.entries, "entries", 100_000, "entries pre-loaded into the database for the scale test")
 	fs.DurationVar(&o.idle, "idle-duration", 30*time.Second, "how long to watch an idle tokend's CPU time")
 	fs.IntVar(&o.writeRecords, "writes", 10_000, "records persisted in the write test")
+	sections := fs.String("sections", strings.Join(allSections, ","), "comma-separated parts to run: "+strings.Join(allSections, ", "))
 	fs.Func("tokend-flag", "extra flag for every tokend started, as --tokend-flag=--name=value; repeatable", func(v string) error {
 		if !strings.HasPrefix(v, "-") {
 			return fmt.Errorf("%q is not a flag; write --tokend-flag=--name=value", v)
@@ -102,6 +109,13 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	}
 	if fs.NArg() > 0 {
 		return o, fmt.Errorf("unexpected argument %q; tokenbench takes flags only (see -h)", fs.Arg(0))
+	}
+	o.sections = map[string]bool{}
+	for name := range strings.SplitSeq(*sections, ",") {
+		if name = strings.TrimSpace(name); !slices.Contains(allSections, name) {
+			return o, fmt.Errorf("--sections: unknown part %q; choose from %s", name, strings.Join(allSections, ", "))
+		}
+		o.sections[name] = true
 	}
 	if o.quick {
 		set := map[string]bool{}

@@ -24,6 +24,10 @@ type loadResult struct {
 	P50us      float64        `json:"p50_us"`
 	P99us      float64        `json:"p99_us"`
 	MaxUs      float64        `json:"max_us"`
+	// ServerCPUus is the server process's CPU time (user + system) per
+	// answered request: its own cost, apart from the client's share of
+	// the machine. Zero where it was not measured.
+	ServerCPUus float64 `json:"server_cpu_us_per_request,omitempty"`
 }
 
 // expectedRPS sizes the per-worker latency slices so that recording never
@@ -34,13 +38,15 @@ const expectedRPS = 200_000
 type sample struct {
 	lat     []time.Duration
 	elapsed time.Duration
-	errs    []error // the first few of each phase
+	cpu     time.Duration // the server's, over the phases
+	errs    []error       // the first few of each phase
 	nerr    int
 }
 
 func (s *sample) add(o sample) {
 	s.lat = append(s.lat, o.lat...)
 	s.elapsed += o.elapsed
+	s.cpu += o.cpu
 	s.errs = append(s.errs, o.errs...)
 	s.nerr += o.nerr
 }
@@ -53,11 +59,18 @@ func (s *sample) result() loadResult {
 	// Errors beyond the first few of a phase are counted, not sorted by code.
 	res.Errors += s.nerr - len(s.errs)
 	summarize(&res, s.lat, s.elapsed)
+	if len(s.lat) > 0 && s.cpu > 0 {
+		res.ServerCPUus = math.Round(float64(s.cpu)/float64(time.Microsecond)/float64(len(s.lat))*100) / 100
+	}
 	return res
 }
 
-// target is one server under load: its clients, one per connection.
-type loadTarget []tokendv1.TokenServiceClient
+// loadTarget is one server under load: its clients, one per connection,
+// and its process, whose CPU time is read around each measured phase.
+type loadTarget struct {
+	clients []tokendv1.TokenServiceClient
+	pid     int // 0: CPU time not measured
+}
 
 // compare loads a and b alternately, rounds times each for d/rounds after a
 // warm-up of each, so that a change in the machine's background load
@@ -78,7 +91,7 @@ func compare(ctx context.Context, a, b loadTarget, reqs []*tokendv1.GetTokenRequ
 // loadPhase runs conc workers, each sending GetToken as soon as its last
 // answer arrived, for d. Worker w uses clients[w%len(clients)] and cycles
 // through reqs starting at w.
-func loadPhase(ctx context.Context, clients loadTarget, reqs []*tokendv1.GetTokenRequest, conc int, d time.Duration, record bool) sample {
+func loadPhase(ctx context.Context, target loadTarget, reqs []*tokendv1.GetTokenRequest, conc int, d time.Duration, record bool) sample {
 	type worker struct {
 		lat  []time.Duration
 		errs []error
@@ -97,7 +110,7 @@ func loadPhase(ctx context.Context, clients loadTarget, reqs []*tokendv1.GetToke
 	for w := range workers {
 		wg.Go(func() {
 			wk := &workers[w]
-			client := clients[w%len(clients)]
+			client := target.clients[w%len(target.clients)]
 			next := w % len(reqs)
 			<-start
 			for {
@@ -120,12 +133,16 @@ func loadPhase(ctx context.Context, clients loadTarget, reqs []*tokendv1.GetToke
 			}
 		})
 	}
+	cpu0 := target.cpuTime()
 	t0 := time.Now()
 	deadline = t0.Add(d)
 	close(start)
 	wg.Wait()
 	var s sample
 	s.elapsed = time.Since(t0)
+	if cpu0 > 0 {
+		s.cpu = target.cpuTime() - cpu0
+	}
 	n := 0
 	for i := range workers {
 		n += len(workers[i].lat)
@@ -137,6 +154,18 @@ func loadPhase(ctx context.Context, clients loadTarget, reqs []*tokendv1.GetToke
 		s.nerr += workers[i].n
 	}
 	return s
+}
+
+// cpuTime is the target process's CPU time so far, or 0 if unknown.
+func (t loadTarget) cpuTime() time.Duration {
+	if t.pid == 0 {
+		return 0
+	}
+	d, err := cpuTime(t.pid)
+	if err != nil {
+		return 0
+	}
+	return d
 }
 
 // burst starts one GetToken per request at the same instant and waits for

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -16,16 +17,18 @@ import (
 
 // Report is the JSON summary; two of them compare field by field.
 type Report struct {
-	Date      string       `json:"date"`
-	Machine   machine      `json:"machine"`
-	GoVersion string       `json:"go_version"`
-	Commit    string       `json:"commit"`
-	Quick     bool         `json:"quick"`
-	Hits      hitsReport   `json:"hits"`
-	Misses    missesReport `json:"misses"`
-	Scale     scaleReport  `json:"scale"`
-	Writes    writeResult  `json:"writes"`
-	Targets   []target     `json:"targets"`
+	Date      string  `json:"date"`
+	Machine   machine `json:"machine"`
+	GoVersion string  `json:"go_version"`
+	Commit    string  `json:"commit"`
+	Quick     bool    `json:"quick"`
+	// Sections are the parts that ran; the others are left zero.
+	Sections []string     `json:"sections"`
+	Hits     hitsReport   `json:"hits"`
+	Misses   missesReport `json:"misses"`
+	Scale    scaleReport  `json:"scale"`
+	Writes   writeResult  `json:"writes"`
+	Targets  []target     `json:"targets"`
 }
 
 type machine struct {
@@ -127,13 +130,19 @@ type target struct {
 }
 
 func newReport(o options) *Report {
-	return &Report{
+	r := &Report{
 		Date:      time.Now().UTC().Format(time.RFC3339),
 		Machine:   machine{Cores: runtime.NumCPU(), CPUModel: cpuModel(), OS: runtime.GOOS, Arch: runtime.GOARCH},
 		GoVersion: runtime.Version(),
 		Commit:    gitCommit(),
 		Quick:     o.quick,
 	}
+	for _, name := range allSections {
+		if o.sections[name] {
+			r.Sections = append(r.Sections, name)
+		}
+	}
+	return r
 }
 
 func cpuModel() string {
@@ -176,10 +185,30 @@ func (r *Report) point(conc, conns int) *hitPoint {
 }
 
 // evaluate checks the run against the targets of issue 7.
-func (r *Report) evaluate() {
+// evaluate judges the targets of the sections that ran.
+func (r *Report) evaluate(sections map[string]bool) {
 	add := func(name, want, got string, pass bool) {
 		r.Targets = append(r.Targets, target{Name: name, Want: want, Got: got, Pass: pass})
 	}
+	if sections["hits"] {
+		r.evaluateHits(add)
+	}
+	if sections["misses"] {
+		r.evaluateMisses(add)
+	}
+	if sections["scale"] {
+		r.evaluateScale(add)
+	}
+	if sections["writes"] {
+		w := r.Writes
+		add(fmt.Sprintf("writes: %d records persisted", w.Records), "< 1 s",
+			fmt.Sprintf("insert %.0f ms, refresh %.0f ms", w.InsertMs, w.RefreshMs), w.InsertMs < 1000 && w.RefreshMs < 1000)
+	}
+}
+
+type addTarget func(name, want, got string, pass bool)
+
+func (r *Report) evaluateHits(add addTarget) {
 	for _, conns := range []int{1, 4} {
 		if p := r.point(16, conns); p != nil {
 			add(fmt.Sprintf("hits c=16 over %d conn: throughput", conns), ">= 0.90 of floor",
@@ -192,6 +221,9 @@ func (r *Report) evaluate() {
 		add("hits c=1: p50", "within 20 µs of floor",
 			fmt.Sprintf("+%.1f µs (%.1f vs %.1f µs)", p.P50DiffUs, p.Tokend.P50us, p.Floor.P50us), p.P50DiffUs <= 20)
 	}
+}
+
+func (r *Report) evaluateMisses(add addTarget) {
 	one := r.Misses.OneKey
 	add(fmt.Sprintf("misses: %d callers, one cold key", one.Callers), "exactly 1 upstream call",
 		fmt.Sprintf("%d calls", one.UpstreamCalls), one.UpstreamCalls == 1)
@@ -201,15 +233,15 @@ func (r *Report) evaluate() {
 	add(fmt.Sprintf("misses: %d distinct cold keys", d.Keys), "1 call each, 0 errors, wall <= 1.25 x limiter bound",
 		fmt.Sprintf("%d calls, %d errors, %.2fs vs %.2fs bound", d.UpstreamCalls, d.Result.Errors, d.Result.Seconds, d.LimiterBoundSeconds),
 		d.UpstreamCalls == d.Keys && d.Result.Errors == 0 && d.Result.Seconds <= 1.25*d.LimiterBoundSeconds)
+}
+
+func (r *Report) evaluateScale(add addTarget) {
 	s := r.Scale
 	add(fmt.Sprintf("scale: READY with %d entries", s.Entries), "<= 1 s", fmt.Sprintf("%.0f ms", s.ReadyMs), s.ReadyMs <= 1000)
 	add("scale: heap per entry beyond token bytes", "<= 1024 B",
 		fmt.Sprintf("%.0f B (cache %.0f B + refresher; token %.0f B)", s.Heap.DaemonNoToken, s.Heap.CacheNoToken, s.Heap.TokenBytes), s.Heap.DaemonNoToken <= 1024)
 	add(fmt.Sprintf("scale: idle CPU with %d entries", s.Entries), "< 0.3 s per 30 s",
 		fmt.Sprintf("%.2f s per 30 s (%.2f s over %.0f s)", s.IdleCPUPer30s, s.IdleCPUSeconds, s.IdleSeconds), s.IdleCPUPer30s < 0.3)
-	w := r.Writes
-	add(fmt.Sprintf("writes: %d records persisted", w.Records), "< 1 s",
-		fmt.Sprintf("insert %.0f ms, refresh %.0f ms", w.InsertMs, w.RefreshMs), w.InsertMs < 1000 && w.RefreshMs < 1000)
 }
 
 func printReport(out io.Writer, r *Report) {
@@ -219,22 +251,43 @@ func printReport(out io.Writer, r *Report) {
 	}
 	fmt.Fprintln(out)
 
-	h := r.Hits
+	if r.ran("hits") {
+		printHits(out, r.Hits)
+	}
+	if r.ran("misses") {
+		printMisses(out, r.Misses)
+	}
+	if r.ran("scale") {
+		printScale(out, r.Scale)
+	}
+	if r.ran("writes") {
+		w := r.Writes
+		fmt.Fprintf(out, "\nWrites: %d records in one Flush: insert %.1f ms, refresh %.1f ms (file %.1f MiB)\n",
+			w.Records, w.InsertMs, w.RefreshMs, float64(w.FileBytes)/(1<<20))
+	}
+	printTargets(out, r.Targets)
+}
+
+func (r *Report) ran(section string) bool { return slices.Contains(r.Sections, section) }
+
+func printHits(out io.Writer, h hitsReport) {
 	fmt.Fprintf(out, "\nHits: GetToken on %d warm keys, %gs per point and server (in %d alternating rounds) after %gs warm-up; answer %d bytes; tokend %s\n",
 		h.Keys, h.Seconds, h.Rounds, h.WarmupSeconds, h.AnswerBytes, strings.Join(h.TokendFlags, " "))
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "conc\tconns\ttokend rps\tp50 µs\tp99 µs\tfloor rps\tp50 µs\tp99 µs\trps ratio\tp50 ratio\tp99 ratio\tp50 +µs\terrors\t")
+	fmt.Fprintln(tw, "conc\tconns\ttokend rps\tp50 µs\tp99 µs\tfloor rps\tp50 µs\tp99 µs\trps ratio\tp50 ratio\tp99 ratio\tp50 +µs\tcpu µs/req\terrors\t")
 	for _, p := range h.Points {
-		fmt.Fprintf(tw, "%d\t%d\t%.0f\t%.1f\t%.1f\t%.0f\t%.1f\t%.1f\t%.3f\t%.3f\t%.3f\t%+.1f\t%d\t\n",
+		fmt.Fprintf(tw, "%d\t%d\t%.0f\t%.1f\t%.1f\t%.0f\t%.1f\t%.1f\t%.3f\t%.3f\t%.3f\t%+.1f\t%.1f / %.1f\t%d\t\n",
 			p.Concurrency, p.Connections, p.Tokend.RPS, p.Tokend.P50us, p.Tokend.P99us, p.Floor.RPS, p.Floor.P50us, p.Floor.P99us,
-			p.RatioRPS, p.RatioP50, p.RatioP99, p.P50DiffUs, p.Tokend.Errors+p.Floor.Errors)
+			p.RatioRPS, p.RatioP50, p.RatioP99, p.P50DiffUs, p.Tokend.ServerCPUus, p.Floor.ServerCPUus, p.Tokend.Errors+p.Floor.Errors)
 	}
 	tw.Flush()
+	fmt.Fprintln(out, "cpu µs/req: CPU time of the tokend / floor process per answered request (user + system)")
 	fmt.Fprintf(out, "upstream calls during the hit points: %d\n", h.UpstreamCalls)
+}
 
-	m := r.Misses
+func printMisses(out io.Writer, m missesReport) {
 	fmt.Fprintf(out, "\nMisses: fake upstream latency %gms, callers over %d connections; per-uid miss limit: %s\n", m.UpstreamLatencyMs, missConns, m.PerUIDMissLimit)
-	tw = tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "test\tcallers\tupstream calls\tmax in flight\terrors\twall\tp50\tp99\tlimiter bound\ttokend limiter flags")
 	for _, t := range []struct {
 		name string
@@ -256,10 +309,11 @@ func printReport(out io.Writer, r *Report) {
 			fmt.Fprintf(out, "%s errors by code: %v; first: %s\n", t.name, t.m.Result.ErrorCodes, t.m.Result.FirstError)
 		}
 	}
+}
 
-	s := r.Scale
+func printScale(out io.Writer, s scaleReport) {
 	fmt.Fprintf(out, "\nScale: %d entries (cache.db %.1f MiB), tokend %s\n", s.Entries, float64(s.FileBytes)/(1<<20), strings.Join(s.TokendFlags, " "))
-	tw = tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "start to READY (health SERVING and a hit)\t%.0f ms\n", s.ReadyMs)
 	fmt.Fprintf(tw, "resident memory (VmRSS)\t%.1f MiB (anon %.1f MiB, file %.1f MiB); %.1f MiB after idle\n",
 		kib(s.RSSKiB), kib(s.RSSAnonKiB), kib(s.RSSFileKiB), kib(s.RSSAfterIdleKiB))
@@ -267,14 +321,12 @@ func printReport(out io.Writer, r *Report) {
 	fmt.Fprintf(tw, "Go heap per entry, cache + refresher\t%.0f B (%.0f B beyond the token bytes)\n", s.Heap.Daemon, s.Heap.DaemonNoToken)
 	fmt.Fprintf(tw, "CPU time over %.0fs idle\t%.2f s (%.2f s per 30 s); %d upstream calls\n", s.IdleSeconds, s.IdleCPUSeconds, s.IdleCPUPer30s, s.UpstreamCalls)
 	tw.Flush()
+}
 
-	w := r.Writes
-	fmt.Fprintf(out, "\nWrites: %d records in one Flush: insert %.1f ms, refresh %.1f ms (file %.1f MiB)\n",
-		w.Records, w.InsertMs, w.RefreshMs, float64(w.FileBytes)/(1<<20))
-
+func printTargets(out io.Writer, targets []target) {
 	fmt.Fprintln(out, "\nTargets (issue 7)")
-	tw = tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	for _, t := range r.Targets {
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	for _, t := range targets {
 		verdict := "MISS"
 		if t.Pass {
 			verdict = "PASS"
