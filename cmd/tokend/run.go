@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tokend/tokend/internal/daemon"
+	"github.com/tokend/tokend/internal/gctune"
 	"github.com/tokend/tokend/internal/refresher"
 	"github.com/tokend/tokend/internal/whop"
 )
@@ -34,6 +35,7 @@ type options struct {
 	adminGroup, auditLog, cacheKeyFile, policyFile, metricsAddr, configFile string
 	missRate                                                                float64
 	missBurst, maxConns, maxStreams                                         int
+	gcHeadroomMiB                                                           int
 }
 
 // run starts tokend; a value on reload (SIGHUP) re-reads the API key.
@@ -57,6 +59,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		fmt.Fprintf(stderr, "tokend: %v\n", err)
 		return 2
 	}
+	// GOGC is the process's, not one daemon's: it is tuned here.
+	defer gctune.Start(uint64(opts.gcHeadroomMiB) << 20).Stop()
 	cfg.Logger = log
 	cfg.Stdout = stdout
 	cfg.Version = version
@@ -105,6 +109,7 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (op
 	fs.IntVar(&o.missBurst, "miss-burst-per-uid", ev.int("TOKEND_MISS_BURST_PER_UID", 1000), "burst of upstream-bound misses one uid may make, e.g. a service warming its keys (env TOKEND_MISS_BURST_PER_UID)")
 	fs.IntVar(&o.maxConns, "max-connections", ev.int("TOKEND_MAX_CONNECTIONS", 1024), "most client connections open at once; more wait (env TOKEND_MAX_CONNECTIONS)")
 	fs.IntVar(&o.maxStreams, "max-streams", ev.int("TOKEND_MAX_STREAMS", 128), "most concurrent calls per connection (env TOKEND_MAX_STREAMS)")
+	fs.IntVar(&o.gcHeadroomMiB, "gc-headroom-mib", ev.int("TOKEND_GC_HEADROOM_MIB", 16), "least heap growth, in MiB, between garbage collections: a small heap under load is otherwise collected every few MiB; 0 leaves Go's default (env TOKEND_GC_HEADROOM_MIB)")
 	fs.StringVar(&o.logLevel, "log-level", env("TOKEND_LOG_LEVEL", "info"), "debug, info, warn or error (env TOKEND_LOG_LEVEL)")
 	fs.BoolVar(&o.dev, "dev", getenv("TOKEND_DEV") == "1", "dev mode: fake Whop upstream on loopback, no API key, temporary state, socket in $XDG_RUNTIME_DIR or /tmp/tokend-dev (env TOKEND_DEV=1)")
 	if err := fs.Parse(args); err != nil {
@@ -166,6 +171,9 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 	}
 	if o.maxEntries < 1 {
 		return daemon.Config{}, fmt.Errorf("--max-entries %d: must be positive", o.maxEntries)
+	}
+	if o.gcHeadroomMiB < 0 || o.gcHeadroomMiB > 4096 {
+		return daemon.Config{}, fmt.Errorf("--gc-headroom-mib %d: must be between 0 (off) and 4096", o.gcHeadroomMiB)
 	}
 
 	if o.cacheKeyFile == "" {

@@ -1,0 +1,57 @@
+package main
+
+import (
+	"io"
+	"strings"
+	"testing"
+)
+
+// TestFlagErrors: each bad flag or environment value is refused with a
+// message naming it and what is expected.
+func TestFlagErrors(t *testing.T) {
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		wantErr string
+	}{
+		{"negative gc headroom", []string{"--dev", "--gc-headroom-mib", "-1"}, nil, "--gc-headroom-mib -1: must be between 0 (off) and 4096"},
+		{"huge gc headroom", []string{"--dev", "--gc-headroom-mib", "5000"}, nil, "--gc-headroom-mib 5000"},
+		{"gc headroom env not a number", []string{"--dev"}, map[string]string{"TOKEND_GC_HEADROOM_MIB": "lots"}, "TOKEND_GC_HEADROOM_MIB"},
+		{"zero streams", []string{"--dev", "--max-streams", "0"}, nil, "--max-streams 0: must be positive"},
+		{"lifetime above Whop's maximum", []string{"--dev", "--token-lifetime", "4h"}, nil, "--token-lifetime 4h0m0s"},
+		{"socket mode not octal", []string{"--dev", "--socket-mode", "rw"}, nil, `--socket-mode "rw"`},
+		{"retry max below initial", []string{"--dev", "--retry-initial", "10s", "--retry-max", "1s"}, nil, "--retry-max 1s"},
+		{"env duration unparsable", []string{"--dev"}, map[string]string{"TOKEND_RETRY_MAX": "soon"}, "TOKEND_RETRY_MAX"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			getenv := func(k string) string { return tt.env[k] }
+			o, setSocket, err := parseFlags(tt.args, io.Discard, getenv)
+			if err == nil {
+				_, err = buildConfig(o, setSocket, getenv)
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("error %v, want one containing %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestFlagDefaults(t *testing.T) {
+	getenv := func(k string) string { return map[string]string{"TOKEND_GC_HEADROOM_MIB": "0"}[k] }
+	o, _, err := parseFlags([]string{"--dev"}, io.Discard, getenv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.gcHeadroomMiB != 0 {
+		t.Errorf("TOKEND_GC_HEADROOM_MIB=0 gave %d MiB", o.gcHeadroomMiB)
+	}
+	o, _, err = parseFlags([]string{"--dev"}, io.Discard, func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.gcHeadroomMiB != 16 || o.maxStreams != 128 || o.maxEntries != 100_000 {
+		t.Errorf("defaults: gc headroom %d MiB, max streams %d, max entries %d", o.gcHeadroomMiB, o.maxStreams, o.maxEntries)
+	}
+}
