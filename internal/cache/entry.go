@@ -23,7 +23,21 @@ type Token struct {
 	// Fingerprint identifies the API key that minted it (a keyed hash,
 	// never the key), so tokens of a replaced key are not served.
 	Fingerprint []byte
+
+	// reply is a server's answer built from the token, kept so that a
+	// cache hit builds nothing. It is never persisted.
+	reply atomic.Value
 }
+
+// Reply is the answer last stored with SetReply, or nil. The token never
+// changes, so neither does an answer derived from it; a refresh installs
+// a new Token, which starts without one.
+func (t *Token) Reply() any { return t.reply.Load() }
+
+// SetReply keeps v, an answer derived from t alone, for Reply. Concurrent
+// callers may both build one; the last stored wins and both are correct.
+// v must never be modified afterwards: it is shared by every hit.
+func (t *Token) SetReply(v any) { t.reply.Store(v) }
 
 // ValidFor reports whether t is still valid for at least ttl after now.
 func (t *Token) ValidFor(now time.Time, ttl time.Duration) bool {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/tokend/tokend/internal/cache"
 	"github.com/tokend/tokend/internal/refresher"
@@ -27,8 +28,8 @@ func BenchmarkGetTokenHit(b *testing.B) {
 	}
 }
 
-// TestGetTokenHitAllocs guards the hit path: beyond the response message
-// and its timestamp, which protobuf needs, tokend allocates nothing.
+// TestGetTokenHitAllocs guards the hit path: tokend allocates nothing; the
+// reply is built once per token and shared.
 func TestGetTokenHitAllocs(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector allocates")
@@ -40,8 +41,8 @@ func TestGetTokenHitAllocs(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
-	if allocs > 2 {
-		t.Fatalf("a cache hit allocates %v times; want at most 2 (the Token and its Timestamp)", allocs)
+	if allocs != 0 {
+		t.Fatalf("a cache hit allocates %v times; want 0", allocs)
 	}
 }
 
@@ -73,4 +74,44 @@ func hitRig(b testing.TB) (*tokenService, *tokendv1.GetTokenRequest) {
 		b.Fatal(err)
 	}
 	return ts, req
+}
+
+// TestAnswerSharedPerToken: hits share one reply per token, and a new token
+// gets a new reply while the old one stays as it was sent.
+func TestAnswerSharedPerToken(t *testing.T) {
+	ts, req := hitRig(t)
+	ctx := context.Background()
+	first, err := ts.GetToken(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := ts.GetToken(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again != first {
+		t.Fatal("two hits on one token built two replies; want one shared reply")
+	}
+	old := first.GetToken()
+	rejected := &tokendv1.GetTokenRequest{CompanyId: req.CompanyId, ScopedActions: req.ScopedActions, RejectedToken: old}
+	fresh, err := ts.GetToken(ctx, rejected)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fresh == first || fresh.GetToken() == old {
+		t.Fatal("after the token was replaced the reply still carries the old token")
+	}
+	if first.GetToken() != old {
+		t.Fatal("the reply already sent was modified")
+	}
+	hit, err := ts.GetToken(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hit != fresh {
+		t.Fatal("a hit after the refresh did not share the new token's reply")
+	}
+	if hit.GetKeyId() != first.GetKeyId() || !hit.GetExpiresAt().AsTime().After(time.Now()) {
+		t.Fatalf("new reply: key %q (was %q), expires %v", hit.GetKeyId(), first.GetKeyId(), hit.GetExpiresAt().AsTime())
+	}
 }

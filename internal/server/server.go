@@ -213,7 +213,19 @@ func (t *tokenService) getToken(ctx context.Context, req *tokendv1.GetTokenReque
 	case g.minted:
 		result = "miss"
 	}
-	return &tokendv1.Token{Token: g.tok.Value, ExpiresAt: timestamp(g.tok.ExpiresAt), KeyId: g.e.ID()}, result, nil
+	return answer(g.tok, g.e), result, nil
+}
+
+// answer is the reply carrying tok, an entry's token. It is built once per
+// token and then shared by every hit, so a hit allocates nothing here;
+// gRPC only reads a reply while marshalling it.
+func answer(tok *cache.Token, e *cache.Entry) *tokendv1.Token {
+	if r, ok := tok.Reply().(*tokendv1.Token); ok {
+		return r
+	}
+	r := &tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: e.ID()}
+	tok.SetReply(r)
+	return r
 }
 
 // got is one answered token request.
@@ -304,7 +316,7 @@ func (t *tokenService) WatchToken(req *tokendv1.GetTokenRequest, stream tokendv1
 	stop := tokens.Watch(e)
 	defer stop()
 	send := func(tok *cache.Token) error {
-		return stream.Send(&tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: e.ID()})
+		return stream.Send(answer(tok, e))
 	}
 	if err := send(tok); err != nil {
 		return err
