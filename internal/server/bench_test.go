@@ -2,9 +2,22 @@ package server
 
 import (
 	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/peer"
+
+	"github.com/tokend/tokend/internal/audit"
+	"github.com/tokend/tokend/internal/metrics"
+	"github.com/tokend/tokend/internal/policy"
 
 	"github.com/tokend/tokend/internal/cache"
 	"github.com/tokend/tokend/internal/refresher"
@@ -15,17 +28,30 @@ import (
 
 // BenchmarkGetTokenHit is the hit path of the handler on real parts (cache,
 // refresher, Whop client against the fake upstream), without the transport:
-// what tokend adds to every call. .ci/run runs it briefly; watch allocs/op.
+// what tokend adds to every call. "production" adds what a production host
+// turns on: a peer-credential connection state from a real Unix socket, a
+// policy, the audit trail and metrics. .ci/run runs it briefly; watch
+// allocs/op.
 func BenchmarkGetTokenHit(b *testing.B) {
-	ts, req := hitRig(b)
-	ctx := context.Background()
-	b.ReportAllocs()
-	b.ResetTimer()
-	for b.Loop() {
-		if _, err := ts.GetToken(ctx, req); err != nil {
-			b.Fatal(err)
-		}
+	for _, prod := range []bool{false, true} {
+		b.Run(rigName(prod), func(b *testing.B) {
+			ctx, ts, req := hitRig(b, prod)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for b.Loop() {
+				if _, err := ts.GetToken(ctx, req); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
+}
+
+func rigName(production bool) string {
+	if production {
+		return "production"
+	}
+	return "plain"
 }
 
 // TestGetTokenHitAllocs guards the hit path: tokend allocates nothing; the
@@ -34,20 +60,26 @@ func TestGetTokenHitAllocs(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector allocates")
 	}
-	ts, req := hitRig(t)
-	ctx := context.Background()
-	allocs := testing.AllocsPerRun(1000, func() {
-		if _, err := ts.GetToken(ctx, req); err != nil {
-			t.Fatal(err)
-		}
-	})
-	if allocs != 0 {
-		t.Fatalf("a cache hit allocates %v times; want 0", allocs)
+	for _, prod := range []bool{false, true} {
+		t.Run(rigName(prod), func(t *testing.T) {
+			ctx, ts, req := hitRig(t, prod)
+			allocs := testing.AllocsPerRun(1000, func() {
+				if _, err := ts.GetToken(ctx, req); err != nil {
+					t.Fatal(err)
+				}
+			})
+			if allocs != 0 {
+				t.Fatalf("a cache hit allocates %v times; want 0", allocs)
+			}
+		})
 	}
 }
 
-// hitRig is a warm tokenService on real parts.
-func hitRig(b testing.TB) (*tokenService, *tokendv1.GetTokenRequest) {
+// hitRig is a warm tokenService on real parts. With production set, the
+// returned context carries the state of a real peer-credential handshake
+// on a Unix socket pair, and the server has a policy, an audit trail and
+// metrics.
+func hitRig(b testing.TB, production bool) (context.Context, *tokenService, *tokendv1.GetTokenRequest) {
 	fake, err := whoptest.NewServer(whoptest.Config{Keys: map[string][]string{"k": nil}})
 	if err != nil {
 		b.Fatal(err)
@@ -66,21 +98,68 @@ func hitRig(b testing.TB) (*tokenService, *tokendv1.GetTokenRequest) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	s := New(Config{Tokens: ref, Entries: c})
+	cfg := Config{Tokens: ref, Entries: c}
+	ctx := context.Background()
+	if production {
+		pol, err := policy.Parse("bench-policy.yaml", fmt.Appendf(nil, `rules:
+  - name: bench
+    users: [%d]
+    subjects:
+      companies: ["biz_*"]
+    scopes: ["chat:*", "dms:*"]
+`, os.Getuid()), nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		cfg.Policy = new(atomic.Pointer[policy.Policy])
+		cfg.Policy.Store(pol)
+		cfg.Audit = audit.New(audit.Config{Logger: slog.New(slog.NewJSONHandler(io.Discard, nil))})
+		cfg.Metrics = metrics.New(func() metrics.Snapshot { return metrics.Snapshot{} })
+	}
+	s := New(cfg)
+	if production {
+		ctx = handshake(b, s)
+	}
 	ts := &tokenService{s: s}
 	req := &tokendv1.GetTokenRequest{CompanyId: "biz_bench", ScopedActions: []string{"chat:read", "dms:message:manage"}}
-	ctx := context.Background()
 	if _, err := ts.GetToken(ctx, req); err != nil {
 		b.Fatal(err)
 	}
-	return ts, req
+	return ctx, ts, req
+}
+
+// handshake runs the server's transport handshake on one end of a Unix
+// socket pair and returns a context carrying its AuthInfo, as gRPC gives a
+// call on that connection.
+func handshake(b testing.TB, s *Server) context.Context {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var conns [2]net.Conn
+	for i, fd := range fds {
+		f := os.NewFile(uintptr(fd), "socketpair")
+		conns[i], err = net.FileConn(f)
+		f.Close()
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+	conn, info, err := (creds{s: s}).ServerHandshake(conns[0])
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		conn.Close()
+		conns[1].Close()
+	})
+	return peer.NewContext(context.Background(), &peer.Peer{AuthInfo: info})
 }
 
 // TestAnswerSharedPerToken: hits share one reply per token, and a new token
 // gets a new reply while the old one stays as it was sent.
 func TestAnswerSharedPerToken(t *testing.T) {
-	ts, req := hitRig(t)
-	ctx := context.Background()
+	ctx, ts, req := hitRig(t, false)
 	first, err := ts.GetToken(ctx, req)
 	if err != nil {
 		t.Fatal(err)
