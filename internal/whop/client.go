@@ -95,6 +95,9 @@ func New(cfg Config) (*Client, error) {
 	if u.User != nil {
 		return nil, errors.New("new whop client: base url must not carry credentials")
 	}
+	if u.Scheme == "http" && !isLoopback(u.Hostname()) {
+		return nil, fmt.Errorf("new whop client: base url %q: plain http is allowed only to a loopback host (the API key would cross the network in clear text); use https", cfg.BaseURL)
+	}
 	if err := checkKey(cfg.APIKey); err != nil {
 		return nil, fmt.Errorf("new whop client: %w", err)
 	}
@@ -353,24 +356,68 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 	return 0
 }
 
+// isLoopback reports whether host is localhost or a loopback address.
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
 // maxRetryAfterSeconds keeps absurd hints from overflowing time.Duration.
 const maxRetryAfterSeconds = int64(1<<63-1) / int64(time.Second)
 
 // redact scrubs key from everything an Error can print, in case the upstream
-// or a lower layer echoed it back.
+// or a lower layer echoed it back, whole or in part.
 func redact(e *Error, key string) *Error {
 	if key == "" {
 		return e
 	}
-	const mask = "[redacted]"
-	e.Type = strings.ReplaceAll(e.Type, key, mask)
-	e.Message = strings.ReplaceAll(e.Message, key, mask)
-	e.Code = strings.ReplaceAll(e.Code, key, mask)
-	e.Param = strings.ReplaceAll(e.Param, key, mask)
-	if e.Err != nil && strings.Contains(e.Err.Error(), key) {
-		e.Err = &redactedError{msg: strings.ReplaceAll(e.Err.Error(), key, mask), cause: e.Err}
+	e.Type = scrub(e.Type, key)
+	e.Message = scrub(e.Message, key)
+	e.Code = scrub(e.Code, key)
+	e.Param = scrub(e.Param, key)
+	if e.Err != nil {
+		if msg := e.Err.Error(); scrub(msg, key) != msg {
+			e.Err = &redactedError{msg: scrub(msg, key), cause: e.Err}
+		}
 	}
 	return e
+}
+
+// minFragment is the shortest run of the key's characters that scrub
+// masks: long enough that ordinary text rarely matches it by chance, short
+// enough that a key echoed truncated ("sk_live_abcd...") is still caught.
+const minFragment = 8
+
+// scrub masks in s every run of at least minFragment bytes that also
+// occurs in key (all of the key if it is shorter).
+func scrub(s, key string) string {
+	n := min(minFragment, len(key))
+	if len(s) < n {
+		return s
+	}
+	var b strings.Builder
+	last := 0 // s[:last] is written
+	for i := 0; i+n <= len(s); {
+		if !strings.Contains(key, s[i:i+n]) {
+			i++
+			continue
+		}
+		j := i + n
+		for j < len(s) && strings.Contains(key, s[i:j+1]) {
+			j++
+		}
+		b.WriteString(s[last:i])
+		b.WriteString("[redacted]")
+		last, i = j, j
+	}
+	if last == 0 {
+		return s
+	}
+	b.WriteString(s[last:])
+	return b.String()
 }
 
 // redactedError hides a cause whose text held the key. It supports errors.Is

@@ -68,6 +68,12 @@ func TestNew(t *testing.T) {
 		{name: "key with newline", cfg: whop.Config{APIKey: testKey + "\n"}, wantErr: "api key"},
 		{name: "relative url", cfg: whop.Config{APIKey: testKey, BaseURL: "api.whop.com"}, wantErr: "base url"},
 		{name: "ftp url", cfg: whop.Config{APIKey: testKey, BaseURL: "ftp://x/y"}, wantErr: "base url"},
+		{name: "http to localhost", cfg: whop.Config{APIKey: testKey, BaseURL: "http://localhost:8080/api/v1"}},
+		{name: "http to ::1", cfg: whop.Config{APIKey: testKey, BaseURL: "http://[::1]:8080/api/v1"}},
+		{name: "https anywhere", cfg: whop.Config{APIKey: testKey, BaseURL: "https://whop.internal.example/api/v1"}},
+		{name: "http to a remote host", cfg: whop.Config{APIKey: testKey, BaseURL: "http://api.whop.com/api/v1"}, wantErr: "plain http is allowed only to a loopback host"},
+		{name: "http to a LAN address", cfg: whop.Config{APIKey: testKey, BaseURL: "http://10.0.0.5/api/v1"}, wantErr: "use https"},
+		{name: "credentials in url", cfg: whop.Config{APIKey: testKey, BaseURL: "https://u:p@api.whop.com/api/v1"}, wantErr: "must not carry credentials"},
 		{name: "negative timeout", cfg: whop.Config{APIKey: testKey, Timeout: -time.Second}, wantErr: "timeout"},
 	}
 	for _, tt := range tests {

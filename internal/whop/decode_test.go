@@ -94,6 +94,27 @@ func TestRedact(t *testing.T) {
 	}
 }
 
+func TestScrub(t *testing.T) {
+	const key = "whop_k3y_AbCdEfGhIjKlMnOp"
+	tests := []struct{ in, want string }{
+		{"bad key " + key + " given", "bad key [redacted] given"},
+		{"key whop_k3y_AbCd... is invalid", "key [redacted]... is invalid"},
+		{"tail ...GhIjKlMnOp rejected", "tail ...[redacted] rejected"},
+		{"twice " + key[:10] + "," + key[5:], "twice [redacted],[redacted]"},
+		{"short whop_k3 fragment kept", "short whop_k3 fragment kept"},
+		{"nothing here", "nothing here"},
+		{"", ""},
+	}
+	for _, tt := range tests {
+		if got := scrub(tt.in, key); got != tt.want {
+			t.Errorf("scrub(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+	if got := scrub("k=abc", "abc"); got != "k=[redacted]" {
+		t.Errorf("a key shorter than the fragment length: %q", got)
+	}
+}
+
 // FuzzParseError feeds arbitrary upstream answers to the decoder: it must
 // never panic, must return either a token or an *Error, and a 2xx it cannot
 // use is always retryable.
