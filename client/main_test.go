@@ -1,21 +1,15 @@
 package client_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-
+	"github.com/tokend/tokend/internal/daemontest"
 	"github.com/tokend/tokend/internal/whop/whoptest"
 )
 
@@ -59,7 +53,7 @@ func testMain(m *testing.M) int {
 	os.Setenv("TOKEND_SOCKET", shared.socket)
 	code := m.Run()
 	if code != 0 {
-		fmt.Fprintf(os.Stderr, "shared tokend output:\n%s", shared.out.String())
+		fmt.Fprintf(os.Stderr, "shared tokend output:\n%s", shared.Out.String())
 	}
 	return code
 }
@@ -67,12 +61,10 @@ func testMain(m *testing.M) int {
 // daemon is a running tokend with its own fake Whop upstream, state
 // directory and socket.
 type daemon struct {
+	*daemontest.Process
 	fake   *whoptest.Server
 	dir    string
 	socket string
-	cmd    *exec.Cmd
-	out    *syncBuffer
-	done   chan struct{}
 }
 
 // startDaemon runs tokend with extra flags and waits until its health
@@ -88,30 +80,25 @@ func startDaemon(extra ...string) (*daemon, error) {
 		fake.Close()
 		return nil, err
 	}
-	d := &daemon{fake: fake, dir: dir, socket: filepath.Join(dir, "t.sock"), out: &syncBuffer{}, done: make(chan struct{})}
+	d := &daemon{fake: fake, dir: dir, socket: filepath.Join(dir, "t.sock")}
 	keyFile := filepath.Join(dir, "key")
 	if err := os.WriteFile(keyFile, []byte(testKey+"\n"), 0o600); err != nil {
 		d.cleanup()
 		return nil, err
 	}
-	d.cmd = exec.Command(tokendBin, append([]string{
+	args := append([]string{
 		"--socket", d.socket,
 		"--state-dir", filepath.Join(dir, "state"),
 		"--whop-url", fake.URL(),
 		"--api-key-file", keyFile,
 		"--log-level", "debug",
-	}, extra...)...)
-	d.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + dir}
-	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
-	if err := d.cmd.Start(); err != nil {
+	}, extra...)
+	d.Process, err = daemontest.Start(tokendBin, args, []string{"PATH=" + os.Getenv("PATH"), "HOME=" + dir}, nil)
+	if err != nil {
 		d.cleanup()
-		return nil, fmt.Errorf("start tokend: %w", err)
+		return nil, err
 	}
-	go func() {
-		d.cmd.Wait()
-		close(d.done)
-	}()
-	if err := d.waitReady(); err != nil {
+	if _, err := daemontest.WaitReady(context.Background(), d.Process, d.socket, 20*time.Second, daemontest.HealthServing); err != nil {
 		d.stop()
 		return nil, err
 	}
@@ -128,71 +115,22 @@ func startTestDaemon(t *testing.T, extra ...string) *daemon {
 	t.Cleanup(func() {
 		d.stop()
 		if t.Failed() {
-			t.Logf("tokend output:\n%s", d.out.String())
+			t.Logf("tokend output:\n%s", d.Out.String())
 		}
 	})
 	return d
 }
 
-func (d *daemon) waitReady() error {
-	conn, err := grpc.NewClient("unix://"+d.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	h := healthpb.NewHealthClient(conn)
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		resp, err := h.Check(ctx, &healthpb.HealthCheckRequest{})
-		cancel()
-		if err == nil && resp.Status == healthpb.HealthCheckResponse_SERVING {
-			return nil
-		}
-		select {
-		case <-d.done:
-			return fmt.Errorf("tokend exited before it was ready:\n%s", d.out.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("tokend not ready after 20s: %v\n%s", err, d.out.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // stop ends tokend with SIGTERM (SIGKILL after 15s) and removes its files.
+// How tokend exited is not checked here: the e2e tests do that.
 func (d *daemon) stop() {
-	d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.done:
-	case <-time.After(15 * time.Second):
-		d.cmd.Process.Kill()
-		<-d.done
-	}
+	_ = d.Stop(15 * time.Second)
 	d.cleanup()
 }
 
 func (d *daemon) cleanup() {
 	d.fake.Close()
 	os.RemoveAll(d.dir)
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func testContext(t *testing.T) context.Context {

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/tokend/tokend/internal/daemontest"
 	"github.com/tokend/tokend/internal/whop/whoptest"
 	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
 )
@@ -236,7 +237,7 @@ func connect(socket string, n int) ([]tokendv1.TokenServiceClient, func(), error
 	}
 	clients := make([]tokendv1.TokenServiceClient, n)
 	for i := range clients {
-		c, err := dial(socket)
+		c, err := daemontest.Dial(socket)
 		if err != nil {
 			closeAll()
 			return nil, nil, err
@@ -258,7 +259,7 @@ func (b *bench) prepare(ctx context.Context) error {
 		return err
 	}
 	b.hitsTokend, b.hitsFlags = tk, flags
-	if _, err := tk.waitReady(ctx, healthServing); err != nil {
+	if _, err := tk.waitReady(ctx, daemontest.HealthServing); err != nil {
 		return err
 	}
 	reqs := make([]*tokendv1.GetTokenRequest, o.keys)
@@ -327,7 +328,7 @@ func (b *bench) hits(ctx context.Context) (hitsReport, error) {
 			closeT()
 			return rep, err
 		}
-		point.Tokend, point.Floor = compare(ctx, loadTarget{tClients, tk.pid()}, loadTarget{fClients, floor.pid()}, reqs, conc, o.warmup, o.duration, o.rounds)
+		point.Tokend, point.Floor = compare(ctx, loadTarget{tClients, tk.Pid()}, loadTarget{fClients, floor.Pid()}, reqs, conc, o.warmup, o.duration, o.rounds)
 		closeT()
 		closeF()
 		if err := ctx.Err(); err != nil {
@@ -383,7 +384,7 @@ func (b *bench) misses(ctx context.Context) (missesReport, error) {
 		return rep, err
 	}
 	defer tk.stop()
-	if _, err := tk.waitReady(ctx, healthServing); err != nil {
+	if _, err := tk.waitReady(ctx, daemontest.HealthServing); err != nil {
 		return rep, err
 	}
 	if clients, closeAll, err = connect(tk.socket, missConns); err != nil {
@@ -482,7 +483,7 @@ func (b *bench) scale(ctx context.Context) (scaleReport, error) {
 	first := &tokendv1.GetTokenRequest{CompanyId: scaleCompany(0), ScopedActions: benchScopes}
 	want := uniqueToken(b.answer.GetToken(), 0)
 	ready, err := tk.waitReady(ctx, func(ctx context.Context, conn *grpc.ClientConn) error {
-		if err := healthServing(ctx, conn); err != nil {
+		if err := daemontest.HealthServing(ctx, conn); err != nil {
 			return err
 		}
 		tok, err := tokendv1.NewTokenServiceClient(conn).GetToken(ctx, first)
@@ -498,14 +499,14 @@ func (b *bench) scale(ctx context.Context) (scaleReport, error) {
 		return rep, err
 	}
 	rep.ReadyMs = float64(ready.Microseconds()) / 1000
-	mem, err := readMemStatus(tk.pid())
+	mem, err := readMemStatus(tk.Pid())
 	if err != nil {
 		return rep, err
 	}
 	rep.RSSKiB, rep.RSSAnonKiB, rep.RSSFileKiB = mem.RSS, mem.Anon, mem.File
 
 	b.logf("scale: ready in %.0fms, RSS %d KiB; watching idle CPU for %v", rep.ReadyMs, mem.RSS, o.idle)
-	cpu0, err := cpuTime(tk.pid())
+	cpu0, err := cpuTime(tk.Pid())
 	if err != nil {
 		return rep, err
 	}
@@ -514,14 +515,14 @@ func (b *bench) scale(ctx context.Context) (scaleReport, error) {
 	case <-ctx.Done():
 		return rep, ctx.Err()
 	}
-	cpu1, err := cpuTime(tk.pid())
+	cpu1, err := cpuTime(tk.Pid())
 	if err != nil {
 		return rep, err
 	}
 	rep.IdleCPUSeconds = (cpu1 - cpu0).Seconds()
 	rep.IdleCPUPer30s = rep.IdleCPUSeconds * 30 / o.idle.Seconds()
 	rep.UpstreamCalls = b.fake.CallCount()
-	if mem, err := readMemStatus(tk.pid()); err == nil {
+	if mem, err := readMemStatus(tk.Pid()); err == nil {
 		rep.RSSAfterIdleKiB = mem.RSS
 	}
 	return rep, tk.stop()

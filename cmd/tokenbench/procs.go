@@ -6,189 +6,52 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
-	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/tokend/tokend/internal/daemontest"
 )
 
 // startTimeout bounds how long a process may take to answer on its socket.
 const startTimeout = 30 * time.Second
 
+// stopTimeout is how long a process may take to exit after SIGTERM before it
+// is killed.
+const stopTimeout = 10 * time.Second
+
 // proc is a child process serving gRPC on a Unix socket.
 type proc struct {
-	name    string
-	socket  string
-	cmd     *exec.Cmd
-	out     *tailBuffer
-	started time.Time
-	done    chan struct{}
-	err     error
+	*daemontest.Process
+	socket string
 }
 
-// startProc starts bin with args. Its output is kept for error messages.
+// startProc starts bin with args. The last 64 KiB of its output are kept
+// for error messages.
 func startProc(name, socket, bin string, args ...string) (*proc, error) {
-	p := &proc{name: name, socket: socket, out: &tailBuffer{max: 64 << 10}, done: make(chan struct{})}
-	p.cmd = exec.Command(bin, args...)
 	// A small, explicit environment: no TOKEND_* or WHOP_API_KEY from the
 	// caller's shell changes what is measured.
-	p.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.TempDir()}
-	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
-	p.started = time.Now()
-	if err := p.cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", name, err)
+	env := []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.TempDir()}
+	p, err := daemontest.Start(bin, args, env, daemontest.NewOutput(64<<10))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	go func() {
-		p.err = p.cmd.Wait()
-		close(p.done)
-	}()
-	return p, nil
+	p.Name = name
+	return &proc{Process: p, socket: socket}, nil
 }
 
-func (p *proc) pid() int { return p.cmd.Process.Pid }
+// stop sends SIGTERM and waits; a process that does not exit within
+// stopTimeout is killed. It is safe to call more than once.
+func (p *proc) stop() error { return p.Stop(stopTimeout) }
 
-// stop sends SIGTERM and waits; a process that does not exit within 10s is
-// killed. It is safe to call more than once.
-func (p *proc) stop() error {
-	select {
-	case <-p.done:
-		return nil
-	default:
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(10 * time.Second):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-		return fmt.Errorf("%s did not stop within 10s of SIGTERM; killed", p.name)
-	}
-	if p.err != nil {
-		return fmt.Errorf("%s exited with %v after SIGTERM:\n%s", p.name, p.err, p.out.String())
-	}
-	return nil
-}
-
-// waitReady polls until the socket accepts, then until ready returns nil,
-// and reports the time since the process was started. It fails at once if
-// the process exits.
+// waitReady waits until ready returns nil and reports the time since the
+// process was started (see daemontest.WaitReady).
 func (p *proc) waitReady(ctx context.Context, ready func(context.Context, *grpc.ClientConn) error) (time.Duration, error) {
-	deadline := time.Now().Add(startTimeout)
-	var lastErr error
-	exited := func() error {
-		select {
-		case <-p.done:
-			return fmt.Errorf("%s exited before it was ready: %v\n%s", p.name, p.err, p.out.String())
-		default:
-			return nil
-		}
-	}
-	// Dial the raw socket first: a gRPC client would back off between
-	// attempts while the file does not exist yet, blurring the start-up time.
-	for {
-		c, err := net.Dial("unix", p.socket)
-		if err == nil {
-			c.Close()
-			break
-		}
-		lastErr = err
-		if err := exited(); err != nil {
-			return 0, err
-		}
-		if err := ctx.Err(); err != nil {
-			return 0, err
-		}
-		if time.Now().After(deadline) {
-			return 0, fmt.Errorf("%s not answering on %s after %v: %v\n%s", p.name, p.socket, startTimeout, lastErr, p.out.String())
-		}
-		time.Sleep(time.Millisecond)
-	}
-	conn, err := dial(p.socket)
-	if err != nil {
-		return 0, err
-	}
-	defer conn.Close()
-	for {
-		cctx, cancel := context.WithTimeout(ctx, time.Second)
-		err := ready(cctx, conn)
-		cancel()
-		if err == nil {
-			return time.Since(p.started), nil
-		}
-		lastErr = err
-		if err := exited(); err != nil {
-			return 0, err
-		}
-		if err := ctx.Err(); err != nil {
-			return 0, err
-		}
-		if time.Now().After(deadline) {
-			return 0, fmt.Errorf("%s not ready after %v: %v\n%s", p.name, startTimeout, lastErr, p.out.String())
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
-// healthServing is a readiness check for tokend: its health service says
-// SERVING.
-func healthServing(ctx context.Context, conn *grpc.ClientConn) error {
-	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
-	if err != nil {
-		return err
-	}
-	if resp.Status != healthpb.HealthCheckResponse_SERVING {
-		return fmt.Errorf("health: %v", resp.Status)
-	}
-	return nil
-}
-
-// dial returns a client of a Unix socket that reconnects quickly, so
-// polling measures the server rather than the client's backoff.
-func dial(socket string) (*grpc.ClientConn, error) {
-	conn, err := grpc.NewClient("unix://"+socket,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           backoff.Config{BaseDelay: time.Millisecond, Multiplier: 1.5, Jitter: 0.1, MaxDelay: 20 * time.Millisecond},
-			MinConnectTimeout: time.Second,
-		}))
-	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", socket, err)
-	}
-	conn.Connect()
-	return conn, nil
-}
-
-// tailBuffer keeps the last max bytes written to it.
-type tailBuffer struct {
-	mu  sync.Mutex
-	max int
-	b   []byte
-}
-
-func (t *tailBuffer) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.b = append(t.b, p...)
-	if over := len(t.b) - t.max; over > 0 {
-		t.b = append(t.b[:0], t.b[over:]...)
-	}
-	return len(p), nil
-}
-
-func (t *tailBuffer) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return string(t.b)
+	return daemontest.WaitReady(ctx, p.Process, p.socket, startTimeout, ready)
 }
 
 // memStatus is a process's resident memory from /proc/PID/status, in KiB.

@@ -136,11 +136,11 @@ func TestCredentialsRotateOne(t *testing.T) {
 	b, err := tc.GetToken(ctx(t), &tokendv1.GetTokenRequest{CompanyId: "biz_r", ScopedActions: []string{"chat:read"}, Credential: "second"})
 	must(t, err)
 	must(t, os.WriteFile(filepath.Join(e.dir, "b.key"), []byte(keyB2+"\n"), 0o600))
-	d.cmd.Process.Signal(syscall.SIGHUP)
+	d.Signal(syscall.SIGHUP)
 	deadline := time.Now().Add(10 * time.Second)
-	for !strings.Contains(d.out.String(), "reload: credential rotated") {
+	for !strings.Contains(d.Out.String(), "reload: credential rotated") {
 		if time.Now().After(deadline) {
-			t.Fatalf("no rotation logged:\n%s", d.out.String())
+			t.Fatalf("no rotation logged:\n%s", d.Out.String())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -156,7 +156,7 @@ func TestCredentialsRotateOne(t *testing.T) {
 	if b2.Token == b.Token || len(calls) != 1 || calls[0].Key != keyB2 {
 		t.Fatalf("after rotation: same token=%v, %d calls; want one call with the new secret", b2.Token == b.Token, len(calls))
 	}
-	if strings.Contains(d.out.String(), keyB2) || strings.Contains(d.out.String(), keyB) {
+	if strings.Contains(d.Out.String(), keyB2) || strings.Contains(d.Out.String(), keyB) {
 		t.Fatal("a secret appears in tokend's log")
 	}
 }

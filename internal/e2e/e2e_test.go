@@ -284,20 +284,12 @@ func TestDevMode(t *testing.T) {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	e := &env{t: t, dir: dir, socket: filepath.Join(dir, "tokend.sock")}
-	d := &daemon{t: t, out: &syncBuffer{}, done: make(chan struct{})}
-	d.cmd = exec.Command(bin.tokend, "--dev")
-	d.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + dir, "XDG_RUNTIME_DIR=" + dir}
-	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { d.err = d.cmd.Wait(); close(d.done) }()
-	t.Cleanup(func() { d.cmd.Process.Kill(); <-d.done })
+	d := e.startCmd([]string{"XDG_RUNTIME_DIR=" + dir}, bin.tokend, "--dev")
 	e.waitReady(d)
 
-	line := regexp.MustCompile(`(?m)^\s+go run ./cmd/tokenctl (.*)$`).FindStringSubmatch(d.out.String())
+	line := regexp.MustCompile(`(?m)^\s+go run ./cmd/tokenctl (.*)$`).FindStringSubmatch(d.Out.String())
 	if line == nil {
-		t.Fatalf("dev mode printed no tokenctl line:\n%s", d.out.String())
+		t.Fatalf("dev mode printed no tokenctl line:\n%s", d.Out.String())
 	}
 	cmd := exec.Command(bin.tokenctl, strings.Fields(line[1])...)
 	out, err := cmd.Output()
@@ -336,7 +328,7 @@ func TestSecondDaemonFailsFast(t *testing.T) {
 	if want := filepath.Join(e.stateDir, "cache.db"); !strings.Contains(string(out), want) {
 		t.Fatalf("error does not name %s:\n%s", want, out)
 	}
-	if want := fmt.Sprintf("process %d holds", first.cmd.Process.Pid); !strings.Contains(string(out), want) {
+	if want := fmt.Sprintf("process %d holds", first.Pid()); !strings.Contains(string(out), want) {
 		t.Fatalf("error does not name the running tokend (%q):\n%s", want, out)
 	}
 	t.Logf("second tokend exited after %v: %s", took.Round(time.Millisecond), strings.TrimSpace(string(out)))

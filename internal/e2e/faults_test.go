@@ -11,7 +11,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -235,8 +234,7 @@ func TestFaultCrash(t *testing.T) {
 	for round := range 20 {
 		time.Sleep(time.Duration(100+rand.IntN(500)) * time.Millisecond)
 		refreshing := e.fake.CallCount()
-		d.cmd.Process.Signal(syscall.SIGKILL)
-		<-d.done
+		d.Kill()
 		d = e.start(flags...)
 		st := e.status(t)
 		loaded := st.Entries
@@ -267,7 +265,7 @@ func TestFaultCrash(t *testing.T) {
 		}
 		misses := e.status(t).Misses
 		if misses > keys-loaded {
-			t.Fatalf("round %d: %d entries loaded but %d misses: a committed key cost an upstream call\n%s", round, loaded, misses, grepLines(d.out.String(), "cache miss"))
+			t.Fatalf("round %d: %d entries loaded but %d misses: a committed key cost an upstream call\n%s", round, loaded, misses, grepLines(d.Out.String(), "cache miss"))
 		}
 		if round%5 == 0 {
 			t.Logf("round %d: killed after %d upstream calls; restart loaded %d entries, %d misses", round, refreshing, loaded, misses)
@@ -314,8 +312,8 @@ func TestFaultCorruption(t *testing.T) {
 			if _, err := e.tokens().GetToken(ctx(t), companyKey(0)); err != nil {
 				t.Fatalf("tokend does not serve after %s: %v", c.name, err)
 			}
-			if !strings.Contains(d.out.String(), c.log) {
-				t.Fatalf("log does not say %q:\n%s", c.log, d.out.String())
+			if !strings.Contains(d.Out.String(), c.log) {
+				t.Fatalf("log does not say %q:\n%s", c.log, d.Out.String())
 			}
 			if c.name == "undecodable record" && e.status(t).Entries < 300 {
 				t.Fatalf("the good records did not load: %d entries", e.status(t).Entries)

@@ -11,15 +11,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/tokend/tokend/internal/daemontest"
 	"github.com/tokend/tokend/internal/whop/whoptest"
 	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
 )
@@ -76,7 +75,7 @@ type env struct {
 func (e *env) daemonLogs() string {
 	var b strings.Builder
 	for _, d := range e.daemons {
-		b.WriteString(d.out.String())
+		b.WriteString(d.Out.String())
 	}
 	return b.String()
 }
@@ -105,30 +104,11 @@ func (e *env) writeKey(key string) {
 	}
 }
 
-// daemon is a running tokend process.
+// daemon is a running tokend process, or a wrapper such as
+// systemd-socket-activate that execs it.
 type daemon struct {
-	t    *testing.T
-	cmd  *exec.Cmd
-	out  *syncBuffer
-	done chan struct{}
-	err  error
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+	*daemontest.Process
+	t *testing.T
 }
 
 // start runs tokend with the env's socket, state and upstream, plus extra
@@ -156,39 +136,16 @@ func (e *env) startArgs(args ...string) *daemon {
 
 func (e *env) waitReady(d *daemon) {
 	e.t.Helper()
-	conn := e.dial()
-	h := healthpb.NewHealthClient(conn)
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		resp, err := h.Check(ctx, &healthpb.HealthCheckRequest{})
-		cancel()
-		if err == nil && resp.Status == healthpb.HealthCheckResponse_SERVING {
-			return
-		}
-		select {
-		case <-d.done:
-			e.t.Fatalf("tokend exited before it was ready: %v\n%s", d.err, d.out.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			e.t.Fatalf("tokend not ready after 20s: %v\n%s", err, d.out.String())
-		}
-		time.Sleep(20 * time.Millisecond)
+	if _, err := daemontest.WaitReady(context.Background(), d.Process, e.socket, 20*time.Second, daemontest.HealthServing); err != nil {
+		e.t.Fatal(err)
 	}
 }
 
-// stop sends SIGTERM and expects a clean exit.
+// stop sends SIGTERM and expects a clean exit within 15s.
 func (d *daemon) stop() {
 	d.t.Helper()
-	d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.done:
-	case <-time.After(15 * time.Second):
-		d.t.Fatalf("tokend did not stop within 15s of SIGTERM\n%s", d.out.String())
-	}
-	if d.err != nil {
-		d.t.Fatalf("tokend exited with %v after SIGTERM\n%s", d.err, d.out.String())
+	if err := d.Stop(15 * time.Second); err != nil {
+		d.t.Fatal(err)
 	}
 }
 

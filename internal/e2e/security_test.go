@@ -166,7 +166,7 @@ func TestSecurityNoSecretsAnywhere(t *testing.T) {
 	must(t, err)
 	auditText, err := os.ReadFile(auditLog)
 	must(t, err)
-	places := map[string]string{"tokend log": d.out.String(), "audit log": string(auditText), "cache.db": string(raw)}
+	places := map[string]string{"tokend log": d.Out.String(), "audit log": string(auditText), "cache.db": string(raw)}
 	for i, o := range outputs {
 		places["tokenctl/error output "+string(rune('a'+i%26))] = o
 	}
@@ -227,8 +227,8 @@ func TestSecurityNoSecretsAnywhere(t *testing.T) {
 	if n := e.fake.CallCount(); n != 1 {
 		t.Fatalf("after a cache key change: %d upstream calls, want 1", n)
 	}
-	if !strings.Contains(d.out.String(), "sealed under another cache key") {
-		t.Fatalf("tokend did not log the discarded records:\n%s", d.out.String())
+	if !strings.Contains(d.Out.String(), "sealed under another cache key") {
+		t.Fatalf("tokend did not log the discarded records:\n%s", d.Out.String())
 	}
 }
 

@@ -14,6 +14,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/stats"
+
+	"github.com/tokend/tokend/internal/daemontest"
 )
 
 // requireTool returns the path of a systemd tool, or skips the test when it
@@ -46,22 +48,15 @@ func (e *env) daemonArgs(extra ...string) []string {
 // readiness.
 func (e *env) startCmd(env []string, name string, args ...string) *daemon {
 	e.t.Helper()
-	d := &daemon{t: e.t, out: &syncBuffer{}, done: make(chan struct{})}
-	d.cmd = exec.Command(name, args...)
-	d.cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + e.dir}, env...)
-	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
-	if err := d.cmd.Start(); err != nil {
+	p, err := daemontest.Start(name, args, append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + e.dir}, env...), nil)
+	if err != nil {
 		e.t.Fatal(err)
 	}
-	go func() {
-		d.err = d.cmd.Wait()
-		close(d.done)
-	}()
+	d := &daemon{Process: p, t: e.t}
 	e.t.Cleanup(func() {
-		d.cmd.Process.Kill()
-		<-d.done
+		d.Kill()
 		if e.t.Failed() {
-			e.t.Logf("%s output:\n%s", filepath.Base(name), d.out.String())
+			e.t.Logf("%s output:\n%s", d.Name, d.Out.String())
 		}
 	})
 	return d
@@ -71,14 +66,14 @@ func (e *env) startCmd(env []string, name string, args ...string) *daemon {
 func (d *daemon) waitOutput(s string) {
 	d.t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
-	for !strings.Contains(d.out.String(), s) {
+	for !strings.Contains(d.Out.String(), s) {
 		select {
-		case <-d.done:
-			d.t.Fatalf("process exited (%v) before printing %q:\n%s", d.err, s, d.out.String())
+		case <-d.Done():
+			d.t.Fatalf("process exited (%v) before printing %q:\n%s", d.Err(), s, d.Out.String())
 		default:
 		}
 		if time.Now().After(deadline) {
-			d.t.Fatalf("no %q in the output after 20s:\n%s", s, d.out.String())
+			d.t.Fatalf("no %q in the output after 20s:\n%s", s, d.Out.String())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -87,7 +82,7 @@ func (d *daemon) waitOutput(s string) {
 // noSecrets fails the test if the daemon printed any of the secrets.
 func (d *daemon) noSecrets(secrets ...string) {
 	d.t.Helper()
-	out := d.out.String()
+	out := d.Out.String()
 	for _, s := range secrets {
 		if strings.Contains(out, s) {
 			d.t.Fatalf("tokend printed a secret (%d bytes long) in its output", len(s))

@@ -38,7 +38,7 @@ func TestSocketActivation(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("systemd-socket-activate did not create %s within 20s:\n%s", e.socket, d.out.String())
+			t.Fatalf("systemd-socket-activate did not create %s within 20s:\n%s", e.socket, d.Out.String())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -63,8 +63,8 @@ func TestSocketActivation(t *testing.T) {
 	if strings.TrimSpace(e.mustCtl("get", "--company", "biz_activated", "--scope", "chat:read")) != tok.Token {
 		t.Fatal("tokenctl got another token through the activated socket")
 	}
-	if !strings.Contains(d.out.String(), "serving on the socket passed by the service manager") {
-		t.Fatalf("tokend did not log that it serves the inherited socket:\n%s", d.out.String())
+	if !strings.Contains(d.Out.String(), "serving on the socket passed by the service manager") {
+		t.Fatalf("tokend did not log that it serves the inherited socket:\n%s", d.Out.String())
 	}
 
 	d.stop()
@@ -79,7 +79,7 @@ func TestSocketActivation(t *testing.T) {
 
 func procExe(t *testing.T, d *daemon) string {
 	t.Helper()
-	exe, err := os.Readlink("/proc/" + strconv.Itoa(d.cmd.Process.Pid) + "/exe")
+	exe, err := os.Readlink("/proc/" + strconv.Itoa(d.Pid()) + "/exe")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,7 +137,7 @@ func TestSystemdNotify(t *testing.T) {
 		t.Fatalf("3 watchdog pings took %v with WATCHDOG_USEC=200000", took)
 	}
 
-	d.cmd.Process.Signal(syscall.SIGHUP)
+	d.Signal(syscall.SIGHUP)
 	reloading := ns.await("RELOADING=1")
 	usec, err := strconv.ParseUint(strings.TrimPrefix(line(reloading, "MONOTONIC_USEC="), "MONOTONIC_USEC="), 10, 64)
 	if err != nil || usec == 0 {
@@ -201,7 +201,7 @@ func TestCredentialsDirectoryReload(t *testing.T) {
 
 	writeFileAtomic(t, keyPath, newKey+"\n", 0o400)
 	before := e.fake.CallCount()
-	d.cmd.Process.Signal(syscall.SIGHUP)
+	d.Signal(syscall.SIGHUP)
 	d.waitOutput("reload: API key replaced")
 	// A token of the old key is not served again: the same subject is minted
 	// anew, with the new key, as is a new subject.
@@ -229,15 +229,15 @@ func TestCredentialsDirectoryReload(t *testing.T) {
 		{"missing", "no such file or directory", func() { os.Remove(keyPath) }},
 	} {
 		c.bad()
-		d.cmd.Process.Signal(syscall.SIGHUP)
+		d.Signal(syscall.SIGHUP)
 		d.waitOutput(c.want)
 		get("biz_cred_" + strings.ReplaceAll(c.name, " ", "_"))
 		if lastKey() != newKey {
 			t.Fatalf("%s key file: tokend stopped using the current key", c.name)
 		}
 	}
-	if n := strings.Count(d.out.String(), "reload: keeping the current API key"); n != 3 {
-		t.Fatalf("%d reloads kept the current key, want 3:\n%s", n, d.out.String())
+	if n := strings.Count(d.Out.String(), "reload: keeping the current API key"); n != 3 {
+		t.Fatalf("%d reloads kept the current key, want 3:\n%s", n, d.Out.String())
 	}
 
 	// One connection throughout: reloads never dropped the client.
@@ -264,7 +264,7 @@ func TestReloadAfterKeyRejected(t *testing.T) {
 		t.Fatalf("with a key Whop does not know: got %v, want FailedPrecondition", err)
 	}
 	e.writeKey(testKey)
-	d.cmd.Process.Signal(syscall.SIGHUP)
+	d.Signal(syscall.SIGHUP)
 	d.waitOutput("reload: API key replaced")
 	// A new subject: the entry that got the 401 remembers that error for
 	// the negative TTL, whatever the key (see the refresher).
