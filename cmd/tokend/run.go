@@ -172,8 +172,8 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 	if o.maxEntries < 1 {
 		return daemon.Config{}, fmt.Errorf("--max-entries %d: must be positive", o.maxEntries)
 	}
-	if o.gcHeadroomMiB < 0 || o.gcHeadroomMiB > 4096 {
-		return daemon.Config{}, fmt.Errorf("--gc-headroom-mib %d: must be between 0 (off) and 4096", o.gcHeadroomMiB)
+	if o.gcHeadroomMiB < 0 || o.gcHeadroomMiB > gctune.MaxHeadroom>>20 {
+		return daemon.Config{}, fmt.Errorf("--gc-headroom-mib %d: must be between 0 (off) and %d", o.gcHeadroomMiB, gctune.MaxHeadroom>>20)
 	}
 
 	if o.cacheKeyFile == "" {

@@ -15,8 +15,8 @@ func TestFlagErrors(t *testing.T) {
 		env     map[string]string
 		wantErr string
 	}{
-		{"negative gc headroom", []string{"--dev", "--gc-headroom-mib", "-1"}, nil, "--gc-headroom-mib -1: must be between 0 (off) and 4096"},
-		{"huge gc headroom", []string{"--dev", "--gc-headroom-mib", "5000"}, nil, "--gc-headroom-mib 5000"},
+		{"negative gc headroom", []string{"--dev", "--gc-headroom-mib", "-1"}, nil, "--gc-headroom-mib -1: must be between 0 (off) and 1024"},
+		{"huge gc headroom", []string{"--dev", "--gc-headroom-mib", "1025"}, nil, "--gc-headroom-mib 1025"},
 		{"gc headroom env not a number", []string{"--dev"}, map[string]string{"TOKEND_GC_HEADROOM_MIB": "lots"}, "TOKEND_GC_HEADROOM_MIB"},
 		{"zero streams", []string{"--dev", "--max-streams", "0"}, nil, "--max-streams 0: must be positive"},
 		{"lifetime above Whop's maximum", []string{"--dev", "--token-lifetime", "4h"}, nil, "--token-lifetime 4h0m0s"},

@@ -25,6 +25,7 @@ func TestPercent(t *testing.T) {
 		{"operator's higher GOGC wins", 64 * mib, 16 * mib, 300, 300, 256 * mib},
 		{"no headroom: baseline", 1 * mib, 0, 100, 100, 4 * mib},
 		{"empty reading does not divide by zero", 0, 16 * mib, 100, 400, 16 * mib},
+		{"largest headroom on a tiny heap is not capped below it", 1, MaxHeadroom, 100, 25600, MaxHeadroom},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -62,12 +63,12 @@ func TestTunerRaisesGoal(t *testing.T) {
 	deadline := time.Now().Add(5 * time.Second)
 	for heapGoal() < 32*mib {
 		if time.Now().After(deadline) {
-			t.Fatalf("heap goal %.1f MiB after collections, want at least 32 MiB (GOGC %d)", float64(heapGoal())/mib, tu.Percent())
+			t.Fatalf("heap goal %.1f MiB after collections, want at least 32 MiB (GOGC %d)", float64(heapGoal())/mib, tu.Current())
 		}
 		runtime.GC()
 		time.Sleep(time.Millisecond) // let the cleanup goroutine run
 	}
-	if p := tu.Percent(); p <= 100 {
+	if p := tu.Current(); p <= 100 {
 		t.Errorf("GOGC %d after tuning, want above the baseline 100", p)
 	}
 	tu.Stop()
@@ -80,12 +81,45 @@ func TestTunerRaisesGoal(t *testing.T) {
 	}
 }
 
+// TestTunerFollowsLiveHeap checks the re-arming after every collection: a
+// live heap larger than the headroom brings GOGC back to the baseline, and
+// freeing it raises GOGC again.
+func TestTunerFollowsLiveHeap(t *testing.T) {
+	before := debug.SetGCPercent(100)
+	defer debug.SetGCPercent(before)
+	tu := Start(16 * mib)
+	defer tu.Stop()
+	waitFor := func(what string, ok func(int) bool) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for !ok(tu.Current()) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: GOGC still %d after 5s of collections", what, tu.Current())
+			}
+			runtime.GC()
+			time.Sleep(time.Millisecond) // let the cleanup goroutine run
+		}
+	}
+	waitFor("small heap", func(p int) bool { return p > 100 })
+
+	live := make([]byte, 64*mib) // beyond the headroom: GOGC 100 gives more
+	waitFor("64 MiB live", func(p int) bool { return p == 100 })
+	runtime.KeepAlive(live)
+	live = nil
+
+	waitFor("after freeing it", func(p int) bool { return p > 100 })
+	tu.Stop()
+	if p := debug.SetGCPercent(100); p != 100 {
+		t.Errorf("GOGC after Stop = %d, want the baseline 100", p)
+	}
+}
+
 func TestTunerOffWhenGCOff(t *testing.T) {
 	before := debug.SetGCPercent(-1)
 	defer debug.SetGCPercent(before)
 	tu := Start(32 * mib)
 	defer tu.Stop()
-	if p := tu.Percent(); p != -1 {
+	if p := tu.Current(); p != -1 {
 		t.Errorf("Percent with GOGC=off = %d, want -1 (untouched)", p)
 	}
 	if p := debug.SetGCPercent(-1); p != -1 {
