@@ -27,17 +27,32 @@ type Token struct {
 	// reply is a server's answer built from the token, kept so that a
 	// cache hit builds nothing. It is never persisted.
 	reply atomic.Value
+	// A copy would carry the reply of the original: go vet refuses one.
+	_ noCopy
 }
 
-// Reply is the answer last stored with SetReply, or nil. The token never
-// changes, so neither does an answer derived from it; a refresh installs
-// a new Token, which starts without one.
+// noCopy makes go vet's copylocks check report copies of the struct that
+// holds it.
+type noCopy struct{}
+
+func (*noCopy) Lock()   {}
+func (*noCopy) Unlock() {}
+
+// Reply is the answer kept by SetReply, or nil. The token never changes,
+// and it belongs to one entry, so an answer built from the two never goes
+// stale; a refresh installs a new Token, which starts without one.
 func (t *Token) Reply() any { return t.reply.Load() }
 
-// SetReply keeps v, an answer derived from t alone, for Reply. Concurrent
-// callers may both build one; the last stored wins and both are correct.
-// v must never be modified afterwards: it is shared by every hit.
-func (t *Token) SetReply(v any) { t.reply.Store(v) }
+// SetReply keeps v, unless another caller got there first, and returns the
+// answer kept: concurrent first callers all use the same one. v must be
+// of the same type every time and never be modified afterwards, since
+// every hit shares it.
+func (t *Token) SetReply(v any) any {
+	if t.reply.CompareAndSwap(nil, v) {
+		return v
+	}
+	return t.reply.Load()
+}
 
 // ValidFor reports whether t is still valid for at least ttl after now.
 func (t *Token) ValidFor(now time.Time, ttl time.Duration) bool {

@@ -223,9 +223,7 @@ func answer(tok *cache.Token, e *cache.Entry) *tokendv1.Token {
 	if r, ok := tok.Reply().(*tokendv1.Token); ok {
 		return r
 	}
-	r := &tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: e.ID()}
-	tok.SetReply(r)
-	return r
+	return tok.SetReply(&tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: e.ID()}).(*tokendv1.Token)
 }
 
 // got is one answered token request.
