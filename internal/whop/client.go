@@ -96,7 +96,7 @@ func New(cfg Config) (*Client, error) {
 		return nil, errors.New("new whop client: base url must not carry credentials")
 	}
 	if u.Scheme == "http" && !isLoopback(u.Hostname()) {
-		return nil, fmt.Errorf("new whop client: base url %q: plain http is allowed only to a loopback host (the API key would cross the network in clear text); use https", cfg.BaseURL)
+		return nil, fmt.Errorf("new whop client: base url %q: plain http is allowed only to a loopback address such as 127.0.0.1 or [::1] (the API key would cross the network in clear text); use https", cfg.BaseURL)
 	}
 	if err := checkKey(cfg.APIKey); err != nil {
 		return nil, fmt.Errorf("new whop client: %w", err)
@@ -356,11 +356,9 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 	return 0
 }
 
-// isLoopback reports whether host is localhost or a loopback address.
+// isLoopback reports whether host is a loopback IP address. Names are
+// refused, even localhost: a resolver may send one elsewhere.
 func isLoopback(host string) bool {
-	if host == "localhost" {
-		return true
-	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
 }
@@ -379,8 +377,9 @@ func redact(e *Error, key string) *Error {
 	e.Code = scrub(e.Code, key)
 	e.Param = scrub(e.Param, key)
 	if e.Err != nil {
-		if msg := e.Err.Error(); scrub(msg, key) != msg {
-			e.Err = &redactedError{msg: scrub(msg, key), cause: e.Err}
+		msg := e.Err.Error()
+		if clean := scrub(msg, key); clean != msg {
+			e.Err = &redactedError{msg: clean, cause: e.Err}
 		}
 	}
 	return e
@@ -392,10 +391,11 @@ func redact(e *Error, key string) *Error {
 const minFragment = 8
 
 // scrub masks in s every run of at least minFragment bytes that also
-// occurs in key (all of the key if it is shorter).
+// occurs in key (all of the key if it is shorter). A key echoed in pieces
+// shorter than that, split by other characters, is not recognised.
 func scrub(s, key string) string {
 	n := min(minFragment, len(key))
-	if len(s) < n {
+	if n == 0 || len(s) < n {
 		return s
 	}
 	var b strings.Builder

@@ -110,8 +110,11 @@ func TestScrub(t *testing.T) {
 			t.Errorf("scrub(%q) = %q, want %q", tt.in, got, tt.want)
 		}
 	}
-	if got := scrub("k=abc", "abc"); got != "k=[redacted]" {
+	if got := scrub("k=abc, ab", "abc"); got != "k=[redacted], ab" {
 		t.Errorf("a key shorter than the fragment length: %q", got)
+	}
+	if got := scrub("anything", ""); got != "anything" {
+		t.Errorf("empty key: %q", got)
 	}
 }
 
