@@ -155,3 +155,22 @@ func TestLimiterBound(t *testing.T) {
 		t.Errorf("200/s: %v, want 5s", got)
 	}
 }
+
+// TestCPUTime: the process CPU clock counts this process's work in
+// nanoseconds, not in 10 ms ticks.
+func TestCPUTime(t *testing.T) {
+	pid := os.Getpid()
+	c0, err := cpuTime(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for start := time.Now(); time.Since(start) < 30*time.Millisecond; {
+	}
+	c1, err := cpuTime(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := c1 - c0; d < 10*time.Millisecond || d%(10*time.Millisecond) == 0 {
+		t.Fatalf("30 ms of busy work counted as %v, want at least 10 ms at nanosecond resolution", d)
+	}
+}

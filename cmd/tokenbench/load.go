@@ -140,8 +140,8 @@ func loadPhase(ctx context.Context, target loadTarget, reqs []*tokendv1.GetToken
 	wg.Wait()
 	var s sample
 	s.elapsed = time.Since(t0)
-	if cpu0 > 0 {
-		s.cpu = target.cpuTime() - cpu0
+	if cpu1 := target.cpuTime(); cpu0 > 0 && cpu1 >= cpu0 {
+		s.cpu = cpu1 - cpu0
 	}
 	n := 0
 	for i := range workers {

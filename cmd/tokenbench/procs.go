@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
 	"github.com/tokend/tokend/internal/daemontest"
@@ -96,9 +97,15 @@ func readMemStatus(pid int) (memStatus, error) {
 // every Linux architecture Go supports.
 const clockTicks = 100
 
-// cpuTime is a process's user plus system CPU time from /proc/PID/stat, at
-// the kernel's 10ms resolution.
+// cpuTime is a process's user plus system CPU time: from the kernel's
+// process CPU clock, in nanoseconds, or where that cannot be read from
+// /proc/PID/stat, at its 10 ms resolution.
 func cpuTime(pid int) (time.Duration, error) {
+	// MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED) of linux/posix-timers.h.
+	var ts unix.Timespec
+	if err := unix.ClockGettime(int32(^pid<<3|2), &ts); err == nil {
+		return time.Duration(ts.Nano()), nil
+	}
 	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
 	if err != nil {
 		return 0, err

@@ -184,7 +184,6 @@ func (r *Report) point(conc, conns int) *hitPoint {
 	return nil
 }
 
-// evaluate checks the run against the targets of issue 7.
 // evaluate judges the targets of the sections that ran.
 func (r *Report) evaluate(sections map[string]bool) {
 	add := func(name, want, got string, pass bool) {
@@ -206,8 +205,11 @@ func (r *Report) evaluate(sections map[string]bool) {
 	}
 }
 
+// addTarget records one target: what it asks, what the run got, and
+// whether that meets it.
 type addTarget func(name, want, got string, pass bool)
 
+// evaluateHits judges the hit targets against the floor.
 func (r *Report) evaluateHits(add addTarget) {
 	for _, conns := range []int{1, 4} {
 		if p := r.point(16, conns); p != nil {
@@ -223,6 +225,7 @@ func (r *Report) evaluateHits(add addTarget) {
 	}
 }
 
+// evaluateMisses judges the coalescing and limiter targets.
 func (r *Report) evaluateMisses(add addTarget) {
 	one := r.Misses.OneKey
 	add(fmt.Sprintf("misses: %d callers, one cold key", one.Callers), "exactly 1 upstream call",
@@ -235,6 +238,7 @@ func (r *Report) evaluateMisses(add addTarget) {
 		d.UpstreamCalls == d.Keys && d.Result.Errors == 0 && d.Result.Seconds <= 1.25*d.LimiterBoundSeconds)
 }
 
+// evaluateScale judges start-up, heap and idle targets.
 func (r *Report) evaluateScale(add addTarget) {
 	s := r.Scale
 	add(fmt.Sprintf("scale: READY with %d entries", s.Entries), "<= 1 s", fmt.Sprintf("%.0f ms", s.ReadyMs), s.ReadyMs <= 1000)
@@ -268,8 +272,10 @@ func printReport(out io.Writer, r *Report) {
 	printTargets(out, r.Targets)
 }
 
+// ran reports whether section was part of the run.
 func (r *Report) ran(section string) bool { return slices.Contains(r.Sections, section) }
 
+// printHits prints the hit points, tokend beside the floor.
 func printHits(out io.Writer, h hitsReport) {
 	fmt.Fprintf(out, "\nHits: GetToken on %d warm keys, %gs per point and server (in %d alternating rounds) after %gs warm-up; answer %d bytes; tokend %s\n",
 		h.Keys, h.Seconds, h.Rounds, h.WarmupSeconds, h.AnswerBytes, strings.Join(h.TokendFlags, " "))
@@ -285,6 +291,7 @@ func printHits(out io.Writer, h hitsReport) {
 	fmt.Fprintf(out, "upstream calls during the hit points: %d\n", h.UpstreamCalls)
 }
 
+// printMisses prints the two miss tests.
 func printMisses(out io.Writer, m missesReport) {
 	fmt.Fprintf(out, "\nMisses: fake upstream latency %gms, callers over %d connections; per-uid miss limit: %s\n", m.UpstreamLatencyMs, missConns, m.PerUIDMissLimit)
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
@@ -311,6 +318,7 @@ func printMisses(out io.Writer, m missesReport) {
 	}
 }
 
+// printScale prints start-up, memory and idle cost at scale.
 func printScale(out io.Writer, s scaleReport) {
 	fmt.Fprintf(out, "\nScale: %d entries (cache.db %.1f MiB), tokend %s\n", s.Entries, float64(s.FileBytes)/(1<<20), strings.Join(s.TokendFlags, " "))
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
@@ -323,6 +331,7 @@ func printScale(out io.Writer, s scaleReport) {
 	tw.Flush()
 }
 
+// printTargets prints PASS or MISS for each target judged.
 func printTargets(out io.Writer, targets []target) {
 	fmt.Fprintln(out, "\nTargets (issue 7)")
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)

@@ -38,20 +38,28 @@ type Output struct {
 // where only the end matters in an error message.
 func NewOutput(max int) *Output { return &Output{max: max} }
 
+// Write appends p. A bounded Output lets its buffer reach twice the bound
+// before dropping the oldest bytes, so that trimming is not a copy per
+// write.
 func (o *Output) Write(p []byte) (int, error) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.b = append(o.b, p...)
-	if over := len(o.b) - o.max; o.max > 0 && over > 0 {
-		o.b = append(o.b[:0], o.b[over:]...)
+	if o.max > 0 && len(o.b) > 2*o.max {
+		o.b = append(o.b[:0], o.b[len(o.b)-o.max:]...)
 	}
 	return len(p), nil
 }
 
+// String is what was written, or its last max bytes for a bounded Output.
 func (o *Output) String() string {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	return string(o.b)
+	b := o.b
+	if o.max > 0 && len(b) > o.max {
+		b = b[len(b)-o.max:]
+	}
+	return string(b)
 }
 
 // Process is a started child process.
@@ -81,6 +89,9 @@ func Start(bin string, args, env []string, out *Output) (*Process, error) {
 	p := &Process{Name: filepath.Base(bin), Cmd: exec.Command(bin, args...), Out: out, done: make(chan struct{})}
 	p.Cmd.Env = append([]string{}, env...)
 	p.Cmd.Stdout, p.Cmd.Stderr = out, out
+	// A grandchild that inherited the output pipe must not keep Wait, and
+	// so Stop and Kill, from returning once the process itself has exited.
+	p.Cmd.WaitDelay = 5 * time.Second
 	p.Started = time.Now()
 	if err := p.Cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", p.Name, err)
