@@ -109,7 +109,7 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (op
 	fs.IntVar(&o.missBurst, "miss-burst-per-uid", ev.int("TOKEND_MISS_BURST_PER_UID", 1000), "burst of upstream-bound misses one uid may make, e.g. a service warming its keys (env TOKEND_MISS_BURST_PER_UID)")
 	fs.IntVar(&o.maxConns, "max-connections", ev.int("TOKEND_MAX_CONNECTIONS", 1024), "most client connections open at once; more wait (env TOKEND_MAX_CONNECTIONS)")
 	fs.IntVar(&o.maxStreams, "max-streams", ev.int("TOKEND_MAX_STREAMS", 128), "most concurrent calls per connection (env TOKEND_MAX_STREAMS)")
-	fs.IntVar(&o.gcHeadroomMiB, "gc-headroom-mib", ev.int("TOKEND_GC_HEADROOM_MIB", 16), "least heap growth, in MiB, between garbage collections: a small heap under load is otherwise collected every few MiB; 0 leaves Go's default (env TOKEND_GC_HEADROOM_MIB)")
+	fs.IntVar(&o.gcHeadroomMiB, "gc-headroom-mib", ev.int("TOKEND_GC_HEADROOM_MIB", 16), "heap growth, in MiB (at most 1024), allowed between garbage collections: a small heap under load is otherwise collected every few MiB; 0 leaves Go's default (env TOKEND_GC_HEADROOM_MIB)")
 	fs.StringVar(&o.logLevel, "log-level", env("TOKEND_LOG_LEVEL", "info"), "debug, info, warn or error (env TOKEND_LOG_LEVEL)")
 	fs.BoolVar(&o.dev, "dev", getenv("TOKEND_DEV") == "1", "dev mode: fake Whop upstream on loopback, no API key, temporary state, socket in $XDG_RUNTIME_DIR or /tmp/tokend-dev (env TOKEND_DEV=1)")
 	if err := fs.Parse(args); err != nil {
