@@ -256,6 +256,280 @@ func (x *Token) GetKeyId() string {
 	return ""
 }
 
+// WatchTokensRequest is one instruction on a WatchTokens stream.
+type WatchTokensRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Op:
+	//
+	//	*WatchTokensRequest_Subscribe
+	//	*WatchTokensRequest_Unsubscribe
+	//	*WatchTokensRequest_Touch
+	Op            isWatchTokensRequest_Op `protobuf_oneof:"op"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchTokensRequest) Reset() {
+	*x = WatchTokensRequest{}
+	mi := &file_tokend_v1_tokend_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchTokensRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchTokensRequest) ProtoMessage() {}
+
+func (x *WatchTokensRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tokend_v1_tokend_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchTokensRequest.ProtoReflect.Descriptor instead.
+func (*WatchTokensRequest) Descriptor() ([]byte, []int) {
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *WatchTokensRequest) GetOp() isWatchTokensRequest_Op {
+	if x != nil {
+		return x.Op
+	}
+	return nil
+}
+
+func (x *WatchTokensRequest) GetSubscribe() *WatchSubscribe {
+	if x != nil {
+		if x, ok := x.Op.(*WatchTokensRequest_Subscribe); ok {
+			return x.Subscribe
+		}
+	}
+	return nil
+}
+
+func (x *WatchTokensRequest) GetUnsubscribe() uint64 {
+	if x != nil {
+		if x, ok := x.Op.(*WatchTokensRequest_Unsubscribe); ok {
+			return x.Unsubscribe
+		}
+	}
+	return 0
+}
+
+func (x *WatchTokensRequest) GetTouch() *WatchTouch {
+	if x != nil {
+		if x, ok := x.Op.(*WatchTokensRequest_Touch); ok {
+			return x.Touch
+		}
+	}
+	return nil
+}
+
+type isWatchTokensRequest_Op interface {
+	isWatchTokensRequest_Op()
+}
+
+type WatchTokensRequest_Subscribe struct {
+	Subscribe *WatchSubscribe `protobuf:"bytes,1,opt,name=subscribe,proto3,oneof"`
+}
+
+type WatchTokensRequest_Unsubscribe struct {
+	// Ends the subscription with this id; unknown ids are ignored.
+	Unsubscribe uint64 `protobuf:"varint,2,opt,name=unsubscribe,proto3,oneof"`
+}
+
+type WatchTokensRequest_Touch struct {
+	Touch *WatchTouch `protobuf:"bytes,3,opt,name=touch,proto3,oneof"`
+}
+
+func (*WatchTokensRequest_Subscribe) isWatchTokensRequest_Op() {}
+
+func (*WatchTokensRequest_Unsubscribe) isWatchTokensRequest_Op() {}
+
+func (*WatchTokensRequest_Touch) isWatchTokensRequest_Op() {}
+
+// WatchSubscribe starts watching one key. The id is the client's, unique
+// on its stream while the subscription lasts; reusing a live id is an
+// INVALID_ARGUMENT for that subscription.
+type WatchSubscribe struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Request       *GetTokenRequest       `protobuf:"bytes,2,opt,name=request,proto3" json:"request,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchSubscribe) Reset() {
+	*x = WatchSubscribe{}
+	mi := &file_tokend_v1_tokend_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchSubscribe) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchSubscribe) ProtoMessage() {}
+
+func (x *WatchSubscribe) ProtoReflect() protoreflect.Message {
+	mi := &file_tokend_v1_tokend_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchSubscribe.ProtoReflect.Descriptor instead.
+func (*WatchSubscribe) Descriptor() ([]byte, []int) {
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *WatchSubscribe) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *WatchSubscribe) GetRequest() *GetTokenRequest {
+	if x != nil {
+		return x.Request
+	}
+	return nil
+}
+
+// WatchTouch says the client used the tokens of these subscriptions since
+// its last touch, which counts as a request for each of their keys.
+type WatchTouch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ids           []uint64               `protobuf:"varint,1,rep,packed,name=ids,proto3" json:"ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchTouch) Reset() {
+	*x = WatchTouch{}
+	mi := &file_tokend_v1_tokend_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchTouch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchTouch) ProtoMessage() {}
+
+func (x *WatchTouch) ProtoReflect() protoreflect.Message {
+	mi := &file_tokend_v1_tokend_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchTouch.ProtoReflect.Descriptor instead.
+func (*WatchTouch) Descriptor() ([]byte, []int) {
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *WatchTouch) GetIds() []uint64 {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
+// WatchTokensResponse carries a token for a subscription, or its end.
+type WatchTokensResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Set while the subscription lasts: its current token.
+	Token *Token `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"`
+	// Set when the subscription has ended: a google.rpc.Code (the code
+	// GetToken would return, or ABORTED when the entry was evicted) and a
+	// message. The client may subscribe again.
+	EndCode       int32  `protobuf:"varint,3,opt,name=end_code,json=endCode,proto3" json:"end_code,omitempty"`
+	EndMessage    string `protobuf:"bytes,4,opt,name=end_message,json=endMessage,proto3" json:"end_message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchTokensResponse) Reset() {
+	*x = WatchTokensResponse{}
+	mi := &file_tokend_v1_tokend_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchTokensResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchTokensResponse) ProtoMessage() {}
+
+func (x *WatchTokensResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tokend_v1_tokend_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchTokensResponse.ProtoReflect.Descriptor instead.
+func (*WatchTokensResponse) Descriptor() ([]byte, []int) {
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *WatchTokensResponse) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *WatchTokensResponse) GetToken() *Token {
+	if x != nil {
+		return x.Token
+	}
+	return nil
+}
+
+func (x *WatchTokensResponse) GetEndCode() int32 {
+	if x != nil {
+		return x.EndCode
+	}
+	return 0
+}
+
+func (x *WatchTokensResponse) GetEndMessage() string {
+	if x != nil {
+		return x.EndMessage
+	}
+	return ""
+}
+
 type CheckPolicyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// A local user name or numeric uid.
@@ -271,7 +545,7 @@ type CheckPolicyRequest struct {
 
 func (x *CheckPolicyRequest) Reset() {
 	*x = CheckPolicyRequest{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[2]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -283,7 +557,7 @@ func (x *CheckPolicyRequest) String() string {
 func (*CheckPolicyRequest) ProtoMessage() {}
 
 func (x *CheckPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[2]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -296,7 +570,7 @@ func (x *CheckPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckPolicyRequest.ProtoReflect.Descriptor instead.
 func (*CheckPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{2}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CheckPolicyRequest) GetUser() string {
@@ -351,7 +625,7 @@ type CheckPolicyResponse struct {
 
 func (x *CheckPolicyResponse) Reset() {
 	*x = CheckPolicyResponse{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[3]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -363,7 +637,7 @@ func (x *CheckPolicyResponse) String() string {
 func (*CheckPolicyResponse) ProtoMessage() {}
 
 func (x *CheckPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[3]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -376,7 +650,7 @@ func (x *CheckPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckPolicyResponse.ProtoReflect.Descriptor instead.
 func (*CheckPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{3}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CheckPolicyResponse) GetPolicyLoaded() bool {
@@ -426,7 +700,7 @@ type ListEntriesRequest struct {
 
 func (x *ListEntriesRequest) Reset() {
 	*x = ListEntriesRequest{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[4]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -438,7 +712,7 @@ func (x *ListEntriesRequest) String() string {
 func (*ListEntriesRequest) ProtoMessage() {}
 
 func (x *ListEntriesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[4]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -451,7 +725,7 @@ func (x *ListEntriesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEntriesRequest.ProtoReflect.Descriptor instead.
 func (*ListEntriesRequest) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{4}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListEntriesRequest) GetSubject() string {
@@ -477,7 +751,7 @@ type ListEntriesResponse struct {
 
 func (x *ListEntriesResponse) Reset() {
 	*x = ListEntriesResponse{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[5]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -489,7 +763,7 @@ func (x *ListEntriesResponse) String() string {
 func (*ListEntriesResponse) ProtoMessage() {}
 
 func (x *ListEntriesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[5]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -502,7 +776,7 @@ func (x *ListEntriesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEntriesResponse.ProtoReflect.Descriptor instead.
 func (*ListEntriesResponse) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{5}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ListEntriesResponse) GetEntries() []*Entry {
@@ -521,7 +795,7 @@ type GetEntryRequest struct {
 
 func (x *GetEntryRequest) Reset() {
 	*x = GetEntryRequest{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[6]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -533,7 +807,7 @@ func (x *GetEntryRequest) String() string {
 func (*GetEntryRequest) ProtoMessage() {}
 
 func (x *GetEntryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[6]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -546,7 +820,7 @@ func (x *GetEntryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetEntryRequest.ProtoReflect.Descriptor instead.
 func (*GetEntryRequest) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{6}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetEntryRequest) GetKeyId() string {
@@ -570,7 +844,7 @@ type EvictEntriesRequest struct {
 
 func (x *EvictEntriesRequest) Reset() {
 	*x = EvictEntriesRequest{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[7]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -582,7 +856,7 @@ func (x *EvictEntriesRequest) String() string {
 func (*EvictEntriesRequest) ProtoMessage() {}
 
 func (x *EvictEntriesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[7]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -595,7 +869,7 @@ func (x *EvictEntriesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EvictEntriesRequest.ProtoReflect.Descriptor instead.
 func (*EvictEntriesRequest) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{7}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *EvictEntriesRequest) GetTarget() isEvictEntriesRequest_Target {
@@ -666,7 +940,7 @@ type EvictEntriesResponse struct {
 
 func (x *EvictEntriesResponse) Reset() {
 	*x = EvictEntriesResponse{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[8]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -678,7 +952,7 @@ func (x *EvictEntriesResponse) String() string {
 func (*EvictEntriesResponse) ProtoMessage() {}
 
 func (x *EvictEntriesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[8]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -691,7 +965,7 @@ func (x *EvictEntriesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EvictEntriesResponse.ProtoReflect.Descriptor instead.
 func (*EvictEntriesResponse) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{8}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *EvictEntriesResponse) GetKeyIds() []string {
@@ -710,7 +984,7 @@ type RefreshEntryRequest struct {
 
 func (x *RefreshEntryRequest) Reset() {
 	*x = RefreshEntryRequest{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[9]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -722,7 +996,7 @@ func (x *RefreshEntryRequest) String() string {
 func (*RefreshEntryRequest) ProtoMessage() {}
 
 func (x *RefreshEntryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[9]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -735,7 +1009,7 @@ func (x *RefreshEntryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshEntryRequest.ProtoReflect.Descriptor instead.
 func (*RefreshEntryRequest) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{9}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RefreshEntryRequest) GetKeyId() string {
@@ -775,7 +1049,7 @@ type Entry struct {
 
 func (x *Entry) Reset() {
 	*x = Entry{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[10]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -787,7 +1061,7 @@ func (x *Entry) String() string {
 func (*Entry) ProtoMessage() {}
 
 func (x *Entry) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[10]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -800,7 +1074,7 @@ func (x *Entry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Entry.ProtoReflect.Descriptor instead.
 func (*Entry) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{10}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Entry) GetKeyId() string {
@@ -929,7 +1203,7 @@ type UpstreamError struct {
 
 func (x *UpstreamError) Reset() {
 	*x = UpstreamError{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[11]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -941,7 +1215,7 @@ func (x *UpstreamError) String() string {
 func (*UpstreamError) ProtoMessage() {}
 
 func (x *UpstreamError) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[11]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -954,7 +1228,7 @@ func (x *UpstreamError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpstreamError.ProtoReflect.Descriptor instead.
 func (*UpstreamError) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{11}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *UpstreamError) GetAt() *timestamppb.Timestamp {
@@ -993,7 +1267,7 @@ type GetStatusRequest struct {
 
 func (x *GetStatusRequest) Reset() {
 	*x = GetStatusRequest{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[12]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1005,7 +1279,7 @@ func (x *GetStatusRequest) String() string {
 func (*GetStatusRequest) ProtoMessage() {}
 
 func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[12]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1018,7 +1292,7 @@ func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetStatusRequest) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{12}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{16}
 }
 
 type Status struct {
@@ -1070,7 +1344,7 @@ type Status struct {
 
 func (x *Status) Reset() {
 	*x = Status{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[13]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1082,7 +1356,7 @@ func (x *Status) String() string {
 func (*Status) ProtoMessage() {}
 
 func (x *Status) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[13]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1095,7 +1369,7 @@ func (x *Status) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Status.ProtoReflect.Descriptor instead.
 func (*Status) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{13}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Status) GetVersion() string {
@@ -1316,7 +1590,7 @@ type CredentialStatus struct {
 
 func (x *CredentialStatus) Reset() {
 	*x = CredentialStatus{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[14]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1328,7 +1602,7 @@ func (x *CredentialStatus) String() string {
 func (*CredentialStatus) ProtoMessage() {}
 
 func (x *CredentialStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[14]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1341,7 +1615,7 @@ func (x *CredentialStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CredentialStatus.ProtoReflect.Descriptor instead.
 func (*CredentialStatus) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{14}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CredentialStatus) GetName() string {
@@ -1433,7 +1707,24 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x129\n" +
 	"\n" +
 	"expires_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x15\n" +
-	"\x06key_id\x18\x03 \x01(\tR\x05keyId\"\xa7\x01\n" +
+	"\x06key_id\x18\x03 \x01(\tR\x05keyId\"\xa8\x01\n" +
+	"\x12WatchTokensRequest\x129\n" +
+	"\tsubscribe\x18\x01 \x01(\v2\x19.tokend.v1.WatchSubscribeH\x00R\tsubscribe\x12\"\n" +
+	"\vunsubscribe\x18\x02 \x01(\x04H\x00R\vunsubscribe\x12-\n" +
+	"\x05touch\x18\x03 \x01(\v2\x15.tokend.v1.WatchTouchH\x00R\x05touchB\x04\n" +
+	"\x02op\"V\n" +
+	"\x0eWatchSubscribe\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x124\n" +
+	"\arequest\x18\x02 \x01(\v2\x1a.tokend.v1.GetTokenRequestR\arequest\"\x1e\n" +
+	"\n" +
+	"WatchTouch\x12\x10\n" +
+	"\x03ids\x18\x01 \x03(\x04R\x03ids\"\x89\x01\n" +
+	"\x13WatchTokensResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12&\n" +
+	"\x05token\x18\x02 \x01(\v2\x10.tokend.v1.TokenR\x05token\x12\x19\n" +
+	"\bend_code\x18\x03 \x01(\x05R\aendCode\x12\x1f\n" +
+	"\vend_message\x18\x04 \x01(\tR\n" +
+	"endMessage\"\xa7\x01\n" +
 	"\x12CheckPolicyRequest\x12\x12\n" +
 	"\x04user\x18\x01 \x01(\tR\x04user\x12\x1d\n" +
 	"\n" +
@@ -1554,11 +1845,12 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x14ENTRY_STATE_RETRYING\x10\x03\x12\x17\n" +
 	"\x13ENTRY_STATE_FAILING\x10\x04\x12\x17\n" +
 	"\x13ENTRY_STATE_EXPIRED\x10\x05\x12\x14\n" +
-	"\x10ENTRY_STATE_IDLE\x10\x062\x86\x01\n" +
+	"\x10ENTRY_STATE_IDLE\x10\x062\xd8\x01\n" +
 	"\fTokenService\x128\n" +
 	"\bGetToken\x12\x1a.tokend.v1.GetTokenRequest\x1a\x10.tokend.v1.Token\x12<\n" +
 	"\n" +
-	"WatchToken\x12\x1a.tokend.v1.GetTokenRequest\x1a\x10.tokend.v1.Token0\x012\xb4\x03\n" +
+	"WatchToken\x12\x1a.tokend.v1.GetTokenRequest\x1a\x10.tokend.v1.Token0\x01\x12P\n" +
+	"\vWatchTokens\x12\x1d.tokend.v1.WatchTokensRequest\x1a\x1e.tokend.v1.WatchTokensResponse(\x010\x012\xb4\x03\n" +
 	"\fAdminService\x12L\n" +
 	"\vListEntries\x12\x1d.tokend.v1.ListEntriesRequest\x1a\x1e.tokend.v1.ListEntriesResponse\x128\n" +
 	"\bGetEntry\x12\x1a.tokend.v1.GetEntryRequest\x1a\x10.tokend.v1.Entry\x12O\n" +
@@ -1580,68 +1872,78 @@ func file_tokend_v1_tokend_proto_rawDescGZIP() []byte {
 }
 
 var file_tokend_v1_tokend_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tokend_v1_tokend_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_tokend_v1_tokend_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_tokend_v1_tokend_proto_goTypes = []any{
 	(EntryState)(0),               // 0: tokend.v1.EntryState
 	(*GetTokenRequest)(nil),       // 1: tokend.v1.GetTokenRequest
 	(*Token)(nil),                 // 2: tokend.v1.Token
-	(*CheckPolicyRequest)(nil),    // 3: tokend.v1.CheckPolicyRequest
-	(*CheckPolicyResponse)(nil),   // 4: tokend.v1.CheckPolicyResponse
-	(*ListEntriesRequest)(nil),    // 5: tokend.v1.ListEntriesRequest
-	(*ListEntriesResponse)(nil),   // 6: tokend.v1.ListEntriesResponse
-	(*GetEntryRequest)(nil),       // 7: tokend.v1.GetEntryRequest
-	(*EvictEntriesRequest)(nil),   // 8: tokend.v1.EvictEntriesRequest
-	(*EvictEntriesResponse)(nil),  // 9: tokend.v1.EvictEntriesResponse
-	(*RefreshEntryRequest)(nil),   // 10: tokend.v1.RefreshEntryRequest
-	(*Entry)(nil),                 // 11: tokend.v1.Entry
-	(*UpstreamError)(nil),         // 12: tokend.v1.UpstreamError
-	(*GetStatusRequest)(nil),      // 13: tokend.v1.GetStatusRequest
-	(*Status)(nil),                // 14: tokend.v1.Status
-	(*CredentialStatus)(nil),      // 15: tokend.v1.CredentialStatus
-	nil,                           // 16: tokend.v1.Status.EntriesByStateEntry
-	(*durationpb.Duration)(nil),   // 17: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 18: google.protobuf.Timestamp
+	(*WatchTokensRequest)(nil),    // 3: tokend.v1.WatchTokensRequest
+	(*WatchSubscribe)(nil),        // 4: tokend.v1.WatchSubscribe
+	(*WatchTouch)(nil),            // 5: tokend.v1.WatchTouch
+	(*WatchTokensResponse)(nil),   // 6: tokend.v1.WatchTokensResponse
+	(*CheckPolicyRequest)(nil),    // 7: tokend.v1.CheckPolicyRequest
+	(*CheckPolicyResponse)(nil),   // 8: tokend.v1.CheckPolicyResponse
+	(*ListEntriesRequest)(nil),    // 9: tokend.v1.ListEntriesRequest
+	(*ListEntriesResponse)(nil),   // 10: tokend.v1.ListEntriesResponse
+	(*GetEntryRequest)(nil),       // 11: tokend.v1.GetEntryRequest
+	(*EvictEntriesRequest)(nil),   // 12: tokend.v1.EvictEntriesRequest
+	(*EvictEntriesResponse)(nil),  // 13: tokend.v1.EvictEntriesResponse
+	(*RefreshEntryRequest)(nil),   // 14: tokend.v1.RefreshEntryRequest
+	(*Entry)(nil),                 // 15: tokend.v1.Entry
+	(*UpstreamError)(nil),         // 16: tokend.v1.UpstreamError
+	(*GetStatusRequest)(nil),      // 17: tokend.v1.GetStatusRequest
+	(*Status)(nil),                // 18: tokend.v1.Status
+	(*CredentialStatus)(nil),      // 19: tokend.v1.CredentialStatus
+	nil,                           // 20: tokend.v1.Status.EntriesByStateEntry
+	(*durationpb.Duration)(nil),   // 21: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 22: google.protobuf.Timestamp
 }
 var file_tokend_v1_tokend_proto_depIdxs = []int32{
-	17, // 0: tokend.v1.GetTokenRequest.min_ttl:type_name -> google.protobuf.Duration
-	18, // 1: tokend.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
-	11, // 2: tokend.v1.ListEntriesResponse.entries:type_name -> tokend.v1.Entry
-	0,  // 3: tokend.v1.Entry.state:type_name -> tokend.v1.EntryState
-	18, // 4: tokend.v1.Entry.expires_at:type_name -> google.protobuf.Timestamp
-	18, // 5: tokend.v1.Entry.obtained_at:type_name -> google.protobuf.Timestamp
-	18, // 6: tokend.v1.Entry.next_refresh_at:type_name -> google.protobuf.Timestamp
-	18, // 7: tokend.v1.Entry.last_requested_at:type_name -> google.protobuf.Timestamp
-	12, // 8: tokend.v1.Entry.last_error:type_name -> tokend.v1.UpstreamError
-	18, // 9: tokend.v1.UpstreamError.at:type_name -> google.protobuf.Timestamp
-	18, // 10: tokend.v1.Status.started_at:type_name -> google.protobuf.Timestamp
-	17, // 11: tokend.v1.Status.uptime:type_name -> google.protobuf.Duration
-	16, // 12: tokend.v1.Status.entries_by_state:type_name -> tokend.v1.Status.EntriesByStateEntry
-	12, // 13: tokend.v1.Status.last_upstream_error:type_name -> tokend.v1.UpstreamError
-	18, // 14: tokend.v1.Status.upstream_paused_until:type_name -> google.protobuf.Timestamp
-	15, // 15: tokend.v1.Status.credentials:type_name -> tokend.v1.CredentialStatus
-	18, // 16: tokend.v1.CredentialStatus.paused_until:type_name -> google.protobuf.Timestamp
-	18, // 17: tokend.v1.CredentialStatus.secret_expires_at:type_name -> google.protobuf.Timestamp
-	1,  // 18: tokend.v1.TokenService.GetToken:input_type -> tokend.v1.GetTokenRequest
-	1,  // 19: tokend.v1.TokenService.WatchToken:input_type -> tokend.v1.GetTokenRequest
-	5,  // 20: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
-	7,  // 21: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
-	8,  // 22: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
-	10, // 23: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
-	13, // 24: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
-	3,  // 25: tokend.v1.AdminService.CheckPolicy:input_type -> tokend.v1.CheckPolicyRequest
-	2,  // 26: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
-	2,  // 27: tokend.v1.TokenService.WatchToken:output_type -> tokend.v1.Token
-	6,  // 28: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
-	11, // 29: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
-	9,  // 30: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
-	11, // 31: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
-	14, // 32: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
-	4,  // 33: tokend.v1.AdminService.CheckPolicy:output_type -> tokend.v1.CheckPolicyResponse
-	26, // [26:34] is the sub-list for method output_type
-	18, // [18:26] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	21, // 0: tokend.v1.GetTokenRequest.min_ttl:type_name -> google.protobuf.Duration
+	22, // 1: tokend.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	4,  // 2: tokend.v1.WatchTokensRequest.subscribe:type_name -> tokend.v1.WatchSubscribe
+	5,  // 3: tokend.v1.WatchTokensRequest.touch:type_name -> tokend.v1.WatchTouch
+	1,  // 4: tokend.v1.WatchSubscribe.request:type_name -> tokend.v1.GetTokenRequest
+	2,  // 5: tokend.v1.WatchTokensResponse.token:type_name -> tokend.v1.Token
+	15, // 6: tokend.v1.ListEntriesResponse.entries:type_name -> tokend.v1.Entry
+	0,  // 7: tokend.v1.Entry.state:type_name -> tokend.v1.EntryState
+	22, // 8: tokend.v1.Entry.expires_at:type_name -> google.protobuf.Timestamp
+	22, // 9: tokend.v1.Entry.obtained_at:type_name -> google.protobuf.Timestamp
+	22, // 10: tokend.v1.Entry.next_refresh_at:type_name -> google.protobuf.Timestamp
+	22, // 11: tokend.v1.Entry.last_requested_at:type_name -> google.protobuf.Timestamp
+	16, // 12: tokend.v1.Entry.last_error:type_name -> tokend.v1.UpstreamError
+	22, // 13: tokend.v1.UpstreamError.at:type_name -> google.protobuf.Timestamp
+	22, // 14: tokend.v1.Status.started_at:type_name -> google.protobuf.Timestamp
+	21, // 15: tokend.v1.Status.uptime:type_name -> google.protobuf.Duration
+	20, // 16: tokend.v1.Status.entries_by_state:type_name -> tokend.v1.Status.EntriesByStateEntry
+	16, // 17: tokend.v1.Status.last_upstream_error:type_name -> tokend.v1.UpstreamError
+	22, // 18: tokend.v1.Status.upstream_paused_until:type_name -> google.protobuf.Timestamp
+	19, // 19: tokend.v1.Status.credentials:type_name -> tokend.v1.CredentialStatus
+	22, // 20: tokend.v1.CredentialStatus.paused_until:type_name -> google.protobuf.Timestamp
+	22, // 21: tokend.v1.CredentialStatus.secret_expires_at:type_name -> google.protobuf.Timestamp
+	1,  // 22: tokend.v1.TokenService.GetToken:input_type -> tokend.v1.GetTokenRequest
+	1,  // 23: tokend.v1.TokenService.WatchToken:input_type -> tokend.v1.GetTokenRequest
+	3,  // 24: tokend.v1.TokenService.WatchTokens:input_type -> tokend.v1.WatchTokensRequest
+	9,  // 25: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
+	11, // 26: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
+	12, // 27: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
+	14, // 28: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
+	17, // 29: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
+	7,  // 30: tokend.v1.AdminService.CheckPolicy:input_type -> tokend.v1.CheckPolicyRequest
+	2,  // 31: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
+	2,  // 32: tokend.v1.TokenService.WatchToken:output_type -> tokend.v1.Token
+	6,  // 33: tokend.v1.TokenService.WatchTokens:output_type -> tokend.v1.WatchTokensResponse
+	10, // 34: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
+	15, // 35: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
+	13, // 36: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
+	15, // 37: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
+	18, // 38: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
+	8,  // 39: tokend.v1.AdminService.CheckPolicy:output_type -> tokend.v1.CheckPolicyResponse
+	31, // [31:40] is the sub-list for method output_type
+	22, // [22:31] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_tokend_v1_tokend_proto_init() }
@@ -1649,7 +1951,12 @@ func file_tokend_v1_tokend_proto_init() {
 	if File_tokend_v1_tokend_proto != nil {
 		return
 	}
-	file_tokend_v1_tokend_proto_msgTypes[7].OneofWrappers = []any{
+	file_tokend_v1_tokend_proto_msgTypes[2].OneofWrappers = []any{
+		(*WatchTokensRequest_Subscribe)(nil),
+		(*WatchTokensRequest_Unsubscribe)(nil),
+		(*WatchTokensRequest_Touch)(nil),
+	}
+	file_tokend_v1_tokend_proto_msgTypes[11].OneofWrappers = []any{
 		(*EvictEntriesRequest_KeyId)(nil),
 		(*EvictEntriesRequest_Subject)(nil),
 		(*EvictEntriesRequest_All)(nil),
@@ -1660,7 +1967,7 @@ func file_tokend_v1_tokend_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tokend_v1_tokend_proto_rawDesc), len(file_tokend_v1_tokend_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   16,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -23,8 +23,9 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	TokenService_GetToken_FullMethodName   = "/tokend.v1.TokenService/GetToken"
-	TokenService_WatchToken_FullMethodName = "/tokend.v1.TokenService/WatchToken"
+	TokenService_GetToken_FullMethodName    = "/tokend.v1.TokenService/GetToken"
+	TokenService_WatchToken_FullMethodName  = "/tokend.v1.TokenService/WatchToken"
+	TokenService_WatchTokens_FullMethodName = "/tokend.v1.TokenService/WatchTokens"
 )
 
 // TokenServiceClient is the client API for TokenService service.
@@ -43,6 +44,18 @@ type TokenServiceClient interface {
 	// (Aborted). Watchers of one key share its refreshes: a thousand of them
 	// cost one upstream call per refresh.
 	WatchToken(ctx context.Context, in *GetTokenRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Token], error)
+	// WatchTokens multiplexes watches of many keys on one stream, so a client
+	// with thousands of subjects holds one stream instead of one per subject.
+	// The client subscribes and unsubscribes keys by an id of its choosing;
+	// tokend answers each subscription with its current token, then every
+	// replacement, and ends a subscription (not the stream) with a status
+	// when its entry fails for good or is evicted (ABORTED).
+	//
+	// A subscription alone does not keep a key refreshed: tokend drops an
+	// entry nobody asked for during a whole token lifetime. A client says a
+	// key is still in use with a touch (or by calling GetToken); tokend treats
+	// a touch as a request for the key.
+	WatchTokens(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[WatchTokensRequest, WatchTokensResponse], error)
 }
 
 type tokenServiceClient struct {
@@ -82,6 +95,19 @@ func (c *tokenServiceClient) WatchToken(ctx context.Context, in *GetTokenRequest
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type TokenService_WatchTokenClient = grpc.ServerStreamingClient[Token]
 
+func (c *tokenServiceClient) WatchTokens(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[WatchTokensRequest, WatchTokensResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &TokenService_ServiceDesc.Streams[1], TokenService_WatchTokens_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchTokensRequest, WatchTokensResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenService_WatchTokensClient = grpc.BidiStreamingClient[WatchTokensRequest, WatchTokensResponse]
+
 // TokenServiceServer is the server API for TokenService service.
 // All implementations must embed UnimplementedTokenServiceServer
 // for forward compatibility.
@@ -98,6 +124,18 @@ type TokenServiceServer interface {
 	// (Aborted). Watchers of one key share its refreshes: a thousand of them
 	// cost one upstream call per refresh.
 	WatchToken(*GetTokenRequest, grpc.ServerStreamingServer[Token]) error
+	// WatchTokens multiplexes watches of many keys on one stream, so a client
+	// with thousands of subjects holds one stream instead of one per subject.
+	// The client subscribes and unsubscribes keys by an id of its choosing;
+	// tokend answers each subscription with its current token, then every
+	// replacement, and ends a subscription (not the stream) with a status
+	// when its entry fails for good or is evicted (ABORTED).
+	//
+	// A subscription alone does not keep a key refreshed: tokend drops an
+	// entry nobody asked for during a whole token lifetime. A client says a
+	// key is still in use with a touch (or by calling GetToken); tokend treats
+	// a touch as a request for the key.
+	WatchTokens(grpc.BidiStreamingServer[WatchTokensRequest, WatchTokensResponse]) error
 	mustEmbedUnimplementedTokenServiceServer()
 }
 
@@ -113,6 +151,9 @@ func (UnimplementedTokenServiceServer) GetToken(context.Context, *GetTokenReques
 }
 func (UnimplementedTokenServiceServer) WatchToken(*GetTokenRequest, grpc.ServerStreamingServer[Token]) error {
 	return status.Error(codes.Unimplemented, "method WatchToken not implemented")
+}
+func (UnimplementedTokenServiceServer) WatchTokens(grpc.BidiStreamingServer[WatchTokensRequest, WatchTokensResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchTokens not implemented")
 }
 func (UnimplementedTokenServiceServer) mustEmbedUnimplementedTokenServiceServer() {}
 func (UnimplementedTokenServiceServer) testEmbeddedByValue()                      {}
@@ -164,6 +205,13 @@ func _TokenService_WatchToken_Handler(srv interface{}, stream grpc.ServerStream)
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type TokenService_WatchTokenServer = grpc.ServerStreamingServer[Token]
 
+func _TokenService_WatchTokens_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(TokenServiceServer).WatchTokens(&grpc.GenericServerStream[WatchTokensRequest, WatchTokensResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenService_WatchTokensServer = grpc.BidiStreamingServer[WatchTokensRequest, WatchTokensResponse]
+
 // TokenService_ServiceDesc is the grpc.ServiceDesc for TokenService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -181,6 +229,12 @@ var TokenService_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "WatchToken",
 			Handler:       _TokenService_WatchToken_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchTokens",
+			Handler:       _TokenService_WatchTokens_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "tokend/v1/tokend.proto",
