@@ -41,15 +41,12 @@ func populate(path string, n int, apiKey, template string) (tokenBytes int64, er
 	now := time.Now()
 	fp := whop.Fingerprint(c.Salt(), apiKey)
 	for i := range n {
-		e, _ := c.Ensure(cache.NewKey(credential, scaleCompany(i), "", benchScopes))
-		e.Touch(now, false)
+		k := cache.NewKey(credential, scaleCompany(i), "", benchScopes)
 		tok := uniqueToken(template, i)
 		tokenBytes += int64(len(tok))
-		due := now.Add(30*time.Minute + time.Duration(i%600)*time.Second)
-		c.SetToken(e, &cache.Token{Value: tok, ExpiresAt: now.Add(time.Hour), ObtainedAt: now, Fingerprint: fp}, func(m *cache.Meta) {
-			m.State = cache.StateFresh
-			m.NextRefresh = due
-			m.Refreshes = 1
+		c.Put(string(k.Encode()), cache.Record{
+			Key: k, Token: tok, ExpiresAt: now.Add(time.Hour), ObtainedAt: now, Fingerprint: fp,
+			LastRequested: now, NextRefresh: now.Add(30*time.Minute + time.Duration(i%600)*time.Second), Refreshes: 1,
 		})
 	}
 	return tokenBytes, c.Close()
@@ -60,11 +57,12 @@ type heapResult struct {
 	Entries int `json:"entries"`
 	// TokenBytes is the average length of the token strings.
 	TokenBytes float64 `json:"token_bytes_per_entry"`
-	// Cache is what cache.Open holds (index, entries, keys, tokens).
+	// Cache is what cache.Open holds: the records it read, before the
+	// refresher takes them.
 	Cache        float64 `json:"cache_bytes_per_entry"`
 	CacheNoToken float64 `json:"cache_bytes_per_entry_excluding_token"`
-	// Daemon adds what refresher.New schedules for each entry: the
-	// in-process equivalent of what tokend holds.
+	// Daemon is what refresher.New holds once it has taken the records:
+	// the in-process equivalent of what tokend holds.
 	Daemon        float64 `json:"daemon_bytes_per_entry"`
 	DaemonNoToken float64 `json:"daemon_bytes_per_entry_excluding_token"`
 }
@@ -91,7 +89,7 @@ func measureHeap(path, apiKey, whopURL string, tokenBytes int64) (heapResult, er
 	if err != nil {
 		return heapResult{}, err
 	}
-	ref, err := refresher.New(refresher.Config{Cache: c, Fetcher: client})
+	ref, err := refresher.New(refresher.Config{Store: c, Fetcher: client})
 	if err != nil {
 		return heapResult{}, err
 	}
@@ -136,14 +134,13 @@ func measureWrites(dir string, n int, template string) (writeResult, error) {
 	}
 	defer c.Close()
 	fp := whop.Fingerprint(c.Salt(), "whop_bench_write_key")
-	entries := make([]*cache.Entry, n)
+	keys := make([]cache.Key, n)
 	set := func(gen int) {
 		now := time.Now()
-		for i, e := range entries {
-			c.SetToken(e, &cache.Token{Value: uniqueToken(template, i+gen*n), ExpiresAt: now.Add(time.Hour), ObtainedAt: now, Fingerprint: fp}, func(m *cache.Meta) {
-				m.State = cache.StateFresh
-				m.NextRefresh = now.Add(40 * time.Minute)
-				m.Refreshes++
+		for i, k := range keys {
+			c.Put(string(k.Encode()), cache.Record{
+				Key: k, Token: uniqueToken(template, i+gen*n), ExpiresAt: now.Add(time.Hour), ObtainedAt: now, Fingerprint: fp,
+				NextRefresh: now.Add(40 * time.Minute), Refreshes: uint64(gen + 1),
 			})
 		}
 	}
@@ -158,8 +155,8 @@ func measureWrites(dir string, n int, template string) (writeResult, error) {
 		}
 		return ms, nil
 	}
-	for i := range entries {
-		entries[i], _ = c.Ensure(cache.NewKey(credential, fmt.Sprintf("biz_w%06d", i), fmt.Sprintf("user_w%06d", i), benchScopes))
+	for i := range keys {
+		keys[i] = cache.NewKey(credential, fmt.Sprintf("biz_w%06d", i), fmt.Sprintf("user_w%06d", i), benchScopes)
 	}
 	res := writeResult{Records: n}
 	set(0)

@@ -1,14 +1,17 @@
-// Package cache keeps tokend's tokens: an in-memory index that serves every
-// lookup, written through to a bbolt file in batches so that a restart or a
-// crash loses nothing that had been committed.
+// Package cache is the persistent half of tokend's token cache: the bbolt
+// file, the record codec, sealing at rest, write-behind batching and moving
+// a damaged file aside. It keeps no index and knows nothing of refresh
+// states or schedules; the refresher owns every entry in memory and hands
+// the store a Record to keep, or a key to forget.
 //
-// Lookups never touch bbolt. Only one process may hold the file: Open fails
-// after Config.OpenTimeout instead of waiting for the lock forever.
+// Writes gather for Config.FlushDelay and go out in one transaction, so a
+// restart or a crash loses nothing that had been committed. Only one process
+// may hold the file: Open fails after Config.OpenTimeout instead of waiting
+// for the lock forever.
 package cache
 
 import (
 	"bytes"
-	"container/heap"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
@@ -20,16 +23,13 @@ import (
 	"runtime/debug"
 	"sort"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
 	berrors "go.etcd.io/bbolt/errors"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/tokend/tokend/internal/clock"
-	storev1 "github.com/tokend/tokend/proto/tokend/store/v1"
 )
 
 var (
@@ -58,21 +58,21 @@ type Config struct {
 	OpenTimeout time.Duration
 }
 
-// Cache is the index of entries and its persistent copy.
-type Cache struct {
-	cfg Config
-	log *slog.Logger
-	db  *bolt.DB
+// Store is the bbolt file and the queue of changes waiting to be written.
+type Store struct {
+	cfg  Config
+	log  *slog.Logger
+	db   *bolt.DB
+	salt []byte
+	aead cipher.AEAD // nil: tokens stored plain
 
-	mu    sync.RWMutex
-	index map[string]*Entry // by encoded key
-	salt  []byte
-	aead  cipher.AEAD // nil: tokens stored plain
+	// loaded holds what Open read until Loaded takes it.
+	loaded []Record
 
 	flushMu      sync.Mutex // one Flush at a time
-	wmu          sync.Mutex // guards dirty, deletes, writing and the write status
+	wmu          sync.Mutex // guards dirty, deletes, writing and the write status; never held across I/O
 	writing      int        // changes in the transaction being written
-	dirty        map[*Entry]struct{}
+	dirty        map[string]Record
 	deletes      map[string]struct{}
 	lastWriteErr error
 	kick         chan struct{}
@@ -91,8 +91,9 @@ type LoadStats struct {
 	MovedAside string
 }
 
-// Open opens or creates the cache file and loads every unexpired record.
-func Open(cfg Config) (*Cache, LoadStats, error) {
+// Open opens or creates the cache file and reads every unexpired record,
+// which Loaded hands over once.
+func Open(cfg Config) (*Store, LoadStats, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -146,7 +147,7 @@ func (e *corruptError) Error() string { return e.err.Error() }
 // openFile opens the bbolt file and loads it. Damage to the file, including
 // a fault on a truncated mapping or a panic inside bbolt, is a
 // *corruptError; a held lock or a permission problem is not.
-func openFile(cfg Config) (c *Cache, stats LoadStats, err error) {
+func openFile(cfg Config) (c *Store, stats LoadStats, err error) {
 	db, err := boltOpen(cfg)
 	switch {
 	case errors.Is(err, errDamaged):
@@ -171,12 +172,11 @@ func openFile(cfg Config) (c *Cache, stats LoadStats, err error) {
 		db.Close()
 		return nil, stats, fmt.Errorf("open cache %s: %w", cfg.Path, err)
 	}
-	c = &Cache{
+	c = &Store{
 		cfg:     cfg,
 		log:     cfg.Logger,
 		db:      db,
-		index:   make(map[string]*Entry),
-		dirty:   make(map[*Entry]struct{}),
+		dirty:   make(map[string]Record),
 		deletes: make(map[string]struct{}),
 		kick:    make(chan struct{}, 1),
 		stop:    make(chan struct{}),
@@ -219,7 +219,7 @@ func boltOpen(cfg Config) (db *bolt.DB, err error) {
 
 // safeLoad runs load, turning bbolt's panics on damaged pages and memory
 // faults on a truncated mapping into errors.
-func (c *Cache) safeLoad() (stats LoadStats, err error) {
+func (c *Store) safeLoad() (stats LoadStats, err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		if p := recover(); p != nil {
@@ -252,10 +252,11 @@ func ensurePrivateDir(dir string) error {
 	return nil
 }
 
-func (c *Cache) load() (LoadStats, error) {
+func (c *Store) load() (LoadStats, error) {
 	var stats LoadStats
 	now := c.cfg.Clock.Now()
 	var drop [][]byte
+	c.loaded = nil
 	err := c.db.Update(func(tx *bolt.Tx) error {
 		mb, err := tx.CreateBucketIfNotExists(metaBucket)
 		if err != nil {
@@ -273,27 +274,27 @@ func (c *Cache) load() (LoadStats, error) {
 			return err
 		}
 		err = b.ForEach(func(k, v []byte) error {
-			e, sealed, err := decodeEntry(k, v, c.aead)
+			r, sealed, err := decodeRecord(k, v, c.aead)
 			if errors.Is(err, errUnsealable) {
 				stats.Unsealable++
-				drop = append(drop, append([]byte(nil), k...))
+				drop = append(drop, bytes.Clone(k))
 				return nil
 			}
 			if err != nil {
 				stats.Undecodable++
 				c.log.Warn("dropping undecodable cache record", "key", fmt.Sprintf("%x", k), "err", err)
-				drop = append(drop, append([]byte(nil), k...))
+				drop = append(drop, bytes.Clone(k))
 				return nil
 			}
-			if t := e.Token(); t == nil || !now.Before(t.ExpiresAt) {
+			if !now.Before(r.ExpiresAt) {
 				stats.Expired++
-				drop = append(drop, append([]byte(nil), k...))
+				drop = append(drop, bytes.Clone(k))
 				return nil
 			}
-			c.index[e.enc] = e
+			c.loaded = append(c.loaded, r)
 			stats.Loaded++
 			if c.aead != nil && !sealed {
-				c.dirty[e] = struct{}{} // written before a key was configured: seal it
+				c.dirty[string(k)] = r // written before a key was configured: seal it
 			}
 			return nil
 		})
@@ -310,194 +311,43 @@ func (c *Cache) load() (LoadStats, error) {
 	return stats, err
 }
 
+// Loaded hands over the records Open read, once; later calls return nil.
+func (c *Store) Loaded() []Record {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	r := c.loaded
+	c.loaded = nil
+	return r
+}
+
 // Salt is this cache file's random secret for keying API key fingerprints,
 // so a fingerprint read from the file cannot be checked against guesses
 // without it.
-func (c *Cache) Salt() []byte { return c.salt }
+func (c *Store) Salt() []byte { return c.salt }
 
-// Len is the number of entries.
-func (c *Cache) Len() int {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return len(c.index)
-}
-
-// Get returns the entry for an encoded key, or nil. It is the hit path: one
-// read lock and a map lookup.
-func (c *Cache) Get(enc []byte) *Entry {
-	c.mu.RLock()
-	e := c.index[string(enc)]
-	c.mu.RUnlock()
-	return e
-}
-
-// Ensure returns the entry for k, creating an empty one (no token, not yet
-// persisted) if there is none.
-func (c *Cache) Ensure(k Key) (e *Entry, created bool) {
-	enc := k.Encode()
-	if e := c.Get(enc); e != nil {
-		return e, false
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if e := c.index[string(enc)]; e != nil {
-		return e, false
-	}
-	e = newEntry(k, enc)
-	c.index[e.enc] = e
-	return e, true
-}
-
-// Entries returns every entry, sorted by id.
-func (c *Cache) Entries() []*Entry {
-	c.mu.RLock()
-	out := make([]*Entry, 0, len(c.index))
-	for _, e := range c.index {
-		out = append(out, e)
-	}
-	c.mu.RUnlock()
-	sort.Slice(out, func(i, j int) bool { return out[i].id < out[j].id })
-	return out
-}
-
-// LeastRecentlyRequested returns the n entries requested longest ago, never
-// keep. It scans the index once, keeping the n oldest in a small max-heap.
-func (c *Cache) LeastRecentlyRequested(n int, keep *Entry) []*Entry {
-	if n <= 0 {
-		return nil
-	}
-	h := make(lruHeap, 0, n)
-	c.mu.RLock()
-	for _, e := range c.index {
-		if e == keep {
-			continue
-		}
-		at := e.lastRequested.Load()
-		if len(h) < n {
-			heap.Push(&h, lruItem{e, at})
-		} else if at < h[0].at {
-			h[0] = lruItem{e, at}
-			heap.Fix(&h, 0)
-		}
-	}
-	c.mu.RUnlock()
-	out := make([]*Entry, len(h))
-	for i, it := range h {
-		out[i] = it.e
-	}
-	return out
-}
-
-type lruItem struct {
-	e  *Entry
-	at int64
-}
-
-// lruHeap is a max-heap on last request time: its top is the newest of the
-// oldest n seen so far.
-type lruHeap []lruItem
-
-func (h lruHeap) Len() int           { return len(h) }
-func (h lruHeap) Less(i, j int) bool { return h[i].at > h[j].at }
-func (h lruHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
-func (h *lruHeap) Push(x any)        { *h = append(*h, x.(lruItem)) }
-func (h *lruHeap) Pop() any {
-	old := *h
-	it := old[len(old)-1]
-	*h = old[:len(old)-1]
-	return it
-}
-
-// ErrNotFound and ErrAmbiguous are returned by Find.
-var (
-	ErrNotFound  = errors.New("no entry has that key id")
-	ErrAmbiguous = errors.New("key id prefix matches more than one entry")
-)
-
-// Find returns the one entry whose id starts with prefix.
-func (c *Cache) Find(prefix string) (*Entry, error) {
-	prefix = strings.ToLower(prefix)
-	if prefix == "" {
-		return nil, ErrNotFound
-	}
-	var found *Entry
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	for _, e := range c.index {
-		if strings.HasPrefix(e.id, prefix) {
-			if found != nil {
-				return nil, ErrAmbiguous
-			}
-			found = e
-		}
-	}
-	if found == nil {
-		return nil, ErrNotFound
-	}
-	return found, nil
-}
-
-// SetToken installs a newly minted token on e and schedules the write.
-// An entry that was removed meanwhile stays removed.
-func (c *Cache) SetToken(e *Entry, t *Token, update func(*Meta)) {
-	e.mu.Lock()
-	e.tok.Store(t)
-	if update != nil {
-		update(&e.meta)
-	}
-	e.idle.Store(e.meta.State == StateIdle)
-	e.mu.Unlock()
-	c.markDirty(e)
-}
-
-// UpdateMeta changes e's refresh state and schedules the write.
-func (c *Cache) UpdateMeta(e *Entry, update func(*Meta)) {
-	e.mu.Lock()
-	update(&e.meta)
-	e.idle.Store(e.meta.State == StateIdle)
-	e.mu.Unlock()
-	c.markDirty(e)
-}
-
-// Remove drops entries from the index and the file. An entry that is no
-// longer the indexed one for its key is ignored, so a stale handle cannot
-// delete its replacement.
-func (c *Cache) Remove(es ...*Entry) {
-	// c.mu then c.wmu, as in markDirty: a write cannot slip in between the
-	// index change and the queued delete.
-	c.mu.Lock()
+// Put queues r to be written under the encoded key enc, replacing any
+// change still queued for it. It takes a short lock and does no I/O, so the
+// refresher may call it while it holds its own lock: that keeps the order
+// of a key's puts and deletes the order in which the refresher decided them.
+func (c *Store) Put(enc string, r Record) {
 	c.wmu.Lock()
-	for _, e := range es {
-		if c.index[e.enc] != e {
-			continue
-		}
-		delete(c.index, e.enc)
-		delete(c.dirty, e)
-		c.deletes[e.enc] = struct{}{}
-	}
+	c.dirty[enc] = r
+	delete(c.deletes, enc)
 	c.wmu.Unlock()
-	c.mu.Unlock()
 	c.wake()
 }
 
-func (c *Cache) markDirty(e *Entry) {
-	if e.Token() == nil {
-		return // nothing worth persisting until a token arrives
-	}
-	c.mu.RLock()
-	live := c.index[e.enc] == e
-	if live {
-		c.wmu.Lock()
-		c.dirty[e] = struct{}{}
-		c.wmu.Unlock()
-	}
-	c.mu.RUnlock()
-	if live {
-		c.wake()
-	}
+// Delete queues the removal of the record under enc, replacing any change
+// still queued for it. Like Put, it does no I/O.
+func (c *Store) Delete(enc string) {
+	c.wmu.Lock()
+	delete(c.dirty, enc)
+	c.deletes[enc] = struct{}{}
+	c.wmu.Unlock()
+	c.wake()
 }
 
-func (c *Cache) wake() {
+func (c *Store) wake() {
 	select {
 	case c.kick <- struct{}{}:
 	default:
@@ -506,13 +356,13 @@ func (c *Cache) wake() {
 
 // WriteStatus reports the last failed write, nil once a later one succeeds,
 // and how many changes wait to be written.
-func (c *Cache) WriteStatus() (pending int, lastErr error) {
+func (c *Store) WriteStatus() (pending int, lastErr error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	return len(c.dirty) + len(c.deletes) + c.writing, c.lastWriteErr
 }
 
-func (c *Cache) flusher() {
+func (c *Store) flusher() {
 	defer close(c.done)
 	retry := c.cfg.Clock.NewTimer(time.Hour)
 	retry.Stop()
@@ -538,14 +388,15 @@ func (c *Cache) flusher() {
 }
 
 // Flush writes every pending change in one transaction. On failure the
-// changes stay pending and the in-memory index keeps serving. The write
-// itself runs without c.wmu, so a slow disk never blocks a lookup.
-func (c *Cache) Flush() error {
+// changes stay pending, unless a newer change for the same key was queued
+// meanwhile. Encoding, sealing and the write run without c.wmu, so a slow
+// disk never blocks a Put.
+func (c *Store) Flush() error {
 	c.flushMu.Lock()
 	defer c.flushMu.Unlock()
 	c.wmu.Lock()
 	dirty, deletes := c.dirty, c.deletes
-	c.dirty, c.deletes = make(map[*Entry]struct{}), make(map[string]struct{})
+	c.dirty, c.deletes = make(map[string]Record), make(map[string]struct{})
 	c.writing = len(dirty) + len(deletes)
 	c.wmu.Unlock()
 	if len(dirty) == 0 && len(deletes) == 0 {
@@ -554,18 +405,14 @@ func (c *Cache) Flush() error {
 	type put struct{ k, v []byte }
 	puts := make([]put, 0, len(dirty))
 	var err error
-	for e := range dirty {
-		var rec *storev1.Record
-		if rec, err = e.record(c.aead); err != nil {
-			err = fmt.Errorf("encode cache record %s: %w", e.id, err)
+	for enc, r := range dirty {
+		k := []byte(enc)
+		v, eerr := encodeRecord(k, &r, c.aead)
+		if eerr != nil {
+			err = fmt.Errorf("encode cache record %s: %w", idOf(k), eerr)
 			break
 		}
-		v, merr := proto.Marshal(rec)
-		if merr != nil {
-			err = fmt.Errorf("encode cache record %s: %w", e.id, merr)
-			break
-		}
-		puts = append(puts, put{[]byte(e.enc), v})
+		puts = append(puts, put{k, v})
 	}
 	if err == nil {
 		// Sorted keys make bbolt's page writes sequential.
@@ -585,20 +432,21 @@ func (c *Cache) Flush() error {
 			return nil
 		})
 	}
-	c.mu.RLock()
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	defer c.mu.RUnlock()
 	c.writing = 0
 	if err != nil {
-		// Put the batch back: deletes first (they are applied before puts),
-		// and the entries that are still live.
+		// Put the batch back where nothing newer replaced it.
 		for k := range deletes {
-			c.deletes[k] = struct{}{}
+			if _, newer := c.dirty[k]; !newer {
+				c.deletes[k] = struct{}{}
+			}
 		}
-		for e := range dirty {
-			if c.index[e.enc] == e {
-				c.dirty[e] = struct{}{}
+		for k, r := range dirty {
+			_, put := c.dirty[k]
+			_, del := c.deletes[k]
+			if !put && !del {
+				c.dirty[k] = r
 			}
 		}
 		if c.lastWriteErr == nil {
@@ -616,7 +464,7 @@ func (c *Cache) Flush() error {
 
 // Close writes what is pending and closes the file. Later calls return
 // the first call's result.
-func (c *Cache) Close() error {
+func (c *Store) Close() error {
 	c.closeOnce.Do(func() {
 		close(c.stop)
 		<-c.done

@@ -192,7 +192,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 	ref, err := refresher.New(refresher.Config{
 		Observer:    observer(met),
-		Cache:       c,
+		Store:       c,
 		Credentials: credList,
 		Logger:      log.With("component", "refresher"),
 		Lifetime:    cfg.Lifetime,
@@ -206,9 +206,8 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		NegativeTTL:   cfg.NegativeTTL,
 		RestartSpread: cfg.RestartSpread,
 		MaxEntries:    cfg.MaxEntries,
-		OnMint: func(e *cache.Entry, t *cache.Token, cause string) {
-			k := e.Key()
-			trail.Minted(audit.Subject{KeyID: e.ID(), CompanyID: k.CompanyID, UserID: k.UserID, Scopes: k.Scopes}, t.Value, cause)
+		OnMint: func(m refresher.Mint) {
+			trail.Minted(audit.Subject{KeyID: m.KeyID, CompanyID: m.Key.CompanyID, UserID: m.Key.UserID, Scopes: m.Key.Scopes}, m.Token.Value, m.Cause)
 		},
 	})
 	if err != nil {
@@ -222,7 +221,6 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	srv = server.New(server.Config{
 		Metrics:        serverMetrics(met),
 		Tokens:         ref,
-		Entries:        c,
 		Logger:         log.With("component", "server"),
 		Version:        cfg.Version,
 		Socket:         cfg.Socket,
@@ -251,7 +249,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		log.Info("serving metrics", "addr", cfg.MetricsAddr)
 	}
 	// The cache is loaded and the socket accepts: tell systemd.
-	sdn := newNotifier(log, c, ref)
+	sdn := newNotifier(log, ref)
 	g.Go(func() error { return sdn.run(gctx) })
 	rl := newReloader(cfg, keyFrom, log, creds, ref, sdn)
 	rl.policyFile, rl.policy = cfg.PolicyFile, &pol

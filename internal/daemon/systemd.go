@@ -12,7 +12,6 @@ import (
 	"github.com/coreos/go-systemd/v22/activation"
 	sd "github.com/coreos/go-systemd/v22/daemon"
 
-	"github.com/tokend/tokend/internal/cache"
 	"github.com/tokend/tokend/internal/refresher"
 	"github.com/tokend/tokend/internal/server"
 )
@@ -66,7 +65,6 @@ func describeListener(ln net.Listener) string {
 // Type=notify service.
 type notifier struct {
 	log     *slog.Logger
-	cache   *cache.Cache
 	ref     *refresher.Refresher
 	enabled bool
 	// watchdog is WatchdogSec= (WATCHDOG_USEC), zero when not set.
@@ -77,8 +75,8 @@ type notifier struct {
 // can be when no watchdog asks for more frequent pings.
 const statusEvery = 5 * time.Second
 
-func newNotifier(log *slog.Logger, c *cache.Cache, ref *refresher.Refresher) *notifier {
-	n := &notifier{log: log, cache: c, ref: ref, enabled: os.Getenv("NOTIFY_SOCKET") != ""}
+func newNotifier(log *slog.Logger, ref *refresher.Refresher) *notifier {
+	n := &notifier{log: log, ref: ref, enabled: os.Getenv("NOTIFY_SOCKET") != ""}
 	wd, err := sd.SdWatchdogEnabled(false)
 	if err != nil {
 		log.Warn("ignoring the service manager's watchdog settings", "err", err)
@@ -100,9 +98,9 @@ func (n *notifier) send(lines ...string) bool {
 // status is the STATUS= line systemctl status shows: entries and the state
 // of the upstream. It carries no token, key or upstream message.
 func (n *notifier) status() string {
-	st := n.ref.Stats()
+	st := n.ref.Status()
 	var b strings.Builder
-	fmt.Fprintf(&b, "STATUS=serving; entries: %d; upstream calls: %d, errors: %d", n.cache.Len(), st.UpstreamCalls, st.UpstreamErrors)
+	fmt.Fprintf(&b, "STATUS=serving; entries: %d; upstream calls: %d, errors: %d", st.Entries, st.UpstreamCalls, st.UpstreamErrors)
 	if st.UpstreamInFlight > 0 {
 		fmt.Fprintf(&b, ", in flight: %d", st.UpstreamInFlight)
 	}

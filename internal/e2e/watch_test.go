@@ -14,7 +14,8 @@ import (
 
 // TestWatchTokenFanOut: 1,000 watchers of one key each get every refreshed
 // token within 100 ms of the refresh, one upstream call per refresh, and a
-// watcher that never reads holds nobody up.
+// watcher that never reads holds nobody up. Someone keeps using the key
+// (a GetToken every 500 ms): watchers alone do not keep it refreshed.
 func TestWatchTokenFanOut(t *testing.T) {
 	e := newEnv(t)
 	e.start("--token-lifetime", "3s")
@@ -70,6 +71,20 @@ func TestWatchTokenFanOut(t *testing.T) {
 		}
 	}
 	ready.Wait()
+	done.Add(1)
+	go func() { // the key's user
+		defer done.Done()
+		tc := e.tokens()
+		for ctx.Err() == nil {
+			if _, err := tc.GetToken(ctx, req); err != nil && ctx.Err() == nil {
+				t.Errorf("GetToken while watched: %v", err)
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(500 * time.Millisecond):
+			}
+		}
+	}()
 	start := time.Now()
 	// Two refreshes: each comes 1.7-2 s after the token before it.
 	deadline := time.Now().Add(15 * time.Second)
@@ -130,5 +145,31 @@ func TestWatchTokenEndsOnEvict(t *testing.T) {
 	e.mustCtl("evict", first.KeyId)
 	if _, err := st.Recv(); status.Code(err) != codes.Aborted {
 		t.Fatalf("after evict: %v, want Aborted", err)
+	}
+}
+
+// TestWatchAloneDoesNotKeepRefreshing: a key nobody asks for is set aside
+// after a lifetime even while watched, and its watcher ends with Aborted
+// when its token runs out, instead of tokend minting for it forever.
+func TestWatchAloneDoesNotKeepRefreshing(t *testing.T) {
+	e := newEnv(t)
+	e.start("--token-lifetime", "3s")
+	st, err := e.tokens().WatchToken(ctx(t), &tokendv1.GetTokenRequest{CompanyId: "biz_alone", MinTtl: noMinTTL})
+	must(t, err)
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		_, err := st.Recv()
+		if err == nil {
+			continue // the refresh within the first lifetime
+		}
+		if status.Code(err) != codes.Aborted {
+			t.Fatalf("watch of an unused key ended with %v, want Aborted", err)
+		}
+		break
+	}
+	if n := e.fake.CallsFor("biz_alone"); n > 2 {
+		t.Fatalf("%d upstream calls for a key only watched, want at most 2 (the mint and one refresh within its lifetime)", n)
 	}
 }

@@ -33,7 +33,9 @@ type Metrics struct {
 
 	getToken      *prometheus.CounterVec
 	hitOK, missOK prometheus.Counter
+	joinedOK      prometheus.Counter
 	refreshedOK   prometheus.Counter
+	refreshLag    *prometheus.HistogramVec
 	upstream      *prometheus.CounterVec
 	upstreamTime  prometheus.Histogram
 	refreshes     *prometheus.CounterVec
@@ -47,10 +49,11 @@ func New(snapshot func() Snapshot) *Metrics {
 	m := &Metrics{reg: prometheus.NewRegistry()}
 	m.getToken = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tokend_gettoken_total",
-		Help: "GetToken calls by result (hit: from the cache; miss: minted for the call; refreshed: replaced a token the caller reported rejected; error) and gRPC code.",
+		Help: "GetToken calls by result (hit: from the cache; joined: waited for a mint another caller started; miss: minted for the call; refreshed: replaced a token the caller reported rejected; error) and gRPC code.",
 	}, []string{"result", "code"})
 	m.hitOK = m.getToken.WithLabelValues("hit", "OK")
 	m.missOK = m.getToken.WithLabelValues("miss", "OK")
+	m.joinedOK = m.getToken.WithLabelValues("joined", "OK")
 	m.refreshedOK = m.getToken.WithLabelValues("refreshed", "OK")
 	m.upstream = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tokend_upstream_requests_total",
@@ -73,11 +76,16 @@ func New(snapshot func() Snapshot) *Metrics {
 		Name: "tokend_upstream_limiter_wait_seconds_total",
 		Help: "Time upstream calls spent waiting for the limiter.",
 	})
+	m.refreshLag = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "tokend_refresh_lag_seconds",
+		Help:    "How late scheduled refreshes, retries and drops start after they fall due, by credential: a credential whose rate cannot keep its entries fresh shows a growing lag.",
+		Buckets: []float64{.001, .01, .1, 1, 10, 60, 300, 900},
+	}, []string{"credential"})
 	state := func(name, help string, labels []string, f func(Snapshot, func(float64, ...string))) prometheus.Collector {
 		return &gaugeFunc{desc: prometheus.NewDesc(name, help, labels, nil), snapshot: snapshot, collect: f}
 	}
 	m.reg.MustRegister(
-		m.getToken, m.upstream, m.upstreamTime, m.refreshes, m.limiterWaits, m.limiterWaited,
+		m.getToken, m.upstream, m.upstreamTime, m.refreshes, m.limiterWaits, m.limiterWaited, m.refreshLag,
 		state("tokend_entries", "Cache entries by state.", []string{"state"}, func(s Snapshot, emit func(float64, ...string)) {
 			for _, st := range []string{"fresh", "refreshing", "retrying", "failing", "idle", "expired"} {
 				emit(float64(s.EntriesByState[st]), st)
@@ -110,6 +118,9 @@ func (m *Metrics) GetToken(result string, code codes.Code) {
 			return
 		case "miss":
 			m.missOK.Inc()
+			return
+		case "joined":
+			m.joinedOK.Inc()
 			return
 		case "refreshed":
 			m.refreshedOK.Inc()
@@ -147,6 +158,14 @@ func (m *Metrics) LimiterWait(d time.Duration) {
 	}
 	m.limiterWaits.Inc()
 	m.limiterWaited.Add(d.Seconds())
+}
+
+// RefreshLag records how late a scheduled action of credential started.
+func (m *Metrics) RefreshLag(credential string, d time.Duration) {
+	if m == nil {
+		return
+	}
+	m.refreshLag.WithLabelValues(credential).Observe(max(d, 0).Seconds())
 }
 
 // Handler serves the registry in the Prometheus text format.

@@ -7,8 +7,6 @@ import (
 	"sort"
 	"sync/atomic"
 	"time"
-
-	"github.com/tokend/tokend/internal/cache"
 )
 
 // Credential is one identity tokend mints with: an API key, or a user's
@@ -20,11 +18,12 @@ type Credential struct {
 	OAuthUser bool
 }
 
-// upstream is a credential with its own limiter, 429 pause and 401 state:
-// Whop's limits and revocations belong to one key.
+// upstream is a credential with its own limiter, 429 pause, 401 state and
+// schedule: Whop's limits and revocations belong to one secret.
 type upstream struct {
 	Credential
 	gate          *gate
+	sched         *sched
 	calls, errors atomic.Uint64
 }
 
@@ -63,23 +62,31 @@ func (r *Refresher) SetCredentials(creds []Credential) error {
 			next[c.Name] = u
 			continue
 		}
-		next[c.Name] = &upstream{Credential: c, gate: newGate(r.clock, r.cfg.MaxInFlight, r.cfg.Rate, r.cfg.Burst)}
+		u := &upstream{Credential: c, gate: newGate(r.clock, r.cfg.MaxInFlight, r.cfg.Rate, r.cfg.Burst)}
+		u.sched = newSched(u, r.cfg.Workers)
+		next[c.Name] = u
 	}
 	names := make([]string, 0, len(next))
 	for n := range next {
 		names = append(names, n)
 	}
 	sort.Strings(names)
+	r.mu.Lock()
 	r.ups.Store(&upstreamSet{byName: next, names: names})
-	var gone []*cache.Entry
-	for _, e := range r.cache.Entries() {
-		if next[e.Key().Credential] == nil {
-			gone = append(gone, e)
+	for _, u := range next {
+		r.startSchedLocked(u.sched)
+	}
+	for n, u := range old {
+		if next[n] != u {
+			close(u.sched.stop)
 		}
 	}
+	r.mu.Unlock()
+	// Entries keep the schedule of the credential they were made under;
+	// a credential replaced or removed takes its entries with it.
+	gone := r.evictWhere(func(e *entry) bool { return next[e.key.Credential] != e.sched.up })
 	if len(gone) > 0 {
-		r.log.Info("evicting the entries of removed credentials", "entries", len(gone))
-		r.Evict(gone...)
+		r.log.Info("evicting the entries of removed or replaced credentials", "entries", len(gone))
 	}
 	return nil
 }
@@ -107,34 +114,28 @@ type CredentialStats struct {
 	InFlight      int
 	Calls, Errors uint64
 	Entries       int
+	// EarliestExpiry is the soonest expiry of its valid tokens.
+	EarliestExpiry time.Time
 	// SecretExpiresAt is when an OAuth token expires, if it says so.
 	SecretExpiresAt time.Time
 }
 
-// CredentialStats returns the health of every credential, sorted by name.
-func (r *Refresher) CredentialStats() []CredentialStats {
-	ups := r.upstreams()
-	counts := map[string]int{}
-	for _, e := range r.cache.Entries() {
-		counts[e.Key().Credential]++
+// credentialStatsLocked describes u from counters kept as entries change.
+func (r *Refresher) credentialStatsLocked(u *upstream) CredentialStats {
+	fp := u.Fetcher.KeyFingerprint()
+	c := CredentialStats{
+		Name: u.Name, OAuthUser: u.OAuthUser, Fingerprint: fp,
+		Rejected: u.gate.isRejected(fp), PausedUntil: u.gate.pausedTill(), InFlight: u.gate.inFlight(),
+		Calls: u.calls.Load(), Errors: u.errors.Load(), Entries: u.sched.entries,
+		EarliestExpiry: u.sched.earliestExpiryLocked(),
 	}
-	var out []CredentialStats
-	for _, n := range r.Credentials() {
-		u := ups[n]
-		fp := u.Fetcher.KeyFingerprint()
-		out = append(out, CredentialStats{
-			Name: n, OAuthUser: u.OAuthUser, Fingerprint: fp,
-			Rejected: u.gate.isRejected(fp), PausedUntil: u.gate.pausedTill(), InFlight: u.gate.inFlight(),
-			Calls: u.calls.Load(), Errors: u.errors.Load(), Entries: counts[n],
-		})
-		if x, ok := u.Fetcher.(interface{ SecretExpiresAt() time.Time }); ok {
-			out[len(out)-1].SecretExpiresAt = x.SecretExpiresAt()
-		}
+	if x, ok := u.Fetcher.(interface{ SecretExpiresAt() time.Time }); ok {
+		c.SecretExpiresAt = x.SecretExpiresAt()
 	}
-	return out
+	return c
 }
 
 // current reports whether t was minted by the secret u holds now.
-func (u *upstream) current(t *cache.Token) bool {
+func (u *upstream) current(t *Token) bool {
 	return bytes.Equal(t.Fingerprint, u.Fetcher.KeyFingerprint())
 }

@@ -1,12 +1,23 @@
-// Package refresher keeps cache entries supplied with valid tokens: it mints
-// on a miss (one upstream call however many callers wait), refreshes each
-// entry ahead of expiry from a single timer, and retries failures with
+// Package refresher owns every cached token's life: the entry in memory,
+// its state, its place on the refresh schedule, its backoff, its in-flight
+// upstream call and its watchers. It mints on a miss (one upstream call
+// per entry however many callers wait), refreshes each entry ahead of
+// expiry from its credential's schedule, and retries failures with
 // randomized exponential backoff while the old token keeps being served.
+// The persistent copy goes to a Store (internal/cache).
+//
+// Locks, in the order they may be taken:
+//
+//	Refresher.mu   every entry's state, the schedules, calls, watchers, counts
+//	Refresher.imu  the index map (read-locked by the hit path)
+//	the store's queue lock (Store.Put/Delete: map operations, no I/O)
+//	a credential gate's lock
+//
+// Nothing under Refresher.mu logs, does I/O, calls upstream or notifies a
+// watcher: decisions are made under it, and their effects after unlocking.
 package refresher
 
 import (
-	"bytes"
-	"container/heap"
 	"context"
 	"crypto/subtle"
 	"errors"
@@ -17,9 +28,9 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/cenkalti/backoff/v4"
-	"golang.org/x/sync/singleflight"
 	"golang.org/x/time/rate"
+
+	"github.com/cenkalti/backoff/v4"
 
 	"github.com/tokend/tokend/internal/cache"
 	"github.com/tokend/tokend/internal/clock"
@@ -33,16 +44,49 @@ const MaxLifetime = 3 * time.Hour
 // must not pause a credential for years.
 const maxRetryAfter = time.Hour
 
+// evictionSample is how many entries capacity eviction looks at to choose
+// the least recently requested one: an approximation of LRU (as Redis's)
+// that costs the same at 100 entries and at 100,000.
+const evictionSample = 64
+
 // Fetcher mints tokens upstream; *whop.Client is one.
 type Fetcher interface {
 	CreateAccessToken(ctx context.Context, r whop.Request) (whop.AccessToken, error)
-	// KeyFingerprint identifies the current API key without revealing it.
+	// KeyFingerprint identifies the current secret without revealing it.
 	KeyFingerprint() []byte
 }
 
-// Config configures New. Zero values mean the defaults.
+// Store is the persistent copy of the entries, which the refresher writes
+// through. *cache.Store is one. Put and Delete must not block on I/O: the
+// refresher calls them under its lock, so that a key's changes reach the
+// store in the order they were decided.
+type Store interface {
+	// Loaded hands over the records found at start, once.
+	Loaded() []cache.Record
+	Put(enc string, r cache.Record)
+	Delete(enc string)
+	WriteStatus() (pending int, lastErr error)
+}
+
+// Defaults of Config.
+const (
+	DefaultLifetime      = time.Hour
+	DefaultRefreshAt     = 2.0 / 3
+	DefaultJitter        = 0.1
+	DefaultRetryInitial  = time.Second
+	DefaultRetryMax      = 2 * time.Minute
+	DefaultNegativeTTL   = 30 * time.Second
+	DefaultExpiryMargin  = time.Second
+	DefaultRestartSpread = time.Minute
+	DefaultMaxInFlight   = 4
+	DefaultRate          = 10
+	DefaultBurst         = 20
+	DefaultMaxEntries    = 100_000
+)
+
+// Config configures New. Zero values mean the defaults above.
 type Config struct {
-	Cache *cache.Cache
+	Store Store
 	// Credentials are the identities to mint with; SetCredentials changes
 	// them later. Fetcher alone is shorthand for one credential "default".
 	Credentials []Credential
@@ -50,45 +94,55 @@ type Config struct {
 	Clock       clock.Clock
 	Logger      *slog.Logger
 
-	// Lifetime is the token lifetime asked of Whop. Default 1h, at most 3h.
+	// Lifetime is the token lifetime asked of Whop, at most 3h.
 	Lifetime time.Duration
 	// RefreshAt is the fraction of a token's lifetime after which it is
-	// refreshed. Default 2/3.
+	// refreshed.
 	RefreshAt float64
 	// Jitter is the fraction of the lifetime by which refreshes are moved
-	// earlier at random, so tokens minted together drift apart. Default 0.1.
+	// earlier at random, so tokens minted together drift apart.
 	Jitter float64
 	// RetryInitial and RetryMax bound the randomized exponential backoff
-	// between failed refreshes. Defaults 1s and 2m.
+	// between failed refreshes.
 	RetryInitial, RetryMax time.Duration
 	// NegativeTTL is how long an error a retry cannot fix is returned to
-	// callers without asking upstream again. Default 30s.
+	// callers without asking upstream again.
 	NegativeTTL time.Duration
 	// ExpiryMargin is subtracted from every token's expires_at to absorb
-	// clock skew with Whop. Default 1s.
+	// clock skew with Whop.
 	ExpiryMargin time.Duration
 	// RestartSpread is the window over which refreshes that fell due while
-	// tokend was down are spread. Default 1m.
+	// tokend was down are spread.
 	RestartSpread time.Duration
-	// MaxInFlight, Rate and Burst limit upstream calls. Defaults 4, 10/s, 20.
+	// MaxInFlight, Rate and Burst limit upstream calls per credential.
 	MaxInFlight int
 	Rate        rate.Limit
 	Burst       int
-	// Workers is how many scheduled refreshes run at once. Default MaxInFlight.
+	// Workers is how many scheduled refreshes of one credential run at
+	// once. Default MaxInFlight.
 	Workers int
-	// MaxEntries bounds the cache; a new key beyond it evicts the least
-	// recently requested entry. Default 100,000.
+	// MaxEntries bounds the cache; a new key beyond it evicts a least
+	// recently requested entry.
 	MaxEntries int
 	// Observer, if set, is told about upstream calls for metrics.
 	Observer Observer
-	// OnMint, if set, is told of every token obtained from Whop and why:
-	// "miss", "refresh" (scheduled) or "admin". For the audit trail.
-	OnMint func(e *cache.Entry, t *cache.Token, cause string)
+	// OnMint, if set, is told of every token obtained from Whop, for the
+	// audit trail. It runs outside the refresher's lock.
+	OnMint func(Mint)
+}
+
+// Mint describes one token obtained from Whop.
+type Mint struct {
+	Key   Key
+	KeyID string
+	Token *Token
+	// Cause: "miss", "refresh" (scheduled), "rejected" or "admin".
+	Cause string
 }
 
 func (c *Config) setDefaults() error {
-	if c.Cache == nil || c.Fetcher == nil && len(c.Credentials) == 0 {
-		return errors.New("refresher: Cache and a Fetcher or Credentials are required")
+	if c.Store == nil || c.Fetcher == nil && len(c.Credentials) == 0 {
+		return errors.New("refresher: a Store and a Fetcher or Credentials are required")
 	}
 	if len(c.Credentials) == 0 {
 		c.Credentials = []Credential{{Name: "default", Fetcher: c.Fetcher}}
@@ -100,57 +154,44 @@ func (c *Config) setDefaults() error {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	if c.Lifetime == 0 {
-		c.Lifetime = time.Hour
+		c.Lifetime = DefaultLifetime
 	}
 	if c.Lifetime < 0 || c.Lifetime > MaxLifetime {
 		return fmt.Errorf("refresher: token lifetime %v: must be positive and at most %v", c.Lifetime, MaxLifetime)
 	}
 	if c.RefreshAt == 0 {
-		c.RefreshAt = 2.0 / 3
+		c.RefreshAt = DefaultRefreshAt
 	}
 	if c.RefreshAt <= 0 || c.RefreshAt >= 1 {
 		return fmt.Errorf("refresher: refresh fraction %v: must be between 0 and 1", c.RefreshAt)
 	}
 	if c.Jitter == 0 {
-		c.Jitter = 0.1
+		c.Jitter = DefaultJitter
 	}
 	if c.Jitter < 0 || c.Jitter >= c.RefreshAt {
 		return fmt.Errorf("refresher: jitter %v: must be between 0 and the refresh fraction", c.Jitter)
 	}
-	if c.RetryInitial <= 0 {
-		c.RetryInitial = time.Second
-	}
-	if c.RetryMax <= 0 {
-		c.RetryMax = 2 * time.Minute
-	}
-	if c.NegativeTTL <= 0 {
-		c.NegativeTTL = 30 * time.Second
-	}
-	if c.ExpiryMargin <= 0 {
-		c.ExpiryMargin = time.Second
-	}
-	if c.RestartSpread <= 0 {
-		c.RestartSpread = time.Minute
-	}
-	if c.MaxInFlight <= 0 {
-		c.MaxInFlight = 4
-	}
-	if c.Rate <= 0 {
-		c.Rate = 10
-	}
-	if c.Burst <= 0 {
-		c.Burst = 20
-	}
-	if c.Workers <= 0 {
-		c.Workers = c.MaxInFlight
-	}
-	if c.MaxEntries <= 0 {
-		c.MaxEntries = 100_000
-	}
+	setDefault(&c.RetryInitial, DefaultRetryInitial)
+	setDefault(&c.RetryMax, DefaultRetryMax)
+	setDefault(&c.NegativeTTL, DefaultNegativeTTL)
+	setDefault(&c.ExpiryMargin, DefaultExpiryMargin)
+	setDefault(&c.RestartSpread, DefaultRestartSpread)
+	setDefault(&c.MaxInFlight, DefaultMaxInFlight)
+	setDefault(&c.Rate, DefaultRate)
+	setDefault(&c.Burst, DefaultBurst)
+	setDefault(&c.Workers, c.MaxInFlight)
+	setDefault(&c.MaxEntries, DefaultMaxEntries)
 	return nil
 }
 
-// Observer receives the refresher's events for metrics.
+func setDefault[T int | time.Duration | rate.Limit](v *T, d T) {
+	if *v <= 0 {
+		*v = d
+	}
+}
+
+// Observer receives the refresher's events for metrics, always outside
+// the refresher's lock.
 type Observer interface {
 	// Upstream: one request to Whop; status 0 for network errors.
 	Upstream(status int, d time.Duration)
@@ -158,38 +199,43 @@ type Observer interface {
 	Minted(cause string, ok bool)
 	// LimiterWait: an upstream call waited d for the limiter.
 	LimiterWait(d time.Duration)
+	// RefreshLag: a scheduled action of the credential started d after
+	// it fell due.
+	RefreshLag(credential string, d time.Duration)
 }
 
-// Refresher serves tokens from the cache and keeps them fresh.
+// Refresher serves tokens from memory and keeps them fresh.
 type Refresher struct {
 	cfg   Config
-	cache *cache.Cache
+	store Store
 	clock clock.Clock
 	log   *slog.Logger
 	ups   atomic.Pointer[upstreamSet]
-	sf    singleflight.Group
 
-	// base is cancelled when Run returns, ending fetches nobody waits for.
+	// base is cancelled when Run returns, ending calls nobody waits for.
 	base   context.Context
 	cancel context.CancelFunc
 
-	mu    sync.Mutex
-	items map[*cache.Entry]*item
-	queue queue
-	wake  chan struct{}
+	mu     sync.Mutex
+	counts [numStates]int
+	// runCtx is Run's context while it runs, for schedules of credentials
+	// added by a reload.
+	runCtx context.Context
+	runWG  sync.WaitGroup
 
-	watches watches
+	imu   sync.RWMutex
+	index map[string]*entry // by encoded key; written with mu and imu held
 
-	hits, misses   atomic.Uint64
-	upstreamCalls  atomic.Uint64
-	upstreamErrors atomic.Uint64
-	lastError      atomic.Pointer[cache.ErrorInfo]
-	evicted        atomic.Uint64 // over capacity
-	droppedIdle    atomic.Uint64
-	missesLimited  atomic.Uint64
+	hits, misses, joined atomic.Uint64
+	upstreamCalls        atomic.Uint64
+	upstreamErrors       atomic.Uint64
+	lastError            atomic.Pointer[ErrorInfo]
+	evicted              atomic.Uint64 // over capacity
+	droppedIdle          atomic.Uint64
+	missesLimited        atomic.Uint64
 }
 
-// New returns a Refresher and schedules every entry already in the cache.
+// New returns a Refresher holding the store's records, each scheduled.
 func New(cfg Config) (*Refresher, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
@@ -197,35 +243,60 @@ func New(cfg Config) (*Refresher, error) {
 	base, cancel := context.WithCancel(context.Background())
 	r := &Refresher{
 		cfg:    cfg,
-		cache:  cfg.Cache,
+		store:  cfg.Store,
 		clock:  cfg.Clock,
 		log:    cfg.Logger,
 		base:   base,
 		cancel: cancel,
-		items:  make(map[*cache.Entry]*item),
-		wake:   make(chan struct{}, 1),
+		index:  make(map[string]*entry),
 	}
 	r.ups.Store(&upstreamSet{})
 	if err := r.SetCredentials(cfg.Credentials); err != nil {
 		return nil, err
 	}
-	r.scheduleLoaded()
+	r.load(cfg.Store.Loaded())
+	r.warnCapacity()
 	return r, nil
 }
 
-// scheduleLoaded queues the entries found on disk. Refreshes that fell due
-// while tokend was down are spread over RestartSpread with fresh jitter so a
+// warnCapacity says at start when a full cache cannot be kept fresh: each
+// credential's entries are refreshed once per RefreshAt of a lifetime,
+// within its own rate.
+func (r *Refresher) warnCapacity() {
+	perEntry := r.cfg.Lifetime.Seconds() * r.cfg.RefreshAt
+	need := float64(r.cfg.MaxEntries) / perEntry
+	if need <= float64(r.cfg.Rate) {
+		return
+	}
+	r.log.Warn("--max-entries is more than the upstream rate can keep fresh: if that many keys stay in use through one credential, refreshes fall behind and tokens expire",
+		"max_entries", r.cfg.MaxEntries, "refreshes_per_second_needed", fmt.Sprintf("%.1f", need),
+		"upstream_rate_per_credential", float64(r.cfg.Rate), "entries_kept_fresh_per_credential", int(float64(r.cfg.Rate)*perEntry))
+}
+
+// load installs the records found on disk. Refreshes that fell due while
+// tokend was down are spread over RestartSpread with fresh jitter so a
 // restart does not fire them all at once.
-func (r *Refresher) scheduleLoaded() {
+func (r *Refresher) load(recs []cache.Record) {
 	now := r.clock.Now()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for _, e := range r.cache.Entries() {
-		t := e.Token()
-		if t == nil {
+	for _, rec := range recs {
+		k := Key(rec.Key)
+		up := r.upstream(k.Credential)
+		if up == nil {
+			r.store.Delete(string(rec.Key.Encode())) // its credential is gone
 			continue
 		}
-		due := e.Meta().NextRefresh
+		e := r.insertLocked(k, string(rec.Key.Encode()), up.sched)
+		t := &Token{Value: rec.Token, ExpiresAt: rec.ExpiresAt, ObtainedAt: rec.ObtainedAt, Fingerprint: rec.Fingerprint}
+		e.tok.Store(t)
+		e.lastRequested.Store(unixNano(rec.LastRequested))
+		e.hits.Store(rec.Hits)
+		e.refreshes, e.failures = rec.Refreshes, rec.Failures
+		if le := rec.LastError; le != nil {
+			e.lastErr = &ErrorInfo{At: le.At, Status: le.Status, Message: le.Message, Retryable: le.Retryable}
+		}
+		due := rec.NextRefresh
 		if due.IsZero() {
 			due = r.refreshTime(t)
 		}
@@ -233,429 +304,358 @@ func (r *Refresher) scheduleLoaded() {
 			// Spread, but never past the point where a sixth of the
 			// lifetime is left: repeated restarts must not keep
 			// postponing a refresh until the token runs out.
-			latest := t.ExpiresAt.Add(-t.ExpiresAt.Sub(t.ObtainedAt) / 6)
+			latest := t.ExpiresAt.Add(-t.lifetime() / 6)
 			due = now
 			if window := min(r.cfg.RestartSpread, latest.Sub(now)); window > 0 {
 				due = now.Add(time.Duration(rand.Int64N(int64(window))))
 			}
 		}
-		r.scheduleLocked(r.itemLocked(e), due)
+		r.trackExpiryLocked(e, now)
+		r.scheduleLocked(e, due)
+		r.settleLocked(e, now)
 	}
 }
 
-// Stats are the refresher's counters since start and the upstream gate's
-// state.
-type Stats struct {
-	Hits, Misses, UpstreamCalls, UpstreamErrors uint64
-	LastError                                   *cache.ErrorInfo
-	UpstreamInFlight, UpstreamMaxInFlight       int
-	UpstreamRate                                float64
-	UpstreamPausedUntil                         time.Time
-	APIKeyRejected                              bool
-	EvictedOverCapacity, DroppedIdle            uint64
-	MaxEntries                                  int
-	MissesRateLimited                           uint64
+func unixNano(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
 }
 
-func (r *Refresher) Stats() Stats {
-	st := r.stats()
-	for _, u := range r.upstreams() {
-		st.UpstreamInFlight += u.gate.inFlight()
-		if p := u.gate.pausedTill(); p.After(st.UpstreamPausedUntil) {
-			st.UpstreamPausedUntil = p
-		}
-		st.APIKeyRejected = st.APIKeyRejected || u.gate.isRejected(u.Fetcher.KeyFingerprint())
-	}
-	return st
-}
+// Source says where a token handed out by Get came from.
+type Source uint8
 
-func (r *Refresher) stats() Stats {
-	return Stats{
-		Hits:                r.hits.Load(),
-		Misses:              r.misses.Load(),
-		UpstreamCalls:       r.upstreamCalls.Load(),
-		UpstreamErrors:      r.upstreamErrors.Load(),
-		LastError:           r.lastError.Load(),
-		UpstreamMaxInFlight: r.cfg.MaxInFlight,
-		UpstreamRate:        float64(r.cfg.Rate),
-		EvictedOverCapacity: r.evicted.Load(),
-		DroppedIdle:         r.droppedIdle.Load(),
-		MaxEntries:          r.cfg.MaxEntries,
-		MissesRateLimited:   r.missesLimited.Load(),
-	}
-}
+const (
+	// SourceHit: from memory.
+	SourceHit Source = iota
+	// SourceJoined: from an upstream call another caller started.
+	SourceJoined
+	// SourceMinted: from an upstream call this caller started.
+	SourceMinted
+	// SourceRefreshed: minted to replace a token the caller reported
+	// rejected.
+	SourceRefreshed
+)
 
-// ErrLifetime is returned when a caller's min_ttl exceeds what Whop issues.
-var ErrLifetime = errors.New("no token Whop issues stays valid that long")
+var sourceNames = [...]string{"hit", "joined", "minted", "refreshed"}
 
-// Get returns a token for k valid for at least minTTL. A hit is answered
-// from memory; a miss waits for one shared upstream call, or for ctx, whose
-// end does not cancel the call: the next caller gets its result.
-//
-// Options.Rejected, when set, is a token the caller saw Whop refuse: if it
-// is still the cached one it is replaced, once however many callers report
-// it.
-func (r *Refresher) Get(ctx context.Context, k cache.Key, o Options) (*cache.Token, *cache.Entry, error) {
-	minTTL, rejected := o.MinTTL, o.Rejected
-	var buf [256]byte // most keys fit: the hit path encodes without allocating
-	enc := k.AppendEncode(buf[:0])
-	now := r.clock.Now()
-	up := r.upstream(k.Credential)
-	if up == nil {
-		return nil, nil, fmt.Errorf("credential %q: %w", k.Credential, ErrUnknownCredential)
-	}
-	if e := r.cache.Get(enc); e != nil {
-		if t := e.Token(); r.usable(up, t, now, minTTL) && !isToken(t, rejected) {
-			e.Touch(now, true)
-			r.hits.Add(1)
-			if e.Idle() && e.Revive() {
-				r.revive(e)
-			}
-			return t, e, nil
-		}
-	}
-	r.misses.Add(1)
-	if r.log.Enabled(ctx, slog.LevelDebug) {
-		r.log.Debug("cache miss", "key", k.ID(), "subject", k.Subject(), "reason", r.missReason(up, enc, now, minTTL, rejected))
-	}
-	want := want{minTTL: minTTL, rejected: rejected, lifetime: r.cfg.Lifetime, cause: "miss"}
-	if rejected != "" {
-		want.cause = "rejected"
-	}
-	if need := minTTL + r.cfg.ExpiryMargin; need >= want.lifetime {
-		// Ask for enough to cover min_ttl and the call's own latency.
-		want.lifetime = min(need+time.Minute, MaxLifetime)
-	}
-	for attempt := 0; ; attempt++ {
-		// A refused miss must not create an entry: it would take a slot
-		// from everyone under --max-entries.
-		if e := r.cache.Get(enc); e != nil {
-			if err := r.remembered(e); err != nil {
-				return nil, e, err
-			}
-		}
-		if o.MissLimiter != nil && !r.mintingKey(enc) && !o.MissLimiter.Allow() {
-			r.missesLimited.Add(1)
-			return nil, nil, ErrMissRateLimited
-		}
-		e, created := r.cache.Ensure(k)
-		e.Touch(now, false)
-		if created {
-			r.enforceCapacity(e)
-		}
-		t, err := r.mintShared(ctx, e, want)
-		if err != nil {
-			return nil, e, err
-		}
-		if r.usable(up, t, r.clock.Now(), minTTL) {
-			return t, e, nil
-		}
-		// We joined a call made for a shorter min_ttl; make our own once.
-		if attempt > 0 || want.lifetime == MaxLifetime && t.ExpiresAt.Sub(t.ObtainedAt) >= MaxLifetime-time.Minute {
-			return nil, e, fmt.Errorf("min_ttl %v: %w", minTTL, ErrLifetime)
-		}
-	}
-}
+func (s Source) String() string { return sourceNames[s] }
 
-// revive puts an idle entry that a client asked for back on the refresh
-// schedule: it is past its refresh point, so the refresh is due now.
-func (r *Refresher) revive(e *cache.Entry) {
-	r.cache.UpdateMeta(e, func(m *cache.Meta) { m.State = cache.StateFresh })
-	r.mu.Lock()
-	r.scheduleLocked(r.itemLocked(e), r.clock.Now())
-	r.mu.Unlock()
-}
-
-// missReason says why Get could not answer from the cache, for debug logs.
-func (r *Refresher) missReason(up *upstream, enc []byte, now time.Time, minTTL time.Duration, rejected string) string {
-	e := r.cache.Get(enc)
-	switch t := (*cache.Token)(nil); {
-	case e == nil:
-		return "no entry"
-	case e.Token() == nil:
-		return "no token yet"
-	case isToken(e.Token(), rejected):
-		return "caller reported the token rejected"
-	case !up.current(e.Token()):
-		return "token minted by another API key"
-	default:
-		t = e.Token()
-		return fmt.Sprintf("token valid for %v, caller needs %v plus a %v margin", t.ExpiresAt.Sub(now).Round(time.Millisecond), minTTL, r.cfg.ExpiryMargin)
-	}
+// Result is a token handed out by Get.
+type Result struct {
+	Token  *Token
+	KeyID  string
+	Source Source
 }
 
 // Options are the caller's needs for Get.
 type Options struct {
 	// MinTTL is how long the token must stay valid.
 	MinTTL time.Duration
-	// Rejected is a token the caller saw Whop refuse (401).
+	// Rejected is a token the caller saw Whop refuse (401): if it is still
+	// the cached one it is replaced, once however many callers report it.
 	Rejected string
 	// MissLimiter, when set, must allow every miss that starts an upstream
 	// call (joining one in flight is free): a per-caller bound on what one
-	// local process can cost the API key's quota.
+	// local process can cost the credential's quota.
 	MissLimiter interface{ Allow() bool }
 }
 
-// ErrMissRateLimited is returned when a caller's MissLimiter refuses a miss.
-var ErrMissRateLimited = errors.New("too many cache misses from this caller; retry later")
+// Errors of Get.
+var (
+	// ErrLifetime: the caller's min_ttl exceeds what Whop issues.
+	ErrLifetime = errors.New("no token Whop issues stays valid that long")
+	// ErrMissRateLimited: the caller's MissLimiter refused a miss.
+	ErrMissRateLimited = errors.New("too many cache misses from this caller; retry later")
+	// ErrKeyRejected is returned without an upstream call while Whop's last
+	// answer to the credential's current secret was 401.
+	ErrKeyRejected = &whop.Error{StatusCode: 401, Type: "unauthorized", Message: "Whop rejected this credential earlier; no call is made with it again until it is reloaded (systemctl reload tokend) or tokend restarts"}
+	// ErrEvicted: the entry is gone; asking again makes a new one.
+	ErrEvicted = errors.New("entry was evicted")
+)
 
-// want is what a caller needs from a mint.
-type want struct {
-	minTTL   time.Duration
-	rejected string
-	lifetime time.Duration
-	// force mints even when the current token would do: a scheduled or
-	// operator-requested refresh.
-	force bool
-	// cause says why, for OnMint.
-	cause string
+// Get returns a token for k valid for at least o.MinTTL. A hit is a
+// read-locked map lookup and an atomic load, and allocates nothing. A miss
+// waits for its entry's upstream call, or for ctx, whose end does not
+// cancel the call: the next caller gets its result.
+func (r *Refresher) Get(ctx context.Context, k Key, o Options) (Result, error) {
+	var buf [256]byte // most keys fit: the hit path encodes without allocating
+	enc := cache.Key(k).AppendEncode(buf[:0])
+	now := r.clock.Now()
+	up := r.upstream(k.Credential)
+	if up == nil {
+		return Result{}, fmt.Errorf("credential %q: %w", k.Credential, ErrUnknownCredential)
+	}
+	r.imu.RLock()
+	e := r.index[string(enc)]
+	r.imu.RUnlock()
+	if e != nil {
+		if t := e.tok.Load(); r.usable(up, t, now, o.MinTTL) && !isToken(t, o.Rejected) {
+			e.touch(now)
+			e.hits.Add(1)
+			r.hits.Add(1)
+			if e.idle.Load() && e.idle.CompareAndSwap(true, false) {
+				r.revive(e)
+			}
+			return Result{Token: t, KeyID: e.id, Source: SourceHit}, nil
+		}
+	}
+	return r.miss(ctx, k, string(enc), up, o, now)
+}
+
+// miss joins the upstream call of k's entry, or starts one, and waits.
+func (r *Refresher) miss(ctx context.Context, k Key, enc string, up *upstream, o Options, now time.Time) (Result, error) {
+	r.misses.Add(1)
+	if r.log.Enabled(ctx, slog.LevelDebug) {
+		r.log.Debug("cache miss", "key", k.ID(), "subject", k.Subject(), "reason", r.missReason(up, enc, now, o))
+	}
+	w := want{lifetime: r.cfg.Lifetime, cause: "miss"}
+	if o.Rejected != "" {
+		w.cause = "rejected"
+	}
+	if need := o.MinTTL + r.cfg.ExpiryMargin; need >= w.lifetime {
+		// Ask for enough to cover min_ttl and the call's own latency.
+		w.lifetime = min(need+time.Minute, MaxLifetime)
+	}
+	for attempt := 0; ; attempt++ {
+		r.mu.Lock()
+		// SetCredentials swaps the set under mu and then evicts the old
+		// credential's entries: an entry inserted under an up read before
+		// the swap would sit on a stopped schedule, never refreshed.
+		if cur := r.upstream(k.Credential); cur != up {
+			if cur == nil {
+				r.mu.Unlock()
+				return Result{}, fmt.Errorf("credential %q: %w", k.Credential, ErrUnknownCredential)
+			}
+			up = cur
+		}
+		e := r.index[enc]
+		if e != nil {
+			if t := e.tok.Load(); r.usable(up, t, now, o.MinTTL) && !isToken(t, o.Rejected) {
+				// Installed while we took the lock.
+				e.touch(now)
+				r.mu.Unlock()
+				r.joined.Add(1)
+				return Result{Token: t, KeyID: e.id, Source: SourceJoined}, nil
+			}
+			if err := r.rememberedLocked(e, up, now); err != nil {
+				r.mu.Unlock()
+				return Result{}, err
+			}
+		}
+		source := SourceJoined
+		var c *call
+		var gone []*Watcher
+		evicted := 0
+		if e != nil && e.call != nil {
+			c = e.call
+		} else {
+			// A refused miss must not create an entry: it would take a
+			// slot from everyone under MaxEntries.
+			if o.MissLimiter != nil && !o.MissLimiter.Allow() {
+				r.mu.Unlock()
+				r.missesLimited.Add(1)
+				return Result{}, ErrMissRateLimited
+			}
+			if e == nil {
+				e = r.insertLocked(k, enc, up.sched)
+				gone, evicted = r.enforceCapacityLocked(e)
+			}
+			source = SourceMinted
+			if o.Rejected != "" {
+				source = SourceRefreshed
+			}
+			c = r.startCallLocked(e, w, now)
+		}
+		e.touch(now)
+		r.mu.Unlock()
+		if evicted > 0 {
+			r.log.Info("cache full: evicted a least recently requested entry", "max_entries", r.cfg.MaxEntries)
+		}
+		notifyAll(gone)
+		select {
+		case <-c.done:
+		case <-ctx.Done():
+			return Result{}, ctx.Err()
+		}
+		if c.err != nil {
+			return Result{}, c.err
+		}
+		if r.usable(up, c.tok, r.clock.Now(), o.MinTTL) {
+			if source == SourceJoined {
+				r.joined.Add(1)
+			}
+			return Result{Token: c.tok, KeyID: e.id, Source: source}, nil
+		}
+		// We joined a call made for a shorter min_ttl; make our own once.
+		if attempt > 0 || w.lifetime == MaxLifetime && c.tok.lifetime() >= MaxLifetime-time.Minute {
+			return Result{}, fmt.Errorf("min_ttl %v: %w", o.MinTTL, ErrLifetime)
+		}
+		now = r.clock.Now()
+	}
+}
+
+// insertLocked adds a new entry for k.
+func (r *Refresher) insertLocked(k Key, enc string, s *sched) *entry {
+	e := newEntry(k, enc, s)
+	e.live = true
+	r.imu.Lock()
+	r.index[enc] = e
+	r.imu.Unlock()
+	s.entries++
+	r.counts[e.state]++
+	return e
+}
+
+// removeLocked takes e out of the index, its schedule and the store, and
+// detaches its call (whose waiters still get its result; the entry does
+// not). It returns the watchers to tell.
+func (r *Refresher) removeLocked(e *entry) []*Watcher {
+	if !e.live {
+		return nil
+	}
+	e.live = false
+	r.imu.Lock()
+	delete(r.index, e.enc)
+	r.imu.Unlock()
+	r.unscheduleLocked(e)
+	r.trackExpiryLocked(e, r.clock.Now())
+	r.counts[e.state]--
+	e.sched.entries--
+	e.call = nil
+	r.store.Delete(e.enc)
+	return r.watchersLocked(e)
+}
+
+// enforceCapacityLocked evicts one least recently requested entry, among a
+// random sample, while the cache holds more than MaxEntries; keep is spared.
+// It returns the evicted entries' watchers and how many entries it evicted.
+func (r *Refresher) enforceCapacityLocked(keep *entry) (gone []*Watcher, evicted int) {
+	for len(r.index) > r.cfg.MaxEntries {
+		var victim *entry
+		var oldest int64
+		n := 0
+		for _, e := range r.index { // map order is random: a sample
+			if e == keep {
+				continue
+			}
+			if at := e.lastRequested.Load(); victim == nil || at < oldest {
+				victim, oldest = e, at
+			}
+			if n++; n == evictionSample {
+				break
+			}
+		}
+		if victim == nil {
+			break
+		}
+		gone = append(gone, r.removeLocked(victim)...)
+		r.evicted.Add(1)
+		evicted++
+	}
+	return gone, evicted
+}
+
+// settleLocked computes e's state from its facts and keeps the per-state
+// counts in step. It is the one place states are decided.
+func (r *Refresher) settleLocked(e *entry, now time.Time) {
+	t := e.tok.Load()
+	var s State
+	switch {
+	case e.call != nil:
+		s = StateRefreshing
+	case t == nil:
+		// Never got a token: a call that could not even be tried (a
+		// rejected key, a shutdown) leaves no failure, but no token either.
+		s = StateFailing
+	case t != nil && !t.ExpiresAt.After(now):
+		s = StateExpired
+	case e.fail == failRetryable:
+		s = StateRetrying
+	case e.fail == failPermanent:
+		s = StateFailing
+	case e.idle.Load():
+		s = StateIdle
+	default:
+		s = StateFresh
+	}
+	if s != e.state && e.live {
+		r.counts[e.state]--
+		r.counts[s]++
+	}
+	e.state = s
+}
+
+// revive puts an idle entry that a client asked for back on the refresh
+// schedule: it is past its refresh point, so the refresh is due now.
+func (r *Refresher) revive(e *entry) {
+	now := r.clock.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !e.live {
+		return
+	}
+	r.settleLocked(e, now)
+	if e.call == nil {
+		r.scheduleLocked(e, now)
+	}
+}
+
+// missReason says why Get could not answer from memory, for debug logs.
+func (r *Refresher) missReason(up *upstream, enc string, now time.Time, o Options) string {
+	r.imu.RLock()
+	e := r.index[enc]
+	r.imu.RUnlock()
+	var t *Token
+	if e != nil {
+		t = e.tok.Load()
+	}
+	switch {
+	case e == nil:
+		return "no entry"
+	case t == nil:
+		return "no token yet"
+	case isToken(t, o.Rejected):
+		return "caller reported the token rejected"
+	case !up.current(t):
+		return "token minted by another secret"
+	default:
+		return fmt.Sprintf("token valid for %v, caller needs %v plus a %v margin", t.ExpiresAt.Sub(now).Round(time.Millisecond), o.MinTTL, r.cfg.ExpiryMargin)
+	}
 }
 
 // isToken reports whether t's value is v, in constant time since v came
 // from a client.
-func isToken(t *cache.Token, v string) bool {
+func isToken(t *Token, v string) bool {
 	return v != "" && t != nil && subtle.ConstantTimeCompare([]byte(t.Value), []byte(v)) == 1
 }
 
-// enforceCapacity evicts the least recently requested entries beyond
-// MaxEntries, sparing the one just created.
-func (r *Refresher) enforceCapacity(keep *cache.Entry) {
-	over := r.cache.Len() - r.cfg.MaxEntries
-	if over <= 0 {
-		return
-	}
-	victims := r.cache.LeastRecentlyRequested(over, keep)
-	r.Evict(victims...)
-	r.evicted.Add(uint64(len(victims)))
-	r.log.Info("cache full: evicted least recently requested entries", "evicted", len(victims), "max_entries", r.cfg.MaxEntries)
+// usable reports whether t can be handed out: minted by the current secret
+// and valid for minTTL beyond the safety margin.
+func (r *Refresher) usable(up *upstream, t *Token, now time.Time, minTTL time.Duration) bool {
+	return t.validFor(now, minTTL+r.cfg.ExpiryMargin) && up.current(t)
 }
 
-// usable reports whether t can be handed out: minted by the current key and
-// valid for minTTL beyond the safety margin.
-func (r *Refresher) usable(up *upstream, t *cache.Token, now time.Time, minTTL time.Duration) bool {
-	return t.ValidFor(now, minTTL+r.cfg.ExpiryMargin) && up.current(t)
-}
-
-// remembered returns the entry's last error while callers should get it
+// rememberedLocked returns e's last error while callers should get it
 // without a new upstream call: during a retry backoff, or inside the
 // negative-cache window of an error a retry cannot fix.
-func (r *Refresher) remembered(e *cache.Entry) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	it := r.items[e]
-	up := r.upstream(e.Key().Credential)
-	if it == nil || it.err == nil || up == nil || !r.clock.Now().Before(it.errUntil) || !bytes.Equal(it.errKey, up.Fetcher.KeyFingerprint()) {
+func (r *Refresher) rememberedLocked(e *entry, up *upstream, now time.Time) error {
+	if e.err == nil || !now.Before(e.errUntil) || !bytesEqual(e.errKey, up.Fetcher.KeyFingerprint()) {
 		return nil
 	}
-	return it.err
-}
-
-// mintingKey reports whether an upstream call for the key is in flight.
-func (r *Refresher) mintingKey(enc []byte) bool {
-	e := r.cache.Get(enc)
-	return e != nil && r.minting(e)
-}
-
-// minting reports whether an upstream call for e is in flight.
-func (r *Refresher) minting(e *cache.Entry) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	it := r.items[e]
-	return it != nil && it.minting
-}
-
-func (r *Refresher) setMinting(e *cache.Entry, on bool) {
-	r.mu.Lock()
-	if on {
-		r.itemLocked(e).minting = true
-	} else if it := r.items[e]; it != nil { // gone if e was evicted meanwhile
-		it.minting = false
-	}
-	r.mu.Unlock()
-}
-
-// mintShared joins or starts the one upstream call for e and waits for it
-// or for ctx.
-func (r *Refresher) mintShared(ctx context.Context, e *cache.Entry, w want) (*cache.Token, error) {
-	ch := r.sf.DoChan(e.Enc(), func() (any, error) { return r.mint(e, w) })
-	select {
-	case res := <-ch:
-		if res.Err != nil {
-			return nil, res.Err
-		}
-		return res.Val.(*cache.Token), nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-}
-
-// ErrKeyRejected is returned without an upstream call while Whop's last
-// answer to the current API key was 401.
-var ErrKeyRejected = &whop.Error{StatusCode: 401, Type: "unauthorized", Message: "Whop rejected this credential earlier; no call is made with it again until it is reloaded (systemctl reload tokend) or tokend restarts"}
-
-// mint makes one upstream call for e and records the outcome, unless a
-// call that finished just before already satisfies w.
-func (r *Refresher) mint(e *cache.Entry, w want) (*cache.Token, error) {
-	up := r.upstream(e.Key().Credential)
-	if up == nil {
-		return nil, fmt.Errorf("credential %q: %w", e.Key().Credential, ErrUnknownCredential)
-	}
-	if !w.force {
-		if t := e.Token(); r.usable(up, t, r.clock.Now(), w.minTTL) && !isToken(t, w.rejected) {
-			return t, nil // a call that just finished already did it
-		}
-		if err := r.remembered(e); err != nil {
-			return nil, err // one that just failed: wait out its backoff
-		}
-	}
-	fp := up.Fetcher.KeyFingerprint()
-	if up.gate.isRejected(fp) {
-		r.retryLater(e)
-		return nil, ErrKeyRejected
-	}
-	r.setMinting(e, true)
-	defer r.setMinting(e, false)
-	prev := e.Meta().State
-	r.cache.SetState(e, cache.StateRefreshing)
-	waitStart := time.Now()
-	release, err := up.gate.acquire(r.base)
-	if err != nil {
-		r.cache.SetState(e, prev)
-		r.retryLater(e)
-		return nil, fmt.Errorf("waiting for the upstream limiter: %w", err)
-	}
-	if waited := time.Since(waitStart); waited > time.Millisecond && r.cfg.Observer != nil {
-		r.cfg.Observer.LimiterWait(waited)
-	}
-	k := e.Key()
-	start := r.clock.Now()
-	r.upstreamCalls.Add(1)
-	up.calls.Add(1)
-	callStart := time.Now()
-	req := whop.Request{CompanyID: k.CompanyID, UserID: k.UserID, ScopedActions: k.Scopes, ExpiresAt: start.Add(w.lifetime)}
-	if up.OAuthUser {
-		req.CompanyID, req.UserID = "", "" // the token names its user
-	}
-	at, err := up.Fetcher.CreateAccessToken(r.base, req)
-	release()
-	if o := r.cfg.Observer; o != nil {
-		st := 200
-		var we *whop.Error
-		if errors.As(err, &we) {
-			st = we.StatusCode
-		} else if err != nil {
-			st = 0
-		}
-		o.Upstream(st, time.Since(callStart))
-		o.Minted(w.cause, err == nil)
-	}
-	if err != nil {
-		up.errors.Add(1)
-		r.failed(up, e, err, fp)
-		return nil, err
-	}
-	t := &cache.Token{Value: at.Token, ExpiresAt: at.ExpiresAt, ObtainedAt: start, Fingerprint: fp}
-	due := r.refreshTime(t)
-	r.cache.SetToken(e, t, func(m *cache.Meta) {
-		m.State = cache.StateFresh
-		m.NextRefresh = due
-		m.Refreshes++
-		m.Failures = 0
-	})
-	r.mu.Lock()
-	it := r.itemLocked(e)
-	it.bo, it.err, it.errUntil = nil, nil, time.Time{}
-	r.scheduleLocked(it, due)
-	r.mu.Unlock()
-	r.notify(e)
-	if r.cfg.OnMint != nil {
-		r.cfg.OnMint(e, t, w.cause)
-	}
-	return t, nil
-}
-
-// retryLater keeps an entry on the schedule when a mint could not even be
-// tried (its credential is locked out, or tokend is stopping): it is looked
-// at again after the longest backoff, or dropped once its token expires.
-func (r *Refresher) retryLater(e *cache.Entry) {
-	now := r.clock.Now()
-	at := now.Add(r.cfg.RetryMax)
-	if t := e.Token(); t != nil && t.ExpiresAt.Before(at) {
-		at = t.ExpiresAt
-	}
-	r.mu.Lock()
-	if it := r.items[e]; it == nil || it.index < 0 {
-		r.scheduleLocked(r.itemLocked(e), at)
-	}
-	r.mu.Unlock()
+	return e.err
 }
 
 // refreshTime is when t should be replaced: RefreshAt of its lifetime, moved
 // earlier by up to Jitter of it at random.
-func (r *Refresher) refreshTime(t *cache.Token) time.Time {
-	life := t.ExpiresAt.Sub(t.ObtainedAt)
+func (r *Refresher) refreshTime(t *Token) time.Time {
+	life := t.lifetime()
 	at := time.Duration(float64(life) * r.cfg.RefreshAt)
 	if j := int64(float64(life) * r.cfg.Jitter); j > 0 {
 		at -= time.Duration(rand.Int64N(j))
 	}
 	return t.ObtainedAt.Add(at)
-}
-
-// failed records an upstream failure on e and decides when to try again.
-func (r *Refresher) failed(up *upstream, e *cache.Entry, err error, fp []byte) {
-	now := r.clock.Now()
-	info := errorInfo(now, err)
-	r.upstreamErrors.Add(1)
-	r.lastError.Store(&info)
-	var we *whop.Error
-	if errors.As(err, &we) && we.StatusCode == 429 && we.RetryAfter > 0 {
-		up.gate.pause(min(we.RetryAfter, maxRetryAfter))
-	}
-	if errors.As(err, &we) && we.StatusCode == 401 {
-		up.gate.rejectKey(fp)
-		r.log.Error("Whop rejected a credential (401); no upstream call with it until it is reloaded or tokend restarts", "credential", up.Name, "err", info.Message)
-	}
-	t := e.Token()
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	it := r.itemLocked(e)
-	it.err, it.errKey = err, fp
-	state := cache.StateFailing
-	if info.Retryable {
-		state = cache.StateRetrying
-		if it.bo == nil {
-			it.bo = r.newBackoff()
-		}
-		wait := max(it.bo.NextBackOff(), min(whop.RetryAfterOf(err), maxRetryAfter))
-		it.errUntil = now.Add(wait)
-		if t != nil {
-			// Keep retrying in the background while a token exists to
-			// protect; a cold key is retried by its next caller.
-			r.scheduleLocked(it, it.errUntil)
-		}
-	} else {
-		it.errUntil = now.Add(r.cfg.NegativeTTL)
-		if t != nil {
-			// Nothing will fix it by retrying: keep serving the token we
-			// have and drop the entry when it expires (now, if it has).
-			at := t.ExpiresAt
-			if at.Before(now) {
-				at = now
-			}
-			r.scheduleLocked(it, at)
-		}
-	}
-	if t == nil {
-		// Forget a key that never worked once nobody has asked for a while.
-		r.scheduleLocked(it, now.Add(max(r.cfg.NegativeTTL, r.cfg.RetryMax)))
-	}
-	r.cache.UpdateMeta(e, func(m *cache.Meta) {
-		m.State = state
-		m.Failures++
-		m.LastError = &info
-	})
-	defer r.notify(e)
-	r.log.Warn("upstream refresh failed", "key", e.ID(), "subject", e.Key().Subject(), "status", info.Status, "retryable", info.Retryable, "retry_in", it.errUntil.Sub(now).Round(time.Millisecond), "err", info.Message)
 }
 
 func (r *Refresher) newBackoff() *backoff.ExponentialBackOff {
@@ -668,8 +668,8 @@ func (r *Refresher) newBackoff() *backoff.ExponentialBackOff {
 	)
 }
 
-func errorInfo(now time.Time, err error) cache.ErrorInfo {
-	info := cache.ErrorInfo{At: now, Message: err.Error(), Retryable: whop.IsRetryable(err)}
+func errorInfo(now time.Time, err error) ErrorInfo {
+	info := ErrorInfo{At: now, Message: err.Error(), Retryable: whop.IsRetryable(err)}
 	var we *whop.Error
 	if errors.As(err, &we) {
 		info.Status = we.StatusCode
@@ -680,180 +680,77 @@ func errorInfo(now time.Time, err error) cache.ErrorInfo {
 	return info
 }
 
-func (r *Refresher) itemLocked(e *cache.Entry) *item {
-	it := r.items[e]
-	if it == nil {
-		it = &item{e: e, index: -1}
-		r.items[e] = it
-	}
-	return it
-}
-
-func (r *Refresher) scheduleLocked(it *item, due time.Time) {
-	if r.cache.Get([]byte(it.e.Enc())) != it.e {
-		r.forgetLocked(it.e) // evicted meanwhile
+// act does what a due entry needs: refresh it, or drop it when it can no
+// longer be served and nothing will mend it, or set it aside when nobody
+// has asked for it during a whole token lifetime. A watcher does not count
+// as asking: a client that still uses a watched token says so (a touch).
+func (r *Refresher) act(e *entry) {
+	r.mu.Lock()
+	if !e.live || e.hidx >= 0 || e.call != nil {
+		// Removed, rescheduled by a call that finished meanwhile, or a
+		// call is in flight that will reschedule it.
+		r.mu.Unlock()
 		return
 	}
-	it.due = due
-	if it.index >= 0 {
-		heap.Fix(&r.queue, it.index)
-	} else {
-		heap.Push(&r.queue, it)
-	}
-	if it.index == 0 {
-		select {
-		case r.wake <- struct{}{}:
-		default:
-		}
-	}
-}
-
-func (r *Refresher) forgetLocked(e *cache.Entry) {
-	if it := r.items[e]; it != nil {
-		if it.index >= 0 {
-			heap.Remove(&r.queue, it.index)
-		}
-		delete(r.items, e)
-	}
-}
-
-// Evict drops entries from the schedule and the cache.
-func (r *Refresher) Evict(es ...*cache.Entry) {
-	// Out of the cache first: a mint finishing meanwhile then finds the
-	// entry dead and does not put it back on the schedule.
-	r.cache.Remove(es...)
-	r.mu.Lock()
-	for _, e := range es {
-		r.forgetLocked(e)
-	}
-	r.mu.Unlock()
-	for _, e := range es {
-		r.notify(e)
-	}
-}
-
-// Refresh mints a new token for e now, sharing a call already in flight.
-func (r *Refresher) Refresh(ctx context.Context, e *cache.Entry) error {
-	_, err := r.mintShared(ctx, e, want{lifetime: r.cfg.Lifetime, force: true, cause: "admin"})
-	return err
-}
-
-// Run drives the schedule until ctx ends. It is the only timer for all
-// entries; due work goes to a fixed pool of workers.
-func (r *Refresher) Run(ctx context.Context) error {
-	defer r.cancel()
-	work := make(chan *cache.Entry)
-	var wg sync.WaitGroup
-	for range r.cfg.Workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for e := range work {
-				r.act(e)
-			}
-		}()
-	}
-	defer func() {
-		close(work)
-		r.cancel()
-		wg.Wait()
-	}()
-	timer := r.clock.NewTimer(time.Hour)
-	defer timer.Stop()
-	for {
-		now := r.clock.Now()
-		var due []*cache.Entry
-		r.mu.Lock()
-		for len(r.queue) > 0 && !r.queue[0].due.After(now) {
-			it := heap.Pop(&r.queue).(*item)
-			due = append(due, it.e)
-		}
-		next, nextDue := time.Hour, time.Time{}
-		if len(r.queue) > 0 {
-			nextDue = r.queue[0].due
-			next = nextDue.Sub(now)
-		}
-		r.mu.Unlock()
-		for _, e := range due {
-			select {
-			case work <- e:
-			case <-ctx.Done():
-				return nil
-			}
-		}
-		if len(due) > 0 {
-			continue // time has moved while we handed work out
-		}
-		timer.Reset(next)
-		if !nextDue.IsZero() && !nextDue.After(r.clock.Now()) {
-			continue // the clock passed due while we armed the timer
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-timer.C():
-		case <-r.wake:
-		}
-	}
-}
-
-// act does what a due entry needs: refresh it, or drop it when it can no
-// longer be served and nothing will mend it, or when nobody has asked for it
-// during a whole token lifetime.
-func (r *Refresher) act(e *cache.Entry) {
 	now := r.clock.Now()
-	t := e.Token()
-	m := e.Meta()
+	t := e.tok.Load()
 	expired := t == nil || !t.ExpiresAt.After(now)
-	idle := t != nil && now.Sub(e.LastRequested()) > t.ExpiresAt.Sub(t.ObtainedAt) && !r.watched(e)
+	idle := t != nil && now.Sub(e.lastRequestedAt()) > t.lifetime()
+	var gone []*Watcher
 	switch {
-	case t == nil, m.State == cache.StateFailing && expired:
-		r.drop(e)
-	case m.State == cache.StateFailing:
-		// Scheduled for expiry only.
+	case t == nil, e.fail == failPermanent && expired:
+		gone = r.removeLocked(e)
+	case e.fail == failPermanent:
+		r.scheduleLocked(e, t.ExpiresAt) // kept for expiry only
 	case idle && expired:
 		r.droppedIdle.Add(1)
-		r.drop(e)
+		gone = r.removeLocked(e)
 	case idle:
-		// Nobody wants it: no refresh; drop it when it expires unless a
-		// client asks meanwhile.
-		r.cache.UpdateMeta(e, func(m *cache.Meta) { m.State = cache.StateIdle; m.NextRefresh = time.Time{} })
-		r.mu.Lock()
-		r.scheduleLocked(r.itemLocked(e), t.ExpiresAt)
-		r.mu.Unlock()
+		e.idle.Store(true)
+		r.settleLocked(e, now)
+		r.scheduleLocked(e, t.ExpiresAt)
+		r.store.Put(e.enc, e.record())
 	default:
-		r.mu.Lock()
-		it := r.items[e]
-		rescheduled := it != nil && it.index >= 0
+		if until := e.sched.up.gate.pausedTill(); until.After(now) {
+			// Its credential is paused after a 429: come back then
+			// rather than hold a worker.
+			r.scheduleLocked(e, until)
+			break
+		}
+		c := r.startCallLocked(e, want{lifetime: r.cfg.Lifetime, force: true, cause: "refresh"}, now)
 		r.mu.Unlock()
-		if rescheduled {
-			return // a caller's mint ran meanwhile and set a new time
-		}
-		if up := r.upstream(e.Key().Credential); up != nil {
-			if until := up.gate.pausedTill(); until.After(now) {
-				// Its credential is paused after a 429: come back then
-				// rather than hold a worker other credentials need.
-				r.mu.Lock()
-				r.scheduleLocked(r.itemLocked(e), until)
-				r.mu.Unlock()
-				return
-			}
-		}
-		_, _ = r.mintShared(r.base, e, want{lifetime: r.cfg.Lifetime, force: true, cause: "refresh"})
-	}
-}
-
-// drop removes e unless it was rescheduled since it fell due.
-func (r *Refresher) drop(e *cache.Entry) {
-	r.mu.Lock()
-	it := r.items[e]
-	stale := it != nil && it.index < 0
-	if stale {
-		r.forgetLocked(e)
+		<-c.done // the worker stays busy while its call runs
+		return
 	}
 	r.mu.Unlock()
-	if stale {
-		r.cache.Remove(e)
-		r.notify(e)
+	notifyAll(gone)
+}
+
+// Run drives every credential's schedule until ctx ends, then cancels the
+// upstream calls still in flight.
+func (r *Refresher) Run(ctx context.Context) error {
+	r.mu.Lock()
+	r.runCtx = ctx
+	for _, u := range r.upstreams() {
+		r.startSchedLocked(u.sched)
 	}
+	r.mu.Unlock()
+	<-ctx.Done()
+	r.runWG.Wait()
+	r.cancel()
+	return nil
+}
+
+// startSchedLocked runs s's loop if Run is running and it is not yet.
+func (r *Refresher) startSchedLocked(s *sched) {
+	if r.runCtx == nil || s.running {
+		return
+	}
+	s.running = true
+	ctx := r.runCtx
+	r.runWG.Add(1)
+	go func() {
+		defer r.runWG.Done()
+		r.run(ctx, s)
+	}()
 }

@@ -2,13 +2,10 @@ package server
 
 import (
 	"context"
-	"encoding/base64"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"github.com/tokend/tokend/internal/metrics"
 	"github.com/tokend/tokend/internal/policy"
-	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -16,7 +13,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	"github.com/tokend/tokend/internal/cache"
+	"github.com/tokend/tokend/internal/refresher"
 	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
 )
 
@@ -29,92 +26,83 @@ var _ tokendv1.AdminServiceServer = (*adminService)(nil)
 
 func (a *adminService) ListEntries(_ context.Context, req *tokendv1.ListEntriesRequest) (*tokendv1.ListEntriesResponse, error) {
 	now := a.s.cfg.Now()
-	resp := &tokendv1.ListEntriesResponse{}
-	for _, e := range a.s.cfg.Entries.Entries() {
-		if req.GetSubject() != "" && !hasSubject(e, req.GetSubject()) {
-			continue
-		}
-		if req.GetCredential() != "" && e.Key().Credential != req.GetCredential() {
-			continue
-		}
-		resp.Entries = append(resp.Entries, entryProto(e, now))
+	subject, cred := req.GetSubject(), req.GetCredential()
+	infos := a.s.cfg.Tokens.Entries(func(k refresher.Key) bool {
+		return (subject == "" || hasSubject(k, subject)) && (cred == "" || k.Credential == cred)
+	})
+	resp := &tokendv1.ListEntriesResponse{Entries: make([]*tokendv1.Entry, 0, len(infos))}
+	for _, i := range infos {
+		resp.Entries = append(resp.Entries, entryProto(i, now))
 	}
 	return resp, nil
 }
 
-func hasSubject(e *cache.Entry, subject string) bool {
-	k := e.Key()
+func hasSubject(k refresher.Key, subject string) bool {
 	return k.CompanyID == subject || k.UserID == subject
 }
 
-func (a *adminService) find(id string) (*cache.Entry, error) {
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "key_id is required")
-	}
-	e, err := a.s.cfg.Entries.Find(id)
+// findStatus turns the refresher's lookup errors into statuses.
+func findStatus(id string, err error) error {
 	switch {
-	case errors.Is(err, cache.ErrNotFound):
-		return nil, status.Errorf(codes.NotFound, "key %q: no entry has that id (tokenctl list shows them)", id)
-	case errors.Is(err, cache.ErrAmbiguous):
-		return nil, status.Errorf(codes.InvalidArgument, "key %q: prefix matches more than one entry; give more characters", id)
-	case err != nil:
-		return nil, status.Errorf(codes.Internal, "find key %q: %v", id, err)
+	case errors.Is(err, refresher.ErrNotFound):
+		return status.Errorf(codes.NotFound, "key %q: no entry has that id (tokenctl list shows them)", id)
+	case errors.Is(err, refresher.ErrAmbiguous):
+		return status.Errorf(codes.InvalidArgument, "key %q: prefix matches more than one entry; give more characters", id)
 	}
-	return e, nil
+	return upstreamStatus(err)
 }
 
 func (a *adminService) GetEntry(_ context.Context, req *tokendv1.GetEntryRequest) (*tokendv1.Entry, error) {
-	e, err := a.find(req.GetKeyId())
-	if err != nil {
-		return nil, err
+	id := req.GetKeyId()
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "key_id is required")
 	}
-	return entryProto(e, a.s.cfg.Now()), nil
+	i, err := a.s.cfg.Tokens.Find(id)
+	if err != nil {
+		return nil, findStatus(id, err)
+	}
+	return entryProto(i, a.s.cfg.Now()), nil
 }
 
 func (a *adminService) EvictEntries(_ context.Context, req *tokendv1.EvictEntriesRequest) (*tokendv1.EvictEntriesResponse, error) {
-	var victims []*cache.Entry
+	var ids []string
 	switch t := req.GetTarget().(type) {
 	case *tokendv1.EvictEntriesRequest_KeyId:
-		e, err := a.find(t.KeyId)
-		if err != nil {
-			return nil, err
+		if t.KeyId == "" {
+			return nil, status.Error(codes.InvalidArgument, "key_id is empty")
 		}
-		victims = []*cache.Entry{e}
+		i, err := a.s.cfg.Tokens.Find(t.KeyId)
+		if err != nil {
+			return nil, findStatus(t.KeyId, err)
+		}
+		ids = a.s.cfg.Tokens.Evict(i.KeyID)
 	case *tokendv1.EvictEntriesRequest_Subject:
 		if t.Subject == "" {
 			return nil, status.Error(codes.InvalidArgument, "subject is empty")
 		}
-		for _, e := range a.s.cfg.Entries.Entries() {
-			if hasSubject(e, t.Subject) {
-				victims = append(victims, e)
-			}
-		}
+		ids = a.s.cfg.Tokens.EvictMatching(func(k refresher.Key) bool { return hasSubject(k, t.Subject) })
 	case *tokendv1.EvictEntriesRequest_All:
 		if !t.All {
 			return nil, status.Error(codes.InvalidArgument, "all must be true to evict every entry")
 		}
-		victims = a.s.cfg.Entries.Entries()
+		ids = a.s.cfg.Tokens.EvictMatching(func(refresher.Key) bool { return true })
 	default:
 		return nil, status.Error(codes.InvalidArgument, "target is required: key_id, subject or all")
 	}
-	a.s.cfg.Tokens.Evict(victims...)
-	resp := &tokendv1.EvictEntriesResponse{}
-	for _, e := range victims {
-		resp.KeyIds = append(resp.KeyIds, e.ID())
-	}
-	a.s.cfg.Logger.Info("evicted entries", "count", len(victims))
-	return resp, nil
+	a.s.cfg.Logger.Info("evicted entries", "count", len(ids))
+	return &tokendv1.EvictEntriesResponse{KeyIds: ids}, nil
 }
 
 func (a *adminService) RefreshEntry(ctx context.Context, req *tokendv1.RefreshEntryRequest) (*tokendv1.Entry, error) {
-	e, err := a.find(req.GetKeyId())
+	id := req.GetKeyId()
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "key_id is required")
+	}
+	i, err := a.s.cfg.Tokens.Refresh(ctx, id)
 	if err != nil {
-		return nil, err
+		return nil, findStatus(id, err)
 	}
-	if err := a.s.cfg.Tokens.Refresh(ctx, e); err != nil {
-		return nil, upstreamStatus(err)
-	}
-	return entryProto(e, a.s.cfg.Now()), nil
+	return entryProto(i, a.s.cfg.Now()), nil
 }
 
 func (a *adminService) GetStatus(ctx context.Context, _ *tokendv1.GetStatusRequest) (*tokendv1.Status, error) {
@@ -140,7 +128,7 @@ func redactStatus(st *tokendv1.Status) {
 
 func (a *adminService) status() (*tokendv1.Status, error) {
 	now := a.s.cfg.Now()
-	st := a.s.cfg.Tokens.Stats()
+	st := a.s.cfg.Tokens.Status()
 	resp := &tokendv1.Status{
 		Version:               a.s.cfg.Version,
 		StartedAt:             timestamppb.New(a.s.started),
@@ -168,7 +156,7 @@ func (a *adminService) status() (*tokendv1.Status, error) {
 		resp.MaxConnections = uint32(cl.max)
 		resp.ConnectionsAtLimit = cl.waits.Load()
 	}
-	for _, c := range a.s.cfg.Tokens.CredentialStats() {
+	for _, c := range st.Credentials {
 		cs := &tokendv1.CredentialStatus{
 			Name: c.Name, Kind: "api_key", Fingerprint: hex.EncodeToString(c.Fingerprint[:min(4, len(c.Fingerprint))]),
 			Rejected: c.Rejected, InFlight: uint32(c.InFlight), UpstreamCalls: c.Calls, UpstreamErrors: c.Errors, Entries: uint64(c.Entries),
@@ -187,101 +175,50 @@ func (a *adminService) status() (*tokendv1.Status, error) {
 	if st.UpstreamPausedUntil.After(now) {
 		resp.UpstreamPausedUntil = timestamppb.New(st.UpstreamPausedUntil)
 	}
-	pending, werr := a.s.cfg.Entries.WriteStatus()
-	resp.CachePendingWrites = uint64(pending)
-	if werr != nil {
-		resp.CacheWriteError = werr.Error()
+	resp.CachePendingWrites = uint64(st.PendingWrites)
+	if st.WriteError != nil {
+		resp.CacheWriteError = st.WriteError.Error()
 	}
-	for _, e := range a.s.cfg.Entries.Entries() {
-		resp.Entries++
-		resp.EntriesByState[stateName(entryState(e, now))]++
+	resp.Entries = uint64(st.Entries)
+	for name, n := range st.EntriesByState() {
+		resp.EntriesByState[name] = uint64(n)
 	}
 	return resp, nil
 }
 
-func stateName(s tokendv1.EntryState) string {
-	switch s {
-	case tokendv1.EntryState_ENTRY_STATE_FRESH:
-		return "fresh"
-	case tokendv1.EntryState_ENTRY_STATE_REFRESHING:
-		return "refreshing"
-	case tokendv1.EntryState_ENTRY_STATE_RETRYING:
-		return "retrying"
-	case tokendv1.EntryState_ENTRY_STATE_FAILING:
-		return "failing"
-	case tokendv1.EntryState_ENTRY_STATE_EXPIRED:
-		return "expired"
-	case tokendv1.EntryState_ENTRY_STATE_IDLE:
-		return "idle"
-	}
-	return "unknown"
+// entryStates maps the refresher's states onto the contract's.
+var entryStates = map[refresher.State]tokendv1.EntryState{
+	refresher.StateFresh:      tokendv1.EntryState_ENTRY_STATE_FRESH,
+	refresher.StateRefreshing: tokendv1.EntryState_ENTRY_STATE_REFRESHING,
+	refresher.StateRetrying:   tokendv1.EntryState_ENTRY_STATE_RETRYING,
+	refresher.StateFailing:    tokendv1.EntryState_ENTRY_STATE_FAILING,
+	refresher.StateExpired:    tokendv1.EntryState_ENTRY_STATE_EXPIRED,
+	refresher.StateIdle:       tokendv1.EntryState_ENTRY_STATE_IDLE,
 }
 
-func entryState(e *cache.Entry, now time.Time) tokendv1.EntryState {
-	m := e.Meta()
-	t := e.Token()
-	switch {
-	case m.State == cache.StateRefreshing:
-		return tokendv1.EntryState_ENTRY_STATE_REFRESHING
-	case t == nil && m.LastError != nil:
-		return tokendv1.EntryState_ENTRY_STATE_FAILING
-	case t != nil && !t.ExpiresAt.After(now):
-		return tokendv1.EntryState_ENTRY_STATE_EXPIRED
-	case m.State == cache.StateRetrying:
-		return tokendv1.EntryState_ENTRY_STATE_RETRYING
-	case m.State == cache.StateFailing:
-		return tokendv1.EntryState_ENTRY_STATE_FAILING
-	case m.State == cache.StateIdle:
-		return tokendv1.EntryState_ENTRY_STATE_IDLE
-	}
-	return tokendv1.EntryState_ENTRY_STATE_FRESH
-}
-
-// entryProto describes e without its token.
-func entryProto(e *cache.Entry, now time.Time) *tokendv1.Entry {
-	k := e.Key()
-	m := e.Meta()
+// entryProto describes an entry without its token.
+func entryProto(i refresher.EntryInfo, _ time.Time) *tokendv1.Entry {
 	p := &tokendv1.Entry{
-		KeyId:           e.ID(),
-		CompanyId:       k.CompanyID,
-		UserId:          k.UserID,
-		ScopedActions:   k.Scopes,
-		State:           entryState(e, now),
-		NextRefreshAt:   timestamp(m.NextRefresh),
-		LastRequestedAt: timestamp(e.LastRequested()),
-		Hits:            e.Hits(),
-		Refreshes:       m.Refreshes,
-		Failures:        m.Failures,
-		LastError:       errorProto(m.LastError),
+		KeyId:           i.KeyID,
+		CompanyId:       i.Key.CompanyID,
+		UserId:          i.Key.UserID,
+		ScopedActions:   i.Key.Scopes,
+		State:           entryStates[i.State],
+		NextRefreshAt:   timestamp(i.NextRefresh),
+		LastRequestedAt: timestamp(i.LastRequested),
+		Hits:            i.Hits,
+		Refreshes:       i.Refreshes,
+		Failures:        i.Failures,
+		LastError:       errorProto(i.LastError),
+		ExpiresAt:       timestamp(i.ExpiresAt),
+		ObtainedAt:      timestamp(i.ObtainedAt),
+		Credential:      i.Key.Credential,
 	}
-	if t := e.Token(); t != nil {
-		p.ExpiresAt = timestamp(t.ExpiresAt)
-		p.ObtainedAt = timestamp(t.ObtainedAt)
-		p.JwtHeaderJson, p.JwtClaimsJson = decodeJWT(t.Value)
-	}
-	p.Credential = k.Credential
+	p.JwtHeaderJson, p.JwtClaimsJson = i.JWTParts()
 	return p
 }
 
-// decodeJWT returns a JWT's header and claims as JSON, unverified, for
-// operators; the signature, which makes a token usable, is never returned.
-// Anything that is not a JWT decodes to nothing.
-func decodeJWT(token string) (header, claims string) {
-	parts := strings.Split(token, ".")
-	if len(parts) != 3 {
-		return "", ""
-	}
-	part := func(s string) string {
-		b, err := base64.RawURLEncoding.DecodeString(s)
-		if err != nil || !json.Valid(b) {
-			return ""
-		}
-		return string(b)
-	}
-	return part(parts[0]), part(parts[1])
-}
-
-func errorProto(le *cache.ErrorInfo) *tokendv1.UpstreamError {
+func errorProto(le *refresher.ErrorInfo) *tokendv1.UpstreamError {
 	if le == nil {
 		return nil
 	}
@@ -322,19 +259,14 @@ func (a *adminService) CheckPolicy(_ context.Context, req *tokendv1.CheckPolicyR
 	return resp, nil
 }
 
-// MetricsSnapshot describes the cache for a metrics scrape.
+// MetricsSnapshot describes the cache for a metrics scrape, from one
+// status snapshot: no scan of the entries.
 func (s *Server) MetricsSnapshot() metrics.Snapshot {
 	now := s.cfg.Now()
-	snap := metrics.Snapshot{EntriesByState: map[string]int{}, EarliestExpiry: -1, UpstreamInFlight: s.cfg.Tokens.Stats().UpstreamInFlight}
-	var earliest time.Time
-	for _, e := range s.cfg.Entries.Entries() {
-		snap.EntriesByState[stateName(entryState(e, now))]++
-		if t := e.Token(); t != nil && t.ExpiresAt.After(now) && (earliest.IsZero() || t.ExpiresAt.Before(earliest)) {
-			earliest = t.ExpiresAt
-		}
-	}
-	if !earliest.IsZero() {
-		snap.EarliestExpiry = earliest.Sub(now)
+	st := s.cfg.Tokens.Status()
+	snap := metrics.Snapshot{EntriesByState: st.EntriesByState(), EarliestExpiry: -1, UpstreamInFlight: st.UpstreamInFlight}
+	if !st.EarliestExpiry.IsZero() {
+		snap.EarliestExpiry = st.EarliestExpiry.Sub(now)
 	}
 	return snap
 }

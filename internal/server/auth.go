@@ -3,16 +3,18 @@ package server
 import (
 	"context"
 	"fmt"
-	"github.com/tokend/tokend/internal/cache"
 	"github.com/tokend/tokend/internal/policy"
+	"github.com/tokend/tokend/internal/refresher"
 	"net"
-	"strings"
 	"sync"
 
 	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	reflectionv1 "google.golang.org/grpc/reflection/grpc_reflection_v1"
+	reflectionv1alpha "google.golang.org/grpc/reflection/grpc_reflection_v1alpha"
 	"google.golang.org/grpc/status"
 
 	"github.com/tokend/tokend/internal/audit"
@@ -20,19 +22,69 @@ import (
 	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
 )
 
-// adminPrefix names the methods only administrators may call.
-var adminPrefix = "/" + tokendv1.AdminService_ServiceDesc.ServiceName + "/"
+// access is who may call a method.
+type access uint8
 
-// authorize is the unary interceptor that keeps AdminService to uid 0,
-// tokend's own uid and members of the admin group. GetStatus carries no
-// secret and stays open to every caller of the socket.
-func (s *Server) authorize(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	if strings.HasPrefix(info.FullMethod, adminPrefix) && info.FullMethod != tokendv1.AdminService_GetStatus_FullMethodName {
-		if err := s.checkAdmin(ctx); err != nil {
-			return nil, err
-		}
+const (
+	// accessToken: any caller of the socket; the policy decides per key.
+	accessToken access = iota + 1
+	// accessAdmin: uid 0, tokend's own uid and the admin group.
+	accessAdmin
+	// accessStatus: anyone; non-administrators get a redacted answer.
+	accessStatus
+	// accessHealth and accessReflection: anyone; they carry no secret,
+	// and grpc-health-probe and grpcurl need them.
+	accessHealth
+	accessReflection
+)
+
+// methods is the authorization table: every method of every service the
+// server registers has an entry, and a method without one is refused.
+// TestAuthorizationTableComplete fails when a method is added without one.
+var methods = map[string]access{
+	tokendv1.TokenService_GetToken_FullMethodName:    accessToken,
+	tokendv1.TokenService_WatchToken_FullMethodName:  accessToken,
+	tokendv1.TokenService_WatchTokens_FullMethodName: accessToken,
+
+	tokendv1.AdminService_ListEntries_FullMethodName:  accessAdmin,
+	tokendv1.AdminService_GetEntry_FullMethodName:     accessAdmin,
+	tokendv1.AdminService_EvictEntries_FullMethodName: accessAdmin,
+	tokendv1.AdminService_RefreshEntry_FullMethodName: accessAdmin,
+	tokendv1.AdminService_CheckPolicy_FullMethodName:  accessAdmin,
+	tokendv1.AdminService_GetStatus_FullMethodName:    accessStatus,
+
+	healthpb.Health_Check_FullMethodName: accessHealth,
+	healthpb.Health_Watch_FullMethodName: accessHealth,
+	healthpb.Health_List_FullMethodName:  accessHealth,
+
+	reflectionv1.ServerReflection_ServerReflectionInfo_FullMethodName:      accessReflection,
+	reflectionv1alpha.ServerReflection_ServerReflectionInfo_FullMethodName: accessReflection,
+}
+
+// allow applies the table to one call.
+func (s *Server) allow(ctx context.Context, method string) error {
+	switch methods[method] {
+	case accessToken, accessStatus, accessHealth, accessReflection:
+		return nil
+	case accessAdmin:
+		return s.checkAdmin(ctx)
+	}
+	return status.Errorf(codes.PermissionDenied, "method %s is not in tokend's authorization table", method)
+}
+
+// authorizeUnary and authorizeStream apply the table to every call.
+func (s *Server) authorizeUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if err := s.allow(ctx, info.FullMethod); err != nil {
+		return nil, err
 	}
 	return handler(ctx, req)
+}
+
+func (s *Server) authorizeStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if err := s.allow(ss.Context(), info.FullMethod); err != nil {
+		return err
+	}
+	return handler(srv, ss)
 }
 
 func (s *Server) checkAdmin(ctx context.Context) error {
@@ -134,7 +186,7 @@ func (m *missLimits) forUID(uid uint32) *rate.Limiter {
 }
 
 // checkPolicy applies the loaded policy, if any, to a token request.
-func (s *Server) checkPolicy(cs *connState, k cache.Key) error {
+func (s *Server) checkPolicy(cs *connState, k refresher.Key) error {
 	if s.cfg.Policy == nil {
 		return nil
 	}

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -19,10 +18,6 @@ import (
 	"github.com/tokend/tokend/internal/metrics"
 	"github.com/tokend/tokend/internal/policy"
 
-	"github.com/tokend/tokend/internal/cache"
-	"github.com/tokend/tokend/internal/refresher"
-	"github.com/tokend/tokend/internal/whop"
-	"github.com/tokend/tokend/internal/whop/whoptest"
 	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
 )
 
@@ -80,25 +75,8 @@ func TestGetTokenHitAllocs(t *testing.T) {
 // on a Unix socket pair, and the server has a policy, an audit trail and
 // metrics.
 func hitRig(b testing.TB, production bool) (context.Context, *tokenService, *tokendv1.GetTokenRequest) {
-	fake, err := whoptest.NewServer(whoptest.Config{Keys: map[string][]string{"k": nil}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(fake.Close)
-	c, _, err := cache.Open(cache.Config{Path: filepath.Join(b.TempDir(), "cache.db")})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { c.Close() })
-	client, err := whop.New(whop.Config{BaseURL: fake.URL(), APIKey: "k", FingerprintSalt: c.Salt()})
-	if err != nil {
-		b.Fatal(err)
-	}
-	ref, err := refresher.New(refresher.Config{Cache: c, Fetcher: client})
-	if err != nil {
-		b.Fatal(err)
-	}
-	cfg := Config{Tokens: ref, Entries: c}
+	ref, _ := newTokens(b)
+	cfg := Config{Tokens: ref}
 	ctx := context.Background()
 	if production {
 		pol, err := policy.Parse("bench-policy.yaml", fmt.Appendf(nil, `rules:

@@ -51,8 +51,15 @@ type ConnLimit struct {
 	waits atomic.Uint64
 }
 
-// LimitConns wraps ln so that at most max connections are open at once.
+// DefaultMaxConnections is LimitConns's bound when it is given none.
+const DefaultMaxConnections = 1024
+
+// LimitConns wraps ln so that at most max connections are open at once;
+// max <= 0 means DefaultMaxConnections.
 func LimitConns(ln net.Listener, max int) (net.Listener, *ConnLimit) {
+	if max <= 0 {
+		max = DefaultMaxConnections
+	}
 	cl := &ConnLimit{max: max, slots: make(chan struct{}, max)}
 	return &limitListener{Listener: ln, cl: cl, done: make(chan struct{})}, cl
 }

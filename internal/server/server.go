@@ -28,7 +28,6 @@ import (
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 
-	"github.com/tokend/tokend/internal/cache"
 	"github.com/tokend/tokend/internal/refresher"
 	"github.com/tokend/tokend/internal/whop"
 	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
@@ -38,40 +37,33 @@ import (
 // smaller.
 const MaxMessageBytes = 16 << 10
 
-// Tokens is what the services need from the refresher.
+// Tokens is what the services need from the refresher, which owns every
+// entry: the server keeps no entry of its own and names them by key id.
 type Tokens interface {
-	Get(ctx context.Context, k cache.Key, o refresher.Options) (*cache.Token, *cache.Entry, error)
-	Refresh(ctx context.Context, e *cache.Entry) error
-	Evict(es ...*cache.Entry)
-	Stats() refresher.Stats
-	// For WatchToken.
-	Watch(e *cache.Entry) (stop func())
-	Changed(e *cache.Entry) <-chan struct{}
-	Live(e *cache.Entry) bool
-	LastError(e *cache.Entry) error
+	Get(ctx context.Context, k refresher.Key, o refresher.Options) (refresher.Result, error)
+	Watch(k refresher.Key, notify func()) (*refresher.Watcher, error)
 	// Credentials are the configured credential names, sorted.
 	Credentials() []string
 	IsOAuthUser(name string) (oauth, ok bool)
-	CredentialStats() []refresher.CredentialStats
+	Status() refresher.Status
+
+	// For AdminService.
+	Entries(match func(refresher.Key) bool) []refresher.EntryInfo
+	Find(prefix string) (refresher.EntryInfo, error)
+	Refresh(ctx context.Context, prefix string) (refresher.EntryInfo, error)
+	Evict(ids ...string) []string
+	EvictMatching(match func(refresher.Key) bool) []string
 }
 
 // Metrics is what the server reports about GetToken calls.
 type Metrics interface {
-	// GetToken: result is "hit", "miss", "refreshed" or "error".
+	// GetToken: result is "hit", "joined", "miss", "refreshed" or "error".
 	GetToken(result string, code codes.Code)
-}
-
-// Entries is the read side of the cache that AdminService lists.
-type Entries interface {
-	Entries() []*cache.Entry
-	Find(prefix string) (*cache.Entry, error)
-	WriteStatus() (pending int, lastErr error)
 }
 
 // Config configures New.
 type Config struct {
 	Tokens   Tokens
-	Entries  Entries
 	Logger   *slog.Logger
 	Version  string
 	Socket   string
@@ -148,7 +140,8 @@ func New(cfg Config) *Server {
 		// Reuse handler goroutines: their stacks are already grown, which
 		// a fresh goroutine per call pays for again.
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
-		grpc.UnaryInterceptor(s.authorize),
+		grpc.UnaryInterceptor(s.authorizeUnary),
+		grpc.StreamInterceptor(s.authorizeStream),
 	)
 	tokendv1.RegisterTokenServiceServer(s.grpc, &tokenService{s: s})
 	tokendv1.RegisterAdminServiceServer(s.grpc, &adminService{s: s})
@@ -206,38 +199,37 @@ func (t *tokenService) getToken(ctx context.Context, req *tokendv1.GetTokenReque
 	if err != nil {
 		return nil, "error", err
 	}
-	result = "hit"
-	switch {
-	case g.minted && req.GetRejectedToken() != "":
-		result = "refreshed"
-	case g.minted:
-		result = "miss"
-	}
-	return answer(g.tok, g.e), result, nil
+	return answer(g.res.Token, g.res.KeyID), resultNames[g.res.Source], nil
 }
 
-// answer is the reply carrying tok, an entry's token. It is built once per
-// token and then shared by every hit, so a hit allocates nothing here;
-// gRPC only reads a reply while marshalling it.
-func answer(tok *cache.Token, e *cache.Entry) *tokendv1.Token {
-	if r, ok := tok.Reply().(*tokendv1.Token); ok {
+// resultNames are the metrics' words for where a token came from.
+var resultNames = [...]string{
+	refresher.SourceHit:       "hit",
+	refresher.SourceJoined:    "joined",
+	refresher.SourceMinted:    "miss",
+	refresher.SourceRefreshed: "refreshed",
+}
+
+// answer is the reply carrying tok. It is built once per token and then
+// shared by every hit, so a hit allocates nothing here; gRPC only reads a
+// reply while marshalling it.
+func answer(tok *refresher.Token, keyID string) *tokendv1.Token {
+	if r, ok := tok.Memo().(*tokendv1.Token); ok {
 		return r
 	}
-	return tok.SetReply(&tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: e.ID()}).(*tokendv1.Token)
+	return tok.SetMemo(&tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: keyID}).(*tokendv1.Token)
 }
 
 // got is one answered token request.
 type got struct {
-	k      cache.Key
-	cs     *connState // nil outside a peer-credential connection
-	tok    *cache.Token
-	e      *cache.Entry
-	minted bool // obtained from Whop for this call, not from the cache
+	k   refresher.Key
+	cs  *connState // nil outside a peer-credential connection
+	res refresher.Result
 }
 
-// get is what GetToken and WatchToken share: validate the request against
-// its credential, apply the policy, answer from the cache or Whop, and
-// record the hand-out in the audit trail.
+// get is what GetToken and the watches share: validate the request against
+// its credential, apply the policy, answer from the refresher, and record
+// the hand-out in the audit trail.
 func (s *Server) get(ctx context.Context, req *tokendv1.GetTokenRequest) (got, error) {
 	r, k, err := s.parse(req)
 	if err != nil {
@@ -251,35 +243,34 @@ func (s *Server) get(ctx context.Context, req *tokendv1.GetTokenRequest) (got, e
 	if cs != nil {
 		opts.MissLimiter = cs.misses
 	}
-	start := time.Now()
-	tok, e, err := s.cfg.Tokens.Get(ctx, k, opts)
+	res, err := s.cfg.Tokens.Get(ctx, k, opts)
 	if err != nil {
 		return got{}, upstreamStatus(err)
 	}
-	g := got{k: k, cs: cs, tok: tok, e: e, minted: !tok.ObtainedAt.Before(start)}
-	g.audit(tok, g.minted)
+	g := got{k: k, cs: cs, res: res}
+	g.audit(res.Token, res.Source != refresher.SourceHit)
 	return g, nil
 }
 
 // audit records that tok was handed to the caller's connection.
-func (g got) audit(tok *cache.Token, minted bool) {
+func (g got) audit(tok *refresher.Token, minted bool) {
 	if g.cs != nil && g.cs.audit != nil {
-		g.cs.audit.HandedOut(audit.Subject{KeyID: g.e.ID(), CompanyID: g.k.CompanyID, UserID: g.k.UserID, Scopes: g.k.Scopes}, tok.Value, minted)
+		g.cs.audit.HandedOut(audit.Subject{KeyID: g.res.KeyID, CompanyID: g.k.CompanyID, UserID: g.k.UserID, Scopes: g.k.Scopes}, tok.Value, minted)
 	}
 }
 
-// parse validates req against its credential and returns its cache key.
-func (s *Server) parse(req *tokendv1.GetTokenRequest) (request, cache.Key, error) {
+// parse validates req against its credential and returns its key.
+func (s *Server) parse(req *tokendv1.GetTokenRequest) (request, refresher.Key, error) {
 	name, err := s.credential(req.GetCredential())
 	if err != nil {
-		return request{}, cache.Key{}, err
+		return request{}, refresher.Key{}, err
 	}
 	oauth, _ := s.cfg.Tokens.IsOAuthUser(name)
 	r, err := validate(req, oauth)
 	if err != nil {
-		return r, cache.Key{}, err
+		return r, refresher.Key{}, err
 	}
-	return r, cache.NewKey(name, r.companyID, r.userID, r.scopes), nil
+	return r, refresher.NewKey(name, r.companyID, r.userID, r.scopes), nil
 }
 
 // credential resolves a request's credential name: empty means "default",
@@ -305,45 +296,32 @@ func (s *Server) credential(name string) (string, error) {
 // the refresher installs it. A stalled watcher blocks only its own Send.
 func (t *tokenService) WatchToken(req *tokendv1.GetTokenRequest, stream tokendv1.TokenService_WatchTokenServer) error {
 	ctx := stream.Context()
-	g, err := t.s.get(ctx, req)
+	changed := make(chan struct{}, 1)
+	sub, first, err := t.s.subscribe(ctx, req, func() {
+		select {
+		case changed <- struct{}{}:
+		default:
+		}
+	})
 	if err != nil {
 		return err
 	}
-	k, cs, e, tok := g.k, g.cs, g.e, g.tok
-	tokens := t.s.cfg.Tokens
-	stop := tokens.Watch(e)
-	defer stop()
-	send := func(tok *cache.Token) error {
-		return stream.Send(answer(tok, e))
-	}
-	if err := send(tok); err != nil {
+	defer sub.stop()
+	if err := stream.Send(first); err != nil {
 		return err
 	}
-	last := tok
 	for {
-		var changed <-chan struct{}
-		if tokens.Live(e) { // a dead entry never changes again: no channel for it
-			changed = tokens.Changed(e)
-		}
-		switch cur := e.Token(); {
-		case cur != nil && cur != last:
-			// The policy may have been reloaded since the stream opened.
-			if err := t.s.checkPolicy(cs, k); err != nil {
+		for {
+			tok, err, ok := sub.next()
+			if !ok {
+				break
+			}
+			if err != nil {
 				return err
 			}
-			g.audit(cur, false)
-			if err := send(cur); err != nil {
+			if err := stream.Send(tok); err != nil {
 				return err
 			}
-			last = cur
-			continue
-		case changed == nil || !tokens.Live(e):
-			if m := e.Meta(); m.State == cache.StateFailing {
-				if err := tokens.LastError(e); err != nil {
-					return upstreamStatus(err)
-				}
-			}
-			return status.Errorf(codes.Aborted, "entry %s was evicted; call again to get a new one", e.ID())
 		}
 		select {
 		case <-changed:
@@ -351,6 +329,59 @@ func (t *tokenService) WatchToken(req *tokendv1.GetTokenRequest, stream tokendv1
 			return status.FromContextError(ctx.Err()).Err()
 		}
 	}
+}
+
+// subscription is one watched key of one caller.
+type subscription struct {
+	s *Server
+	g got
+	w *refresher.Watcher
+}
+
+// subscribe gets req's token as GetToken would and watches its entry;
+// notify is called after every change (it must not block).
+func (s *Server) subscribe(ctx context.Context, req *tokendv1.GetTokenRequest, notify func()) (*subscription, *tokendv1.Token, error) {
+	g, err := s.get(ctx, req)
+	if err != nil {
+		return nil, nil, err
+	}
+	w, err := s.cfg.Tokens.Watch(g.k, notify)
+	if err != nil {
+		return nil, nil, watchEnd(g.res.KeyID, err)
+	}
+	// Whatever changed between Get and Watch, Next reports.
+	if u, ok := w.Next(); ok && u.Err == nil {
+		g.res.Token, g.res.KeyID = u.Token, u.KeyID
+	}
+	return &subscription{s: s, g: g, w: w}, answer(g.res.Token, g.res.KeyID), nil
+}
+
+// next returns the next reply to send, or the status that ends the watch;
+// ok is false when there is nothing new.
+func (sub *subscription) next() (tok *tokendv1.Token, end error, ok bool) {
+	u, ok := sub.w.Next()
+	switch {
+	case !ok:
+		return nil, nil, false
+	case u.Err != nil:
+		return nil, watchEnd(sub.g.res.KeyID, u.Err), true
+	}
+	// The policy may have been reloaded since the watch began.
+	if err := sub.s.checkPolicy(sub.g.cs, sub.g.k); err != nil {
+		return nil, err, true
+	}
+	sub.g.audit(u.Token, false)
+	return answer(u.Token, u.KeyID), nil, true
+}
+
+func (sub *subscription) stop() { sub.w.Stop() }
+
+// watchEnd is the status that ends a watch.
+func watchEnd(keyID string, err error) error {
+	if errors.Is(err, refresher.ErrEvicted) {
+		return status.Errorf(codes.Aborted, "entry %s was evicted; call again to get a new one", keyID)
+	}
+	return upstreamStatus(err)
 }
 
 // upstreamStatus maps a failure to mint into the gRPC code a caller can act
