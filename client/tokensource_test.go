@@ -58,13 +58,9 @@ func servesWatchTokens(t *testing.T, socket string) bool {
 	if err == nil || err == io.EOF {
 		_, err = st.Recv()
 	}
-	if status.Code(err) == codes.Unimplemented {
-		return false
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	return true
+	// Any answer but Unimplemented (a subscription end, most likely) means
+	// the method is there.
+	return status.Code(err) != codes.Unimplemented
 }
 
 // wireLog records the streams a client opens and what it sends and
