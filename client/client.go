@@ -1,6 +1,8 @@
 // Package client gets Whop access tokens from a local tokend over its Unix
 // socket, as one-off calls or as a self-refreshing oauth2.TokenSource that
-// plugs into oauth2.NewClient and gRPC per-RPC credentials.
+// plugs into oauth2.NewClient and gRPC per-RPC credentials. A Client watches
+// all its sources over one stream, and a source nobody calls for
+// [WithIdleAfter] stops being kept fresh until it is called again.
 //
 // Tokens are bearer secrets: nothing in this package logs them, and a
 // [Token] prints without its value. Keep it that way in your code.
@@ -16,6 +18,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -23,6 +26,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/tokend/tokend/internal/clock"
 	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
 )
 
@@ -43,28 +47,36 @@ var ErrClosed = errors.New("tokend client: closed")
 // Client is a connection to tokend. It is safe for concurrent use; make one
 // per process and share it.
 type Client struct {
-	conn    *grpc.ClientConn
-	tokens  tokendv1.TokenServiceClient
-	log     *slog.Logger
-	timeout time.Duration
+	conn      *grpc.ClientConn
+	tokens    tokendv1.TokenServiceClient
+	log       *slog.Logger
+	timeout   time.Duration
+	idleAfter time.Duration
+	clock     clock.Clock
+	epoch     time.Time // origin of TokenSource.lastUsed
 
-	// ctx ends every token source's watcher when the client closes.
+	// ctx ends the watch stream and every GetToken a source started when
+	// the client closes.
 	ctx    context.Context
 	cancel context.CancelFunc
+	closed atomic.Bool
+	wg     sync.WaitGroup // the mux's goroutines
 
-	mu      sync.Mutex
-	closed  bool
-	shared  map[string]*TokenSource // TokenSource(subject, scopes...) by request
-	sources sync.WaitGroup          // running watchers
+	mux mux
+
+	mu     sync.Mutex
+	shared map[string]*TokenSource // TokenSource(subject, scopes...) by request
 }
 
 // Option configures a Client.
 type Option func(*options)
 
 type options struct {
-	log     *slog.Logger
-	timeout time.Duration
-	dial    []grpc.DialOption
+	log       *slog.Logger
+	timeout   time.Duration
+	idleAfter time.Duration
+	clock     clock.Clock
+	dial      []grpc.DialOption
 }
 
 // WithLogger sets where the client reports watch-stream breaks and
@@ -79,6 +91,15 @@ func WithTimeout(d time.Duration) Option {
 	return func(o *options) { o.timeout = d }
 }
 
+// WithIdleAfter sets how long a TokenSource may go without a Token call
+// before it stops watching its token (default [DefaultIdleAfter]); zero or
+// less means the default. Make it at least tokend's token lifetime:
+// oauth2.ReuseTokenSource, which oauth2.NewClient uses, calls a source
+// about once per token.
+func WithIdleAfter(d time.Duration) Option {
+	return func(o *options) { o.idleAfter = d }
+}
+
 // WithDialOptions adds gRPC dial options after the client's own, so they
 // win where they overlap.
 func WithDialOptions(opts ...grpc.DialOption) Option {
@@ -90,7 +111,7 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 // connection is made on first use and remade with backoff whenever tokend
 // restarts.
 func New(socketPath string, opts ...Option) (*Client, error) {
-	o := options{timeout: defaultTimeout}
+	o := options{timeout: defaultTimeout, idleAfter: DefaultIdleAfter, clock: clock.Real{}}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -99,6 +120,9 @@ func New(socketPath string, opts ...Option) (*Client, error) {
 	}
 	if o.timeout <= 0 {
 		o.timeout = defaultTimeout
+	}
+	if o.idleAfter <= 0 {
+		o.idleAfter = DefaultIdleAfter
 	}
 	if socketPath == "" {
 		socketPath = os.Getenv("TOKEND_SOCKET")
@@ -129,31 +153,37 @@ func New(socketPath string, opts ...Option) (*Client, error) {
 		return nil, fmt.Errorf("tokend client: dial %s: %w", socketPath, err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Client{
-		conn:    conn,
-		tokens:  tokendv1.NewTokenServiceClient(conn),
-		log:     o.log,
-		timeout: o.timeout,
-		ctx:     ctx,
-		cancel:  cancel,
-		shared:  make(map[string]*TokenSource),
-	}, nil
+	c := &Client{
+		conn:      conn,
+		tokens:    tokendv1.NewTokenServiceClient(conn),
+		log:       o.log,
+		timeout:   o.timeout,
+		idleAfter: o.idleAfter,
+		clock:     o.clock,
+		epoch:     o.clock.Now(),
+		ctx:       ctx,
+		cancel:    cancel,
+		shared:    make(map[string]*TokenSource),
+	}
+	c.mux.init(c)
+	return c, nil
 }
 
-// Close stops every TokenSource of the client, waits for their watchers and
-// closes the connection. Calls in flight fail with codes.Canceled.
+// Close stops every TokenSource of the client, waits for the watch stream
+// and background calls to end and closes the connection. Calls in flight
+// fail with codes.Canceled.
 func (c *Client) Close() error {
-	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
+	if c.closed.Swap(true) {
 		return nil
 	}
-	c.closed = true
-	c.mu.Unlock()
+	c.mux.close()
 	c.cancel()
-	c.sources.Wait()
+	c.wg.Wait()
 	return c.conn.Close()
 }
+
+// since is now as a TokenSource.lastUsed value.
+func (c *Client) since(now time.Time) int64 { return int64(now.Sub(c.epoch)) }
 
 // Request names the token to get.
 type Request struct {
@@ -237,7 +267,7 @@ func fromProto(p *tokendv1.Token) *Token {
 // Token makes one GetToken call. Errors carry tokend's gRPC status, so
 // status.Code(err) tells them apart (see the README's table).
 func (c *Client) Token(ctx context.Context, req Request) (*Token, error) {
-	if c.isClosed() {
+	if c.closed.Load() {
 		return nil, ErrClosed
 	}
 	p, err := c.tokens.GetToken(ctx, req.proto())
@@ -248,10 +278,4 @@ func (c *Client) Token(ctx context.Context, req Request) (*Token, error) {
 		return nil, fmt.Errorf("tokend: get token for %s: empty token in the answer", req)
 	}
 	return fromProto(p), nil
-}
-
-func (c *Client) isClosed() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.closed
 }

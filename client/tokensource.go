@@ -5,13 +5,13 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"strings"
-	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/oauth2"
 	"golang.org/x/sync/singleflight"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
+
+	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
 )
 
 // DefaultMargin is how much validity a TokenSource's cached token must have
@@ -20,29 +20,27 @@ import (
 // fresh from tokend always clears it.
 const DefaultMargin = 30 * time.Second
 
-// Timing of the watcher.
-const (
-	// reconnectBase and reconnectMax bound the jittered, doubling wait
-	// before reopening a broken WatchToken stream.
-	reconnectBase = 250 * time.Millisecond
-	reconnectMax  = 30 * time.Second
-	// reprobeWatch is how long a source polls before trying WatchToken
-	// again after tokend answered Unimplemented (an older tokend).
-	reprobeWatch = 5 * time.Minute
-	// minPoll keeps polling ahead of expiry from spinning when the token
-	// is close to the margin.
-	minPoll = 250 * time.Millisecond
-)
+// DefaultIdleAfter is how long a TokenSource goes uncalled before it stops
+// watching its token: tokend's default token lifetime.
+const DefaultIdleAfter = time.Hour
 
 // TokenSource hands out one subject's token from memory and keeps it fresh
 // in the background. It satisfies oauth2.TokenSource and is safe for
 // concurrent use: callers that find the cache stale share one GetToken.
 //
-// On first use it starts a watcher that holds a WatchToken stream open, so
-// it has each replacement the moment tokend obtains it. If the stream
-// breaks it reconnects with backoff, and meanwhile (or for good, against a
-// tokend without WatchToken) polls GetToken ahead of expiry. Close stops
-// the watcher; so does closing the Client.
+// On first use it subscribes to its token on the Client's one WatchTokens
+// stream, so it has each replacement the moment tokend obtains it. While
+// the stream is down (or for good, against a tokend without WatchTokens)
+// the Client refreshes it with GetToken ahead of expiry instead.
+//
+// A source watches only while it is used: once a minute the Client tells
+// tokend which tokens were asked for, and a source not called for the
+// client's idle time ([WithIdleAfter], default an hour) stops watching, so
+// tokend lets the token go idle too. It keeps its last token; its next
+// Token call answers from it if it is still good and watches again. A
+// shared source from [Client.TokenSource] that goes idle also leaves the
+// client, so a later TokenSource call may return a new one. Close stops an
+// owned source for good; so does closing the Client.
 //
 // oauth2.NewClient wraps a source in oauth2.ReuseTokenSource, which keeps a
 // token until 10s before it expires: still valid, but for every request to
@@ -50,32 +48,46 @@ const (
 type TokenSource struct {
 	c      *Client
 	req    Request
+	preq   *tokendv1.GetTokenRequest // req, for subscriptions; read-only
 	margin time.Duration
+	key    string // in c.shared under this key; "" for an owned source
 	sf     singleflight.Group
 
-	// ctx ends the watcher and any GetToken the source started.
+	// ctx ends any GetToken the source started: c.ctx for a shared source,
+	// which has no Close, a child of it for an owned one.
 	ctx    context.Context
 	cancel context.CancelFunc
-	done   chan struct{} // closed when the watcher returns
 
-	mu      sync.Mutex
-	cur     *Token
-	gotAt   time.Time
-	started bool
-	closed  bool
+	cur      atomic.Pointer[held]
+	lastUsed atomic.Int64 // when Token was last called, as c.since
+	active   atomic.Bool  // in c.mux.sources: watched or polled
+	closed   atomic.Bool
+
+	w watchState // guarded by c.mux.mu
+}
+
+// held is a token as the source cached it.
+type held struct {
+	tok   *Token
+	gotAt time.Time
 }
 
 // NewTokenSource returns a source for req that the caller owns: Close it
-// when done, or it runs until the Client closes. The source keeps its own
+// when done, or it lasts until the Client closes. The source keeps its own
 // copy of req.
 func (c *Client) NewTokenSource(req Request) *TokenSource {
+	s := c.newSource(req, "")
+	s.ctx, s.cancel = context.WithCancel(c.ctx)
+	return s
+}
+
+func (c *Client) newSource(req Request, key string) *TokenSource {
 	req.Scopes = append([]string(nil), req.Scopes...)
 	margin := DefaultMargin
 	if req.MinTTL > 0 {
 		margin = req.MinTTL
 	}
-	ctx, cancel := context.WithCancel(c.ctx)
-	return &TokenSource{c: c, req: req, margin: margin, ctx: ctx, cancel: cancel, done: make(chan struct{})}
+	return &TokenSource{c: c, req: req, preq: req.proto(), margin: margin, key: key, ctx: c.ctx, cancel: func() {}}
 }
 
 // TokenSource returns the client's source for subject and scopes with
@@ -86,7 +98,8 @@ func (c *Client) NewTokenSource(req Request) *TokenSource {
 //
 // Calls with the same subject and scope set return one shared source, so
 // calling TokenSource per request costs nothing extra; it stops when the
-// Client closes. Use [Client.NewTokenSource] for a source you Close.
+// Client closes, and leaves the client when idle (see [TokenSource]). Use
+// [Client.NewTokenSource] for a source you Close.
 func (c *Client) TokenSource(subject string, scopes ...string) oauth2.TokenSource {
 	req, err := parseSubject(subject)
 	if err != nil {
@@ -96,15 +109,36 @@ func (c *Client) TokenSource(subject string, scopes ...string) oauth2.TokenSourc
 	k := req.key()
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed {
+	if c.closed.Load() {
 		return errSource{ErrClosed}
 	}
 	s, ok := c.shared[k]
 	if !ok {
-		s = c.NewTokenSource(req)
+		s = c.newSource(req, k)
 		c.shared[k] = s
 	}
 	return sharedSource{s}
+}
+
+// rejoin puts a shared source that went idle back in the client's map,
+// unless another source took its place meanwhile.
+func (c *Client) rejoin(s *TokenSource) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.shared[s.key]; !ok && !c.closed.Load() {
+		c.shared[s.key] = s
+	}
+}
+
+// forget drops shared sources that went idle from the client's map.
+func (c *Client) forget(sources []*TokenSource) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, s := range sources {
+		if c.shared[s.key] == s && !s.active.Load() {
+			delete(c.shared, s.key)
+		}
+	}
 }
 
 func parseSubject(subject string) (Request, error) {
@@ -129,23 +163,21 @@ func (s *TokenSource) Token() (*oauth2.Token, error) {
 // TokenContext is Token, waiting no longer than ctx allows. A GetToken it
 // started goes on for the next caller when ctx ends.
 func (s *TokenSource) TokenContext(ctx context.Context) (*oauth2.Token, error) {
-	s.mu.Lock()
-	if s.closed || s.ctx.Err() != nil { // closed, or its Client is
-		s.mu.Unlock()
+	if s.closed.Load() || s.c.closed.Load() {
 		return nil, ErrClosed
 	}
-	if !s.started {
-		s.start()
+	now := s.c.clock.Now()
+	s.used(now)
+	if !s.active.Load() {
+		s.c.mux.activate(s)
 	}
-	tok := s.cur
-	s.mu.Unlock()
-	if s.usable(tok, time.Now()) {
-		return oauthToken(tok), nil
+	if h := s.cur.Load(); s.usable(h, now) {
+		return oauthToken(h.tok), nil
 	}
 	ch := s.sf.DoChan("", func() (any, error) {
-		// The watcher or a poll may have just installed a fresh one.
-		if tok := s.current(); s.usable(tok, time.Now()) {
-			return tok, nil
+		// The stream or a poll may have just installed a fresh one.
+		if h := s.cur.Load(); s.usable(h, s.c.clock.Now()) {
+			return h.tok, nil
 		}
 		return s.fetch()
 	})
@@ -160,21 +192,14 @@ func (s *TokenSource) TokenContext(ctx context.Context) (*oauth2.Token, error) {
 	}
 }
 
-// Close stops the watcher and waits for it. Token then returns ErrClosed,
-// as it does once the Client is closed.
+// Close stops watching the token and ends a GetToken the source started.
+// Token then returns ErrClosed, as it does once the Client is closed.
 func (s *TokenSource) Close() error {
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
+	if s.closed.Swap(true) {
 		return nil
 	}
-	s.closed = true
-	started := s.started
-	s.mu.Unlock()
+	s.c.mux.deactivate(s)
 	s.cancel()
-	if started {
-		<-s.done
-	}
 	return nil
 }
 
@@ -182,14 +207,17 @@ func oauthToken(t *Token) *oauth2.Token {
 	return &oauth2.Token{AccessToken: t.Value, TokenType: "Bearer", Expiry: t.ExpiresAt}
 }
 
-func (s *TokenSource) usable(t *Token, now time.Time) bool {
-	return t != nil && t.ExpiresAt.Sub(now) > s.margin
+// used records a Token call for the idle rule. It stores at most once a
+// second: on a source many goroutines call, stores are what make their
+// cores fight over the cache line, and idleness is counted in minutes.
+func (s *TokenSource) used(now time.Time) {
+	if t := s.c.since(now); t-s.lastUsed.Load() >= int64(time.Second) {
+		s.lastUsed.Store(t)
+	}
 }
 
-func (s *TokenSource) current() *Token {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.cur
+func (s *TokenSource) usable(h *held, now time.Time) bool {
+	return h != nil && h.tok.ExpiresAt.Sub(now) > s.margin
 }
 
 // fetch makes one GetToken and caches its answer. Callers go through s.sf.
@@ -201,175 +229,67 @@ func (s *TokenSource) fetch() (*Token, error) {
 		return nil, err
 	}
 	s.set(tok)
+	s.c.mux.fetched(s)
 	return tok, nil
 }
 
 // set caches t, and when it arrived, unless a token that lasts longer is
 // already cached: a poll's answer can arrive after the stream's newer one.
 func (s *TokenSource) set(t *Token) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.cur != nil && t.ExpiresAt.Before(s.cur.ExpiresAt) {
-		return
-	}
-	if s.cur == nil || s.cur.Value != t.Value {
-		s.c.log.Debug("tokend: new token", "request", s.req.String(), "key_id", t.KeyID, "expires_at", t.ExpiresAt)
-	}
-	s.cur, s.gotAt = t, time.Now()
-}
-
-// start runs the watcher unless the client is closing. Called with s.mu held.
-func (s *TokenSource) start() {
-	s.started = true
-	s.c.mu.Lock()
-	defer s.c.mu.Unlock()
-	if s.c.closed {
-		close(s.done)
-		return
-	}
-	s.c.sources.Add(1)
-	go func() {
-		defer s.c.sources.Done()
-		defer close(s.done)
-		s.run(s.ctx)
-	}()
-}
-
-// run keeps a WatchToken stream open and, whenever it is not, polls
-// GetToken ahead of expiry until it is time to reconnect.
-func (s *TokenSource) run(ctx context.Context) {
-	log := s.c.log.With("request", s.req.String())
-	failures, unimplemented := 0, false
-	for ctx.Err() == nil {
-		got, err := s.watch(ctx)
-		if ctx.Err() != nil {
-			return
-		}
-		if got {
-			failures = 0
-		}
-		var wait time.Duration
-		switch code := status.Code(err); {
-		case code == codes.Unimplemented:
-			if !unimplemented {
-				log.Info("tokend: WatchToken unimplemented by this tokend; polling GetToken ahead of expiry instead")
-				unimplemented = true
-			}
-			wait = reprobeWatch
-		case code == codes.Aborted:
-			// Evicted: a new stream makes a new entry.
-			failures++
-			wait = backoffDelay(failures)
-			log.Debug("tokend: watched entry was evicted; watching again", "in", wait)
-		default:
-			failures++
-			wait = backoffDelay(failures)
-			log.Warn("tokend: token watch ended; polling until it reconnects", "code", code.String(), "err", status.Convert(err).Message(), "reconnect_in", wait)
-		}
-		s.pollUntil(ctx, time.Now().Add(wait))
-	}
-}
-
-// watch reads one WatchToken stream into the cache until it ends, and says
-// whether it delivered a token.
-func (s *TokenSource) watch(ctx context.Context) (got bool, err error) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	st, err := s.c.tokens.WatchToken(ctx, s.req.proto())
-	if err != nil {
-		return false, err
-	}
+	h := &held{tok: t, gotAt: s.c.clock.Now()}
 	for {
-		p, err := st.Recv()
-		if err != nil {
-			return got, err
-		}
-		if p.GetToken() == "" {
-			continue
-		}
-		got = true
-		s.set(fromProto(p))
-	}
-}
-
-// pollUntil keeps the cached token fresh with GetToken until the time
-// comes to try watching again.
-func (s *TokenSource) pollUntil(ctx context.Context, until time.Time) {
-	failures := 0
-	for {
-		now := time.Now()
-		at := s.nextPoll(now)
-		if failures > 0 {
-			at = now.Add(backoffDelay(failures))
-		}
-		if !at.Before(until) {
-			sleep(ctx, until.Sub(now))
+		old := s.cur.Load()
+		if old != nil && t.ExpiresAt.Before(old.tok.ExpiresAt) {
 			return
 		}
-		if !sleep(ctx, at.Sub(now)) {
-			return
-		}
-		ch := s.sf.DoChan("", func() (any, error) { return s.fetch() })
-		select {
-		case r := <-ch:
-			if r.Err != nil {
-				failures++
-				s.c.log.Debug("tokend: poll failed", "request", s.req.String(), "err", r.Err)
-			} else {
-				failures = 0
+		if s.cur.CompareAndSwap(old, h) {
+			if old == nil || old.tok.Value != t.Value {
+				s.c.log.Debug("tokend: new token", "request", s.req.String(), "key_id", t.KeyID, "expires_at", t.ExpiresAt)
 			}
-		case <-ctx.Done():
 			return
 		}
 	}
 }
 
-// nextPoll is halfway through what was left of the token when it last
-// arrived
-// (tokend refreshes at about two thirds of a lifetime, so the second poll
-// usually finds the replacement), and no later than when the token stops
-// clearing the margin.
-func (s *TokenSource) nextPoll(now time.Time) time.Time {
-	s.mu.Lock()
-	tok, gotAt := s.cur, s.gotAt
-	s.mu.Unlock()
-	if tok == nil {
-		return now
+// pollWindow says when the background should next call GetToken for s: from
+// early to late. late is halfway through what was left of the token when it
+// last arrived (tokend refreshes at about two thirds of a lifetime, so the
+// second poll usually finds the replacement) and no later than when the
+// token stops clearing the margin; early is a tenth of the wait before it,
+// so one sweep serves the sources falling due together. ok is false when
+// there is no token to keep fresh: callers then fetch one on demand.
+// Called with c.mux.mu held.
+func (s *TokenSource) pollWindow() (early, late time.Time, ok bool) {
+	h := s.cur.Load()
+	if h == nil {
+		return time.Time{}, time.Time{}, false
 	}
-	at := gotAt.Add(tok.ExpiresAt.Sub(gotAt) / 2)
-	if limit := tok.ExpiresAt.Add(-s.margin); at.After(limit) {
-		at = limit
+	if s.w.pollFailures > 0 {
+		return s.w.pollRetry, s.w.pollRetry, true
 	}
-	if earliest := now.Add(minPoll); at.Before(earliest) {
-		at = earliest
+	base := h.gotAt
+	if s.w.polled.After(base) { // a poll whose answer was not kept
+		base = s.w.polled
 	}
-	return at
+	late = base.Add(h.tok.ExpiresAt.Sub(base) / 2)
+	if limit := h.tok.ExpiresAt.Add(-s.margin); late.After(limit) {
+		late = limit
+	}
+	if earliest := base.Add(minPoll); late.Before(earliest) {
+		late = earliest
+	}
+	return late.Add(-late.Sub(base) / 10), late, true
 }
 
-// backoffDelay is the wait after n consecutive failures: doubling from
-// reconnectBase up to reconnectMax, with the upper half jittered.
-func backoffDelay(n int) time.Duration {
-	d := reconnectBase
-	for i := 1; i < n && d < reconnectMax; i++ {
+// jittered is the wait after n consecutive failures: doubling from base up
+// to ceiling, with the upper half jittered.
+func jittered(n int, base, ceiling time.Duration) time.Duration {
+	d := base
+	for i := 1; i < n && d < ceiling; i++ {
 		d *= 2
 	}
-	d = min(d, reconnectMax)
+	d = min(d, ceiling)
 	return d/2 + rand.N(d/2+1)
-}
-
-// sleep waits d or until ctx ends, and says whether d passed.
-func sleep(ctx context.Context, d time.Duration) bool {
-	if d <= 0 {
-		return ctx.Err() == nil
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }
 
 // sharedSource is what Client.TokenSource hands out: the shared source
