@@ -74,7 +74,7 @@ func TestManySourcesOneConnection(t *testing.T) {
 // same stream and gets the new entry's token.
 func TestEvictedSourceResubscribes(t *testing.T) {
 	d := startTestDaemon(t)
-	skipWithoutWatchTokens(t, d.socket)
+	requireWatchTokens(t, d.socket)
 	ctx := testContext(t)
 	var rpcs rpcCounter
 	var wire wireLog
@@ -137,7 +137,7 @@ func TestIdleSourcesStopWatching(t *testing.T) {
 	}{
 		{"tokend", func(t *testing.T) string {
 			d := startTestDaemon(t)
-			skipWithoutWatchTokens(t, d.socket)
+			requireWatchTokens(t, d.socket)
 			return d.socket
 		}},
 		{"fake", func(t *testing.T) string { return serveFake(t, &fakeTokens{lifetime: time.Hour, watch: true}) }},

@@ -30,13 +30,13 @@ import (
 	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
 )
 
-// skipWithoutWatchTokens skips the test when the daemon does not serve
-// WatchTokens. It probes with a subscription tokend must refuse (no
-// subject), so no token is minted.
-func skipWithoutWatchTokens(t *testing.T, socket string) {
+// requireWatchTokens fails the test when the daemon does not serve
+// WatchTokens: the tokend built from this tree must. It probes with a
+// subscription tokend must refuse (no subject), so no token is minted.
+func requireWatchTokens(t *testing.T, socket string) {
 	t.Helper()
 	if !servesWatchTokens(t, socket) {
-		t.Skip("tokend does not serve WatchTokens yet")
+		t.Fatal("tokend does not serve WatchTokens")
 	}
 }
 
@@ -198,7 +198,7 @@ func adminClient(t *testing.T, socket string) tokendv1.AdminServiceClient {
 // keep the old token, still valid for an hour, by design.)
 func TestHTTPClientFollowsRefresh(t *testing.T) {
 	d := startTestDaemon(t)
-	skipWithoutWatchTokens(t, d.socket)
+	requireWatchTokens(t, d.socket)
 	ctx := testContext(t)
 	req := client.Request{CompanyID: "biz_http", Scopes: []string{"chat:read"}}
 
