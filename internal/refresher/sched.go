@@ -149,6 +149,9 @@ func (r *Refresher) run(ctx context.Context, s *sched) {
 			}
 		}
 		timer.Reset(wait)
+		if !nextAt.IsZero() && !nextAt.After(r.clock.Now()) {
+			continue // the clock passed it while we armed the timer
+		}
 		select {
 		case <-ctx.Done():
 			return
