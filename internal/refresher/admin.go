@@ -194,7 +194,7 @@ func (r *Refresher) Refresh(ctx context.Context, prefix string) (EntryInfo, erro
 	}
 	c := e.call
 	if c == nil {
-		c = r.startCallLocked(e, want{lifetime: r.cfg.Lifetime, force: true, cause: "admin"}, r.clock.Now())
+		c = r.startCallLocked(e, want{lifetime: r.cfg.Lifetime, cause: "admin"}, r.clock.Now())
 	}
 	r.mu.Unlock()
 	select {

@@ -1,7 +1,6 @@
 package refresher
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"time"
@@ -12,8 +11,6 @@ import (
 // want is what a call is for.
 type want struct {
 	lifetime time.Duration
-	// force: a scheduled or operator-requested refresh, not a miss.
-	force bool
 	// cause says why, for OnMint and metrics.
 	cause string
 }
@@ -225,5 +222,3 @@ func maxTime(a, b time.Time) time.Time {
 	}
 	return b
 }
-
-func bytesEqual(a, b []byte) bool { return bytes.Equal(a, b) }

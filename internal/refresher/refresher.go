@@ -18,6 +18,7 @@
 package refresher
 
 import (
+	"bytes"
 	"context"
 	"crypto/subtle"
 	"errors"
@@ -641,7 +642,7 @@ func (r *Refresher) usable(up *upstream, t *Token, now time.Time, minTTL time.Du
 // without a new upstream call: during a retry backoff, or inside the
 // negative-cache window of an error a retry cannot fix.
 func (r *Refresher) rememberedLocked(e *entry, up *upstream, now time.Time) error {
-	if e.err == nil || !now.Before(e.errUntil) || !bytesEqual(e.errKey, up.Fetcher.KeyFingerprint()) {
+	if e.err == nil || !now.Before(e.errUntil) || !bytes.Equal(e.errKey, up.Fetcher.KeyFingerprint()) {
 		return nil
 	}
 	return e.err
@@ -717,7 +718,7 @@ func (r *Refresher) act(e *entry) {
 			r.scheduleLocked(e, until)
 			break
 		}
-		c := r.startCallLocked(e, want{lifetime: r.cfg.Lifetime, force: true, cause: "refresh"}, now)
+		c := r.startCallLocked(e, want{lifetime: r.cfg.Lifetime, cause: "refresh"}, now)
 		r.mu.Unlock()
 		<-c.done // the worker stays busy while its call runs
 		return

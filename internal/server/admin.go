@@ -25,14 +25,13 @@ type adminService struct {
 var _ tokendv1.AdminServiceServer = (*adminService)(nil)
 
 func (a *adminService) ListEntries(_ context.Context, req *tokendv1.ListEntriesRequest) (*tokendv1.ListEntriesResponse, error) {
-	now := a.s.cfg.Now()
 	subject, cred := req.GetSubject(), req.GetCredential()
 	infos := a.s.cfg.Tokens.Entries(func(k refresher.Key) bool {
 		return (subject == "" || hasSubject(k, subject)) && (cred == "" || k.Credential == cred)
 	})
 	resp := &tokendv1.ListEntriesResponse{Entries: make([]*tokendv1.Entry, 0, len(infos))}
 	for _, i := range infos {
-		resp.Entries = append(resp.Entries, entryProto(i, now))
+		resp.Entries = append(resp.Entries, entryProto(i))
 	}
 	return resp, nil
 }
@@ -61,7 +60,7 @@ func (a *adminService) GetEntry(_ context.Context, req *tokendv1.GetEntryRequest
 	if err != nil {
 		return nil, findStatus(id, err)
 	}
-	return entryProto(i, a.s.cfg.Now()), nil
+	return entryProto(i), nil
 }
 
 func (a *adminService) EvictEntries(_ context.Context, req *tokendv1.EvictEntriesRequest) (*tokendv1.EvictEntriesResponse, error) {
@@ -102,7 +101,7 @@ func (a *adminService) RefreshEntry(ctx context.Context, req *tokendv1.RefreshEn
 	if err != nil {
 		return nil, findStatus(id, err)
 	}
-	return entryProto(i, a.s.cfg.Now()), nil
+	return entryProto(i), nil
 }
 
 func (a *adminService) GetStatus(ctx context.Context, _ *tokendv1.GetStatusRequest) (*tokendv1.Status, error) {
@@ -197,7 +196,7 @@ var entryStates = map[refresher.State]tokendv1.EntryState{
 }
 
 // entryProto describes an entry without its token.
-func entryProto(i refresher.EntryInfo, _ time.Time) *tokendv1.Entry {
+func entryProto(i refresher.EntryInfo) *tokendv1.Entry {
 	p := &tokendv1.Entry{
 		KeyId:           i.KeyID,
 		CompanyId:       i.Key.CompanyID,
