@@ -140,8 +140,10 @@ type entry struct {
 	next time.Time
 	// expiresAt mirrors tok's expiry for the expiry heap.
 	expiresAt time.Time
-	hidx      int // position in sched.actions, -1 when not queued
-	xidx      int // position in sched.expiries, -1 when not queued
+	hidx      int   // position in sched.actions, -1 when not queued
+	xidx      int   // position in sched.expiries, -1 when not queued
+	lidx      int   // position in Refresher.lru, -1 once removed
+	lruAt     int64 // lastRequested as of its place in Refresher.lru
 
 	call *call // the upstream call in flight for this entry, if any
 
@@ -160,7 +162,7 @@ type entry struct {
 }
 
 func newEntry(k Key, enc string, s *sched) *entry {
-	return &entry{key: k, enc: enc, id: cache.Key(k).ID(), sched: s, hidx: -1, xidx: -1}
+	return &entry{key: k, enc: enc, id: cache.Key(k).ID(), sched: s, hidx: -1, xidx: -1, lidx: -1}
 }
 
 func (e *entry) touch(now time.Time) { e.lastRequested.Store(now.UnixNano()) }

@@ -19,6 +19,7 @@ package refresher
 
 import (
 	"bytes"
+	"container/heap"
 	"context"
 	"crypto/subtle"
 	"errors"
@@ -45,10 +46,9 @@ const MaxLifetime = 3 * time.Hour
 // must not pause a credential for years.
 const maxRetryAfter = time.Hour
 
-// evictionSample is how many entries capacity eviction looks at to choose
-// the least recently requested one: an approximation of LRU (as Redis's)
-// that costs the same at 100 entries and at 100,000.
-const evictionSample = 64
+// maxLRUFixes bounds the work one capacity eviction does under mu to bring
+// stale places in the LRU heap up to date (see enforceCapacityLocked).
+const maxLRUFixes = 1024
 
 // Fetcher mints tokens upstream; *whop.Client is one.
 type Fetcher interface {
@@ -226,6 +226,10 @@ type Refresher struct {
 
 	imu   sync.RWMutex
 	index map[string]*entry // by encoded key; written with mu and imu held
+	// lru orders live entries by lastRequested as of their last place in
+	// it, which the hit path does not move: a place is never later than
+	// the entry's real last request, and is brought up to date lazily.
+	lru entryHeap
 
 	hits, misses, joined atomic.Uint64
 	upstreamCalls        atomic.Uint64
@@ -250,6 +254,7 @@ func New(cfg Config) (*Refresher, error) {
 		base:   base,
 		cancel: cancel,
 		index:  make(map[string]*entry),
+		lru:    entryHeap{less: func(a, b *entry) bool { return a.lruAt < b.lruAt }, idx: func(e *entry) *int { return &e.lidx }},
 	}
 	r.ups.Store(&upstreamSet{})
 	if err := r.SetCredentials(cfg.Credentials); err != nil {
@@ -504,6 +509,8 @@ func (r *Refresher) insertLocked(k Key, enc string, s *sched) *entry {
 	r.imu.Lock()
 	r.index[enc] = e
 	r.imu.Unlock()
+	e.lruAt = e.lastRequested.Load()
+	heap.Push(&r.lru, e)
 	s.entries++
 	r.counts[e.state]++
 	return e
@@ -520,6 +527,9 @@ func (r *Refresher) removeLocked(e *entry) []*Watcher {
 	r.imu.Lock()
 	delete(r.index, e.enc)
 	r.imu.Unlock()
+	if e.lidx >= 0 {
+		heap.Remove(&r.lru, e.lidx)
+	}
 	r.unscheduleLocked(e)
 	r.trackExpiryLocked(e, r.clock.Now())
 	r.counts[e.state]--
@@ -529,29 +539,29 @@ func (r *Refresher) removeLocked(e *entry) []*Watcher {
 	return r.watchersLocked(e)
 }
 
-// enforceCapacityLocked evicts one least recently requested entry, among a
-// random sample, while the cache holds more than MaxEntries; keep is spared.
+// enforceCapacityLocked evicts least recently requested entries while the
+// cache holds more than MaxEntries; keep is spared. The LRU heap's top is
+// the victim once its place matches its real last request: every place is
+// at most the real time, so no other entry was requested earlier. A top
+// hit since it was placed moves down instead; at most maxLRUFixes moves are
+// made per eviction, each paid for by a hit, so a burst of hits cannot hold
+// mu for long (past that bound the top is taken as it is).
 // It returns the evicted entries' watchers and how many entries it evicted.
 func (r *Refresher) enforceCapacityLocked(keep *entry) (gone []*Watcher, evicted int) {
-	for len(r.index) > r.cfg.MaxEntries {
-		var victim *entry
-		var oldest int64
-		n := 0
-		for _, e := range r.index { // map order is random: a sample
-			if e == keep {
-				continue
-			}
-			if at := e.lastRequested.Load(); victim == nil || at < oldest {
-				victim, oldest = e, at
-			}
-			if n++; n == evictionSample {
-				break
-			}
+	if keep != nil && keep.lidx >= 0 {
+		heap.Remove(&r.lru, keep.lidx)
+		defer heap.Push(&r.lru, keep)
+	}
+	fixes := 0
+	for len(r.index) > r.cfg.MaxEntries && r.lru.Len() > 0 {
+		top := r.lru.es[0]
+		if at := top.lastRequested.Load(); at != top.lruAt && fixes < maxLRUFixes {
+			top.lruAt = at
+			heap.Fix(&r.lru, 0)
+			fixes++
+			continue
 		}
-		if victim == nil {
-			break
-		}
-		gone = append(gone, r.removeLocked(victim)...)
+		gone = append(gone, r.removeLocked(top)...)
 		r.evicted.Add(1)
 		evicted++
 	}

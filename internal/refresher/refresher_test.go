@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -832,6 +833,46 @@ func TestCapacityEvictsLeastRecentlyRequested(t *testing.T) {
 	}
 }
 
+// TestCapacityEvictionIsExact: with more entries than any sample would
+// look at, and hits reordering them after they were placed, each eviction
+// still takes the one least recently requested.
+func TestCapacityEvictionIsExact(t *testing.T) {
+	const n = 300
+	g := newRig(t, func(_ *rig, c *Config) { c.MaxEntries = n; c.Rate = 1e6 })
+	keys := make([]Key, n)
+	for i := range keys {
+		keys[i] = NewKey("default", fmt.Sprintf("biz_%03d", i), "", nil)
+		g.mustGet(keys[i])
+		g.advance(time.Millisecond)
+	}
+	// Request all again but keys[victim], in a shuffled order: the hits
+	// leave every place in the LRU heap stale.
+	const victim = 217
+	order := rand.New(rand.NewPCG(1, 2)).Perm(n)
+	for _, i := range order {
+		if i != victim {
+			g.mustGet(keys[i])
+			g.advance(time.Millisecond)
+		}
+	}
+	evictedNext := []int{victim}
+	for _, i := range order[:3] {
+		if i != victim {
+			evictedNext = append(evictedNext, i)
+		}
+	}
+	for round, want := range evictedNext {
+		g.mustGet(NewKey("default", fmt.Sprintf("biz_new%d", round), "", nil))
+		g.advance(time.Millisecond)
+		if _, err := g.r.Find(keys[want].ID()); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("round %d: %s not evicted (Find: %v)", round, keys[want].Subject(), err)
+		}
+		if got := g.r.Status(); got.Entries != n || got.EvictedOverCapacity != uint64(round+1) {
+			t.Fatalf("round %d: %d entries, %d evicted; want %d and %d", round, got.Entries, got.EvictedOverCapacity, n, round+1)
+		}
+	}
+}
+
 func TestIdleEntryIsDropped(t *testing.T) {
 	g := newRig(t, nil)
 	g.mustGet(key)
@@ -961,8 +1002,7 @@ func TestEntryRemovedDuringMiss(t *testing.T) {
 			mod:  func(_ *rig, c *Config) { c.MaxEntries = 2 },
 			remove: func(t *testing.T, g *rig) {
 				// Two newer keys: the in-flight entry is the least
-				// recently requested, and with this few entries the
-				// sample is all of them.
+				// recently requested.
 				g.advance(time.Second)
 				g.mustGet(NewKey("default", "biz_newer1", "", nil))
 				g.advance(time.Second)
