@@ -43,10 +43,14 @@ type Request struct {
 	ExpiresAt time.Time
 }
 
-// AccessToken is a minted token and the instant Whop says it stops working.
+// AccessToken is a minted token and the instant Whop says it stops working,
+// on Whop's clock.
 type AccessToken struct {
 	Token     string
 	ExpiresAt time.Time
+	// ServerDate is the response's Date header, zero if none: with it a
+	// caller can tell how far its clock is from Whop's.
+	ServerDate time.Time
 }
 
 // Config configures a Client; zero values mean the documented defaults.
@@ -66,6 +70,9 @@ type Config struct {
 	UserAgent string
 	// FingerprintSalt keys KeyFingerprint; may be nil.
 	FingerprintSalt []byte
+	// APIVersionDate, when set, is sent as Api-Version-Date (YYYY-MM-DD),
+	// which pins the API's behaviour as Whop's SDKs do; empty sends none.
+	APIVersionDate string
 }
 
 // Client calls Whop. It is safe for concurrent use, including SetAPIKey

@@ -19,8 +19,16 @@ type Error struct {
 	// one; Message falls back to the HTTP status text, or says what was
 	// wrong with a 2xx body.
 	Type, Message, Code, Param string
-	// RetryAfter is the upstream's Retry-After hint, 0 if absent or invalid.
-	RetryAfter time.Duration
+	// RetryAfter is the upstream's wait hint, 0 if absent or invalid: the
+	// retry-after-ms header if present, else Retry-After (seconds, possibly
+	// fractional, or an HTTP-date). RetryAfterFrom names the header used.
+	RetryAfter     time.Duration
+	RetryAfterFrom string
+	// ShouldRetry is Whop's x-should-retry header, which overrides the
+	// status either way (as Whop's SDKs honour it); nil when absent.
+	ShouldRetry *bool
+	// ServerDate is the response's Date header, zero if none arrived.
+	ServerDate time.Time
 	// Err is the underlying cause for network and decoding errors.
 	Err error
 }
@@ -64,15 +72,19 @@ func (e *Error) Error() string {
 func (e *Error) Unwrap() error { return e.Err }
 
 // Retryable reports whether the same request may succeed later: transport
-// failures, timeouts, throttling and upstream faults (5xx, or a 2xx we could
-// not use) are; client errors such as a bad key or a forbidden scope are not.
+// failures, timeouts, throttling, conflicts and upstream faults (5xx, or a
+// 2xx we could not use) are, as in Whop's SDKs; client errors such as a bad
+// key or a forbidden scope are not. x-should-retry overrides the status.
 func (e *Error) Retryable() bool {
+	if e.ShouldRetry != nil {
+		return *e.ShouldRetry
+	}
 	switch c := e.StatusCode; {
 	case c == 0:
 		return true
 	case c >= 200 && c < 300:
 		return true
-	case c == http.StatusRequestTimeout, c == http.StatusTooManyRequests:
+	case c == http.StatusRequestTimeout, c == http.StatusConflict, c == http.StatusTooManyRequests:
 		return true
 	case c >= 500:
 		return true
@@ -96,6 +108,13 @@ func IsRetryable(err error) bool {
 		return e.Retryable()
 	}
 	return true
+}
+
+// ExpiresAtRefused reports a 400 about expires_at: Whop judged the asked
+// lifetime out of range by its own clock.
+func (e *Error) ExpiresAtRefused() bool {
+	return e.StatusCode == http.StatusBadRequest &&
+		(e.Param == "expires_at" || strings.Contains(e.Message, "expires_at"))
 }
 
 // RetryAfterOf returns the upstream's Retry-After hint carried by err, or 0.
