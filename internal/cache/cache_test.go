@@ -239,7 +239,7 @@ func fullRecord() Record {
 		Hits:          1 << 40,
 		Refreshes:     7,
 		Failures:      3,
-		LastError:     &RecordError{At: t0.Add(-time.Minute), Status: 503, Message: "upstream unavailable", Retryable: true},
+		LastError:     &RecordError{At: t0.Add(-time.Minute), Status: 503, Message: "upstream unavailable", Type: "service_unavailable", Code: "upstream_down", Param: "company_id", Retryable: true},
 	}
 }
 

@@ -35,10 +35,11 @@ type Record struct {
 // RecordError is the last upstream failure kept with a record. Message is
 // Whop's message or a network error, never a secret.
 type RecordError struct {
-	At        time.Time
-	Status    int
-	Message   string
-	Retryable bool
+	At                time.Time
+	Status            int
+	Message           string
+	Type, Code, Param string
+	Retryable         bool
 }
 
 func unixNano(t time.Time) int64 {
@@ -79,6 +80,7 @@ func encodeRecord(enc []byte, r *Record, aead cipher.AEAD) ([]byte, error) {
 		p.LastErrorStatus = int32(le.Status)
 		p.LastErrorMessage = le.Message
 		p.LastErrorRetryable = le.Retryable
+		p.LastErrorType, p.LastErrorCode, p.LastErrorParam = le.Type, le.Code, le.Param
 	}
 	if aead != nil {
 		nonce := make([]byte, aead.NonceSize(), aead.NonceSize()+len(r.Token)+aead.Overhead())
@@ -144,6 +146,9 @@ func decodeRecord(k, v []byte, aead cipher.AEAD) (r Record, sealed bool, err err
 			Status:    int(p.LastErrorStatus),
 			Message:   p.LastErrorMessage,
 			Retryable: p.LastErrorRetryable,
+			Type:      p.LastErrorType,
+			Code:      p.LastErrorCode,
+			Param:     p.LastErrorParam,
 		}
 	}
 	return r, sealed, nil

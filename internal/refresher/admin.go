@@ -196,6 +196,7 @@ func (r *Refresher) Refresh(ctx context.Context, prefix string) (EntryInfo, erro
 	if c == nil {
 		c = r.startCallLocked(e, want{lifetime: r.cfg.Lifetime, cause: "admin"}, r.clock.Now())
 	}
+	c.joinLocked(ctx)
 	r.mu.Unlock()
 	select {
 	case <-c.done:

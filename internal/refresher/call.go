@@ -1,8 +1,10 @@
 package refresher
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"time"
 
 	"github.com/tokend/tokend/internal/whop"
@@ -25,6 +27,13 @@ type call struct {
 	done chan struct{}
 	tok  *Token
 	err  error
+
+	// Guarded by Refresher.mu. A call with waiters retries within itself
+	// until the last of their deadlines (none: unbounded); a scheduled
+	// refresh nobody waits for does not, its schedule's backoff does.
+	waiters   int
+	deadline  time.Time
+	unbounded bool
 }
 
 // startCallLocked attaches a new call to e and starts it.
@@ -34,6 +43,30 @@ func (r *Refresher) startCallLocked(e *entry, w want, now time.Time) *call {
 	r.settleLocked(e, now)
 	go r.runCall(c)
 	return c
+}
+
+// joinLocked counts a caller waiting on c until ctx ends.
+func (c *call) joinLocked(ctx context.Context) {
+	c.waiters++
+	if dl, ok := ctx.Deadline(); !ok {
+		c.unbounded = true
+	} else if dl.After(c.deadline) {
+		c.deadline = dl
+	}
+}
+
+// budget is how long c may still spend on retries; ok is false when nobody
+// waits for it.
+func (r *Refresher) budget(c *call) (left time.Duration, ok bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch {
+	case c.waiters == 0:
+		return 0, false
+	case c.unbounded:
+		return time.Duration(1<<63 - 1), true
+	}
+	return time.Until(c.deadline), true
 }
 
 // outcome is how a call ended.
@@ -46,54 +79,164 @@ type outcome struct {
 	notTried bool
 }
 
-// runCall makes c's upstream call and records its outcome.
+// In-call retries follow Whop's SDKs: two more attempts, waiting 0.5 s
+// doubling up to 8 s, less up to a quarter at random, unless Whop says how
+// long (a hint of up to a minute; a longer one is the gate's pause).
+const (
+	retryBase    = 500 * time.Millisecond
+	retryCap     = 8 * time.Second
+	maxRetryHint = time.Minute
+)
+
+// lifetimeMargin keeps the lifetime asked under Whop's maximum as Whop's
+// clock sees it: a request that takes a while, or a Whop clock a little
+// ahead, would otherwise turn --token-lifetime 3h into a 400.
+const lifetimeMargin = time.Minute
+
+// runCall makes c's upstream call, retrying as the SDKs do while a waiter
+// still waits, and records the outcome.
 func (r *Refresher) runCall(c *call) {
 	up := c.e.sched.up
-	k := c.e.key
 	fp := up.Fetcher.KeyFingerprint()
-	if up.gate.isRejected(fp) {
+	ok, probe := up.gate.admit(fp)
+	if !ok {
 		r.finish(c, outcome{err: ErrKeyRejected, fp: fp, notTried: true})
 		return
 	}
+	lifetime := min(c.want.lifetime, MaxLifetime-lifetimeMargin)
+	var o outcome
+	status := 0
+	for attempt := 0; ; attempt++ {
+		var tried bool
+		o, status, tried = r.attempt(c, up, fp, lifetime, attempt)
+		if !tried || o.err == nil || r.base.Err() != nil {
+			break
+		}
+		var we *whop.Error
+		if errors.As(o.err, &we) && we.ExpiresAtRefused() && lifetime != 0 {
+			// Whop's clock judged the lifetime too long: take its default
+			// rather than fail the key.
+			r.log.Warn("Whop refused the token lifetime asked; asking for its default (1h) instead", "credential", up.Name, "lifetime", lifetime, "err", we.Message, "clock_skew", up.skew().Round(time.Millisecond))
+			lifetime = 0
+			attempt--
+			continue
+		}
+		if attempt >= r.cfg.InCallRetries || !whop.IsRetryable(o.err) || status == 401 {
+			break
+		}
+		wait := retryWait(we, attempt)
+		if until, _ := up.gate.paused(); until.After(r.clock.Now()) {
+			wait = max(wait, until.Sub(r.clock.Now()))
+		}
+		if left, ok := r.budget(c); !ok || wait >= left {
+			break
+		}
+		t := r.clock.NewTimer(wait)
+		select {
+		case <-t.C():
+		case <-r.base.Done():
+			t.Stop()
+		}
+	}
+	if probe {
+		up.gate.probed(fp, status)
+	}
+	r.finish(c, o)
+}
+
+// retryWait is the wait before in-call retry attempt+1: Whop's hint when it
+// gave a short one, else the SDKs' jittered exponential backoff.
+func retryWait(we *whop.Error, attempt int) time.Duration {
+	if we != nil && we.RetryAfter > 0 && we.RetryAfter <= maxRetryHint {
+		return we.RetryAfter
+	}
+	d := min(retryBase<<attempt, retryCap)
+	return d - time.Duration(rand.Int64N(int64(d)/4+1))
+}
+
+// attempt makes one request through the gate. tried is false when no
+// request was made (tokend is stopping, or the waiters' deadlines would
+// pass before a pause ends); status is Whop's HTTP status, 0 for none.
+func (r *Refresher) attempt(c *call, up *upstream, fp []byte, lifetime time.Duration, n int) (o outcome, status int, tried bool) {
+	k := c.e.key
+	ctx := r.base
+	if n == 0 {
+		// A first call held by a 429 pause that outlasts every waiter
+		// fails now, saying why, instead of at the waiters' deadlines.
+		if until, why := up.gate.paused(); until.After(r.clock.Now()) {
+			if left, ok := r.budget(c); ok && left < until.Sub(r.clock.Now()) {
+				return outcome{err: &PausedError{Credential: up.Name, Until: until, Why: why}, fp: fp, notTried: true}, 0, false
+			}
+		}
+	} else if left, ok := r.budget(c); ok && left < time.Duration(1<<63-1) {
+		// Retries wait for the limiter only within the waiters' time.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, left)
+		defer cancel()
+	}
 	waitStart := time.Now()
-	release, err := up.gate.acquire(r.base)
+	release, err := up.gate.acquire(ctx)
 	if err != nil {
-		r.finish(c, outcome{err: fmt.Errorf("waiting for the upstream limiter: %w", err), fp: fp, notTried: true})
-		return
+		return outcome{err: fmt.Errorf("waiting for the upstream limiter: %w", err), fp: fp, notTried: true}, 0, false
 	}
 	if waited := time.Since(waitStart); waited > time.Millisecond && r.cfg.Observer != nil {
 		r.cfg.Observer.LimiterWait(waited)
 	}
 	start := r.clock.Now()
+	skew := up.skew()
 	r.upstreamCalls.Add(1)
 	up.calls.Add(1)
 	callStart := time.Now()
-	req := whop.Request{CompanyID: k.CompanyID, UserID: k.UserID, ScopedActions: k.Scopes, ExpiresAt: start.Add(c.want.lifetime)}
+	req := whop.Request{CompanyID: k.CompanyID, UserID: k.UserID, ScopedActions: k.Scopes}
+	if lifetime > 0 {
+		// On Whop's clock, so that Whop grants exactly the lifetime asked.
+		req.ExpiresAt = start.Add(skew + lifetime)
+	}
 	if up.OAuthUser {
 		req.CompanyID, req.UserID = "", "" // the token names its user
 	}
 	at, err := up.Fetcher.CreateAccessToken(r.base, req)
 	release()
+	end := r.clock.Now()
 	stopping := err != nil && r.base.Err() != nil
+	var we *whop.Error
+	switch {
+	case err == nil:
+		status = 200
+		up.observeDate(at.ServerDate, start, end, r.log)
+	case errors.As(err, &we):
+		status = we.StatusCode
+		up.observeDate(we.ServerDate, start, end, r.log)
+		r.upstreamRefused(up, we, fp)
+	}
 	if o := r.cfg.Observer; o != nil && !stopping {
-		st := 200
-		var we *whop.Error
-		if errors.As(err, &we) {
-			st = we.StatusCode
-		} else if err != nil {
-			st = 0
-		}
-		o.Upstream(st, time.Since(callStart))
+		o.Upstream(status, time.Since(callStart))
 		o.Minted(c.want.cause, err == nil)
 	}
 	switch {
 	case stopping:
-		r.finish(c, outcome{err: err, fp: fp, notTried: true})
+		return outcome{err: err, fp: fp, notTried: true}, status, false
 	case err != nil:
-		up.errors.Add(1)
-		r.finish(c, outcome{err: err, fp: fp})
-	default:
-		r.finish(c, outcome{tok: &Token{Value: at.Token, ExpiresAt: at.ExpiresAt, ObtainedAt: start, Fingerprint: fp}, fp: fp})
+		return outcome{err: err, fp: fp}, status, true
+	}
+	// Judged on this host's clock: Whop's expiry less the skew measured.
+	exp := at.ExpiresAt.Add(-up.skew())
+	return outcome{tok: &Token{Value: at.Token, ExpiresAt: exp, ObtainedAt: start, Fingerprint: fp}, fp: fp}, status, true
+}
+
+// upstreamRefused applies what an error answer says about the credential
+// as soon as it arrives, before any waiter hears of it or a retry is made:
+// a 429 pauses every call of the credential, a 401 locks its key out.
+func (r *Refresher) upstreamRefused(up *upstream, we *whop.Error, fp []byte) {
+	switch we.StatusCode {
+	case 429:
+		d, why := we.RetryAfter, we.RetryAfterFrom+" header"
+		if d <= 0 {
+			d, why = r.cfg.RateLimitCooldown, "default cooldown (no Retry-After)"
+		}
+		up.gate.pause(min(d, maxRetryAfter), why)
+	case 401:
+		up.gate.rejectKey(fp)
 	}
 }
 
@@ -111,14 +254,8 @@ func (r *Refresher) finish(c *call, o outcome) {
 		info = errorInfo(now, o.err)
 		r.upstreamErrors.Add(1)
 		r.lastError.Store(&info)
-		// Before any waiter is answered: a caller that got the 401 or the
-		// 429 and asks again at once must find the gate closed.
-		if errors.As(o.err, &we) && we.StatusCode == 429 && we.RetryAfter > 0 {
-			up.gate.pause(min(we.RetryAfter, maxRetryAfter))
-		}
-		if rejected = errors.As(o.err, &we) && we.StatusCode == 401; rejected {
-			up.gate.rejectKey(o.fp)
-		}
+		// The gate was closed by upstreamRefused, before this.
+		rejected = errors.As(o.err, &we) && we.StatusCode == 401
 	}
 	var notify []*Watcher
 	var retryIn time.Duration
@@ -144,7 +281,8 @@ func (r *Refresher) finish(c *call, o outcome) {
 	notifyAll(notify)
 	if o.err != nil && !o.notTried {
 		if rejected {
-			r.log.Error("Whop rejected a credential (401); no upstream call with it until it is reloaded or tokend restarts", "credential", up.Name, "err", info.Message)
+			_, probeAt := up.gate.rejection(o.fp)
+			r.log.Error("Whop rejected a credential (401); no upstream call with it until its key file changes, a reload, or the next probe", "credential", up.Name, "next_probe", probeAt.Format(time.RFC3339), "err", info.Message)
 		}
 		r.log.Warn("upstream refresh failed", "key", e.id, "subject", e.key.Subject(), "status", info.Status, "retryable", info.Retryable, "retry_in", retryIn.Round(time.Millisecond), "err", info.Message)
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sort"
 	"sync/atomic"
 	"time"
@@ -25,6 +26,43 @@ type upstream struct {
 	gate          *gate
 	sched         *sched
 	calls, errors atomic.Uint64
+	// skewNanos is Whop's clock minus ours, as last measured from a Date
+	// header; skewAt is when, in Unix nanoseconds (0: never).
+	skewNanos, skewAt atomic.Int64
+}
+
+// skewTolerance is the clock skew below which no correction is made: the
+// Date header has whole seconds, so a smaller measure is mostly noise, and
+// the lifetime and expiry margins absorb it.
+const skewTolerance = 2 * time.Second
+
+// SkewWarning is the skew to Whop's clock past which status warns.
+const SkewWarning = 5 * time.Second
+
+// skew is the correction to apply to our clock to get Whop's: the measured
+// skew when it is past skewTolerance, else 0.
+func (u *upstream) skew() time.Duration {
+	d := time.Duration(u.skewNanos.Load())
+	if d.Abs() <= skewTolerance {
+		return 0
+	}
+	return d
+}
+
+// observeDate measures the skew from a response's Date header, sent some
+// time between start and end: Whop's clock read date plus up to a second
+// when our clock read the midpoint.
+func (u *upstream) observeDate(date, start, end time.Time, log *slog.Logger) {
+	if date.IsZero() {
+		return
+	}
+	mid := start.Add(end.Sub(start) / 2)
+	d := date.Add(500 * time.Millisecond).Sub(mid)
+	old := time.Duration(u.skewNanos.Swap(int64(d)))
+	u.skewAt.Store(end.UnixNano())
+	if d.Abs() > SkewWarning && old.Abs() <= SkewWarning {
+		log.Warn("this host's clock is off from Whop's; tokend asks for and judges token lifetimes on Whop's clock", "credential", u.Name, "skew", d.Round(time.Millisecond))
+	}
 }
 
 // ErrUnknownCredential is returned for a key whose credential is not (or
@@ -62,7 +100,7 @@ func (r *Refresher) SetCredentials(creds []Credential) error {
 			next[c.Name] = u
 			continue
 		}
-		u := &upstream{Credential: c, gate: newGate(r.clock, r.cfg.MaxInFlight, r.cfg.Rate, r.cfg.Burst)}
+		u := &upstream{Credential: c, gate: newGate(r.clock, r.cfg.MaxInFlight, r.cfg.Rate, r.cfg.Burst, r.cfg.KeyProbeInterval, r.cfg.KeyProbeMax)}
 		u.sched = newSched(u, r.cfg.Workers)
 		next[c.Name] = u
 	}
@@ -106,11 +144,21 @@ func (r *Refresher) IsOAuthUser(name string) (oauth, ok bool) {
 
 // CredentialStats describe one credential's health.
 type CredentialStats struct {
-	Name          string
-	OAuthUser     bool
-	Fingerprint   []byte
-	Rejected      bool
-	PausedUntil   time.Time
+	Name        string
+	OAuthUser   bool
+	Fingerprint []byte
+	// Rejected: Whop answered 401 to the current secret; it is probed
+	// again at NextProbe.
+	Rejected  bool
+	NextProbe time.Time
+	// PausedUntil holds every call after a 429; PauseReason names the hint
+	// that set it (a header, or the default cooldown).
+	PausedUntil time.Time
+	PauseReason string
+	// ClockSkew is Whop's clock minus this host's, measured at SkewAt from
+	// a Date header (zero SkewAt: never measured).
+	ClockSkew     time.Duration
+	SkewAt        time.Time
 	InFlight      int
 	Calls, Errors uint64
 	Entries       int
@@ -125,9 +173,14 @@ func (r *Refresher) credentialStatsLocked(u *upstream) CredentialStats {
 	fp := u.Fetcher.KeyFingerprint()
 	c := CredentialStats{
 		Name: u.Name, OAuthUser: u.OAuthUser, Fingerprint: fp,
-		Rejected: u.gate.isRejected(fp), PausedUntil: u.gate.pausedTill(), InFlight: u.gate.inFlight(),
-		Calls: u.calls.Load(), Errors: u.errors.Load(), Entries: u.sched.entries,
+		InFlight: u.gate.inFlight(),
+		Calls:    u.calls.Load(), Errors: u.errors.Load(), Entries: u.sched.entries,
 		EarliestExpiry: u.sched.earliestExpiryLocked(),
+	}
+	c.Rejected, c.NextProbe = u.gate.rejection(fp)
+	c.PausedUntil, c.PauseReason = u.gate.paused()
+	if at := u.skewAt.Load(); at != 0 {
+		c.ClockSkew, c.SkewAt = time.Duration(u.skewNanos.Load()), time.Unix(0, at)
 	}
 	if x, ok := u.Fetcher.(interface{ SecretExpiresAt() time.Time }); ok {
 		c.SecretExpiresAt = x.SecretExpiresAt()

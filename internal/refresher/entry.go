@@ -102,10 +102,12 @@ func (s State) String() string {
 // ErrorInfo is the last upstream failure of an entry. Message is Whop's
 // message or a network error, never a secret.
 type ErrorInfo struct {
-	At        time.Time
-	Status    int
-	Message   string
-	Retryable bool
+	At      time.Time
+	Status  int
+	Message string
+	// Type, Code and Param are Whop's, when its answer had them.
+	Type, Code, Param string
+	Retryable         bool
 }
 
 // failure says what kind of failure an entry last had.
@@ -192,7 +194,7 @@ func (e *entry) record() cache.Record {
 		r.NextRefresh = e.next
 	}
 	if le := e.lastErr; le != nil {
-		r.LastError = &cache.RecordError{At: le.At, Status: le.Status, Message: le.Message, Retryable: le.Retryable}
+		r.LastError = &cache.RecordError{At: le.At, Status: le.Status, Message: le.Message, Type: le.Type, Code: le.Code, Param: le.Param, Retryable: le.Retryable}
 	}
 	return r
 }

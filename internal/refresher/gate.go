@@ -19,19 +19,28 @@ type gate struct {
 	slots chan struct{}
 	rate  *rate.Limiter
 
+	probeMin, probeMax time.Duration
+
 	mu          sync.Mutex
 	pausedUntil time.Time
-	// rejected is the fingerprint of a key Whop answered 401 to. No call is
-	// made with that key again: it would only fail, and hammering Whop with
-	// a revoked key helps nobody.
+	pauseWhy    string // which hint set pausedUntil
+	// rejected is the fingerprint of a key Whop answered 401 to. Calls
+	// with it are refused until probeAt, when one call (the probe) may try
+	// it again: hammering Whop with a revoked key helps nobody, but a key
+	// re-enabled at Whop, or a 401 that was Whop's mistake, heals itself.
 	rejected []byte
+	probeAt  time.Time
+	probeGap time.Duration // the wait before the next probe after a 401
+	probing  bool
 }
 
-func newGate(c clock.Clock, inFlight int, r rate.Limit, burst int) *gate {
+func newGate(c clock.Clock, inFlight int, r rate.Limit, burst int, probeMin, probeMax time.Duration) *gate {
 	return &gate{
-		clock: c,
-		slots: make(chan struct{}, inFlight),
-		rate:  rate.NewLimiter(r, burst),
+		clock:    c,
+		slots:    make(chan struct{}, inFlight),
+		rate:     rate.NewLimiter(r, burst),
+		probeMin: probeMin,
+		probeMax: max(probeMin, probeMax),
 	}
 }
 
@@ -67,34 +76,89 @@ func (g *gate) acquire(ctx context.Context) (release func(), err error) {
 	}
 }
 
-// pause holds every upstream call until d has passed.
-func (g *gate) pause(d time.Duration) {
+// pause holds every upstream call until d has passed; why names the hint.
+func (g *gate) pause(d time.Duration, why string) {
 	until := g.clock.Now().Add(d)
 	g.mu.Lock()
 	if until.After(g.pausedUntil) {
-		g.pausedUntil = until
+		g.pausedUntil, g.pauseWhy = until, why
 	}
 	g.mu.Unlock()
 }
 
 func (g *gate) inFlight() int { return len(g.slots) }
 
-func (g *gate) pausedTill() time.Time {
+// paused returns until when calls are held, and why.
+func (g *gate) paused() (until time.Time, why string) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return g.pausedUntil
+	return g.pausedUntil, g.pauseWhy
 }
 
-// rejectKey marks the key with fingerprint fp as refused by Whop.
+// rejectKey marks the key with fingerprint fp as refused by Whop, and
+// schedules the next probe with a doubling gap; nil forgets a rejection.
 func (g *gate) rejectKey(fp []byte) {
 	g.mu.Lock()
-	g.rejected = fp
-	g.mu.Unlock()
+	defer g.mu.Unlock()
+	if fp == nil {
+		g.rejected, g.probeAt, g.probeGap, g.probing = nil, time.Time{}, 0, false
+		return
+	}
+	if !bytes.Equal(g.rejected, fp) {
+		g.probeGap = 0
+	}
+	g.probeGap = min(max(2*g.probeGap, g.probeMin), g.probeMax)
+	g.rejected, g.probing = fp, false
+	g.probeAt = g.clock.Now().Add(g.probeGap)
 }
 
-// isRejected reports whether fp is the key Whop refused.
-func (g *gate) isRejected(fp []byte) bool {
+// admit reports whether a call with fp may go upstream: always for a key
+// Whop has not refused, and for a refused one only as the one probe once
+// its wait is over. probe is true for that call, which must report with
+// probed.
+func (g *gate) admit(fp []byte) (ok, probe bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return g.rejected != nil && bytes.Equal(g.rejected, fp)
+	switch {
+	case g.rejected == nil || !bytes.Equal(g.rejected, fp):
+		return true, false
+	case g.probing || g.clock.Now().Before(g.probeAt):
+		return false, false
+	}
+	g.probing = true
+	return true, true
+}
+
+// probed ends a probe: a 401 rejects the key again for a longer gap; an
+// answer that says nothing of the key (a network error, 429, 5xx) keeps
+// the gap; any other answer means Whop took the key.
+func (g *gate) probed(fp []byte, status int) {
+	switch {
+	case status == 401:
+		g.rejectKey(fp)
+	case status == 0 || status == 429 || status >= 500:
+		g.mu.Lock()
+		if bytes.Equal(g.rejected, fp) {
+			g.probing = false
+			g.probeAt = g.clock.Now().Add(g.probeGap)
+		}
+		g.mu.Unlock()
+	default:
+		g.mu.Lock()
+		if bytes.Equal(g.rejected, fp) {
+			g.rejected, g.probeAt, g.probeGap, g.probing = nil, time.Time{}, 0, false
+		}
+		g.mu.Unlock()
+	}
+}
+
+// rejection reports whether fp is the key Whop refused, and when it will
+// be probed.
+func (g *gate) rejection(fp []byte) (rejected bool, probeAt time.Time) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.rejected == nil || !bytes.Equal(g.rejected, fp) {
+		return false, time.Time{}
+	}
+	return true, g.probeAt
 }

@@ -80,9 +80,16 @@ const (
 	DefaultExpiryMargin  = time.Second
 	DefaultRestartSpread = time.Minute
 	DefaultMaxInFlight   = 4
-	DefaultRate          = 10
-	DefaultBurst         = 20
-	DefaultMaxEntries    = 100_000
+	// DefaultRate and DefaultBurst never exceed, in any 10 s window, the
+	// only limit Whop publishes (20 requests per 10 s, for API v5; v1's
+	// limit is unpublished): 5 at once plus 1.5/s makes 20.
+	DefaultRate              = 1.5
+	DefaultBurst             = 5
+	DefaultMaxEntries        = 100_000
+	DefaultRateLimitCooldown = time.Minute // Whop's documented cooldown
+	DefaultInCallRetries     = 2           // as Whop's SDKs
+	DefaultKeyProbeInterval  = time.Minute
+	DefaultKeyProbeMax       = 30 * time.Minute
 )
 
 // Config configures New. Zero values mean the defaults above.
@@ -122,6 +129,15 @@ type Config struct {
 	// Workers is how many scheduled refreshes of one credential run at
 	// once. Default MaxInFlight.
 	Workers int
+	// RateLimitCooldown pauses a credential after a 429 that gives no
+	// Retry-After or retry-after-ms.
+	RateLimitCooldown time.Duration
+	// InCallRetries is how many times a call someone waits for is retried
+	// within itself, inside the waiters' deadlines. Negative means none.
+	InCallRetries int
+	// KeyProbeInterval is the first wait before a secret Whop answered 401
+	// to is tried again; it doubles up to KeyProbeMax.
+	KeyProbeInterval, KeyProbeMax time.Duration
 	// MaxEntries bounds the cache; a new key beyond it evicts a least
 	// recently requested entry.
 	MaxEntries int
@@ -182,6 +198,15 @@ func (c *Config) setDefaults() error {
 	setDefault(&c.Burst, DefaultBurst)
 	setDefault(&c.Workers, c.MaxInFlight)
 	setDefault(&c.MaxEntries, DefaultMaxEntries)
+	setDefault(&c.RateLimitCooldown, DefaultRateLimitCooldown)
+	setDefault(&c.KeyProbeInterval, DefaultKeyProbeInterval)
+	setDefault(&c.KeyProbeMax, DefaultKeyProbeMax)
+	switch {
+	case c.InCallRetries == 0:
+		c.InCallRetries = DefaultInCallRetries
+	case c.InCallRetries < 0:
+		c.InCallRetries = 0
+	}
 	return nil
 }
 
@@ -300,7 +325,7 @@ func (r *Refresher) load(recs []cache.Record) {
 		e.hits.Store(rec.Hits)
 		e.refreshes, e.failures = rec.Refreshes, rec.Failures
 		if le := rec.LastError; le != nil {
-			e.lastErr = &ErrorInfo{At: le.At, Status: le.Status, Message: le.Message, Retryable: le.Retryable}
+			e.lastErr = &ErrorInfo{At: le.At, Status: le.Status, Message: le.Message, Type: le.Type, Code: le.Code, Param: le.Param, Retryable: le.Retryable}
 		}
 		due := rec.NextRefresh
 		if due.IsZero() {
@@ -376,10 +401,22 @@ var (
 	ErrMissRateLimited = errors.New("too many cache misses from this caller; retry later")
 	// ErrKeyRejected is returned without an upstream call while Whop's last
 	// answer to the credential's current secret was 401.
-	ErrKeyRejected = &whop.Error{StatusCode: 401, Type: "unauthorized", Message: "Whop rejected this credential earlier; no call is made with it again until it is reloaded (systemctl reload tokend) or tokend restarts"}
+	ErrKeyRejected = &whop.Error{StatusCode: 401, Type: "unauthorized", Message: "Whop rejected this credential earlier; tokend tries it again when its key file changes, on reload (systemctl reload tokend), and by itself with a growing backoff (--key-probe-interval)"}
 	// ErrEvicted: the entry is gone; asking again makes a new one.
 	ErrEvicted = errors.New("entry was evicted")
 )
+
+// PausedError is returned without an upstream call when Whop rate-limited
+// the credential and the pause outlasts every waiter's deadline.
+type PausedError struct {
+	Credential string
+	Until      time.Time
+	Why        string // the hint that set the pause
+}
+
+func (e *PausedError) Error() string {
+	return fmt.Sprintf("Whop rate-limited credential %q (429); its calls are paused until %s (%s)", e.Credential, e.Until.UTC().Format(time.RFC3339), e.Why)
+}
 
 // Get returns a token for k valid for at least o.MinTTL. A hit is a
 // read-locked map lookup and an atomic load, and allocates nothing. A miss
@@ -474,6 +511,7 @@ func (r *Refresher) miss(ctx context.Context, k Key, enc string, up *upstream, o
 			}
 			c = r.startCallLocked(e, w, now)
 		}
+		c.joinLocked(ctx)
 		e.touch(now)
 		r.mu.Unlock()
 		if evicted > 0 {
@@ -684,6 +722,7 @@ func errorInfo(now time.Time, err error) ErrorInfo {
 	var we *whop.Error
 	if errors.As(err, &we) {
 		info.Status = we.StatusCode
+		info.Type, info.Code, info.Param = we.Type, we.Code, we.Param
 		if we.Message != "" {
 			info.Message = we.Message
 		}
@@ -722,7 +761,7 @@ func (r *Refresher) act(e *entry) {
 		r.scheduleLocked(e, t.ExpiresAt)
 		r.store.Put(e.enc, e.record())
 	default:
-		if until := e.sched.up.gate.pausedTill(); until.After(now) {
+		if until, _ := e.sched.up.gate.paused(); until.After(now) {
 			// Its credential is paused after a 429: come back then
 			// rather than hold a worker.
 			r.scheduleLocked(e, until)

@@ -67,7 +67,9 @@ func newRig(t *testing.T, mod func(*rig, *Config)) *rig {
 		t.Fatal(err)
 	}
 	g := &rig{t: t, clock: clk, fake: fake, client: client, valve: newValve(client), path: path, store: store}
-	cfg := Config{Store: store, Fetcher: g.valve, Clock: clk}
+	// In-call retries wait on the fake clock: the tests of them turn them
+	// on; the rest see each upstream answer as it is.
+	cfg := Config{Store: store, Fetcher: g.valve, Clock: clk, InCallRetries: -1}
 	if mod != nil {
 		mod(g, &cfg)
 	}

@@ -165,6 +165,14 @@ func (a *adminService) status() (*tokendv1.Status, error) {
 		}
 		if c.PausedUntil.After(now) {
 			cs.PausedUntil = timestamppb.New(c.PausedUntil)
+			cs.PauseReason = c.PauseReason
+		}
+		if c.Rejected && !c.NextProbe.IsZero() {
+			cs.NextProbe = timestamppb.New(c.NextProbe)
+		}
+		if !c.SkewAt.IsZero() {
+			cs.ClockSkew = durationpb.New(c.ClockSkew)
+			cs.ClockSkewWarning = c.ClockSkew.Abs() > refresher.SkewWarning
 		}
 		if !c.SecretExpiresAt.IsZero() {
 			cs.SecretExpiresAt = timestamppb.New(c.SecretExpiresAt)
@@ -221,7 +229,7 @@ func errorProto(le *refresher.ErrorInfo) *tokendv1.UpstreamError {
 	if le == nil {
 		return nil
 	}
-	return &tokendv1.UpstreamError{At: timestamp(le.At), HttpStatus: int32(le.Status), Message: le.Message, Retryable: le.Retryable}
+	return &tokendv1.UpstreamError{At: timestamp(le.At), HttpStatus: int32(le.Status), Message: le.Message, Retryable: le.Retryable, Type: le.Type, Code: le.Code, Param: le.Param}
 }
 
 func timestamp(t time.Time) *timestamppb.Timestamp {

@@ -5,29 +5,31 @@
 package server
 
 import (
-	"runtime"
-	"slices"
-	"strings"
-	"sync/atomic"
-
-	"github.com/tokend/tokend/internal/policy"
-	"golang.org/x/time/rate"
-
 	"context"
 	"errors"
 	"fmt"
-	"github.com/tokend/tokend/internal/audit"
 	"log/slog"
 	"net"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync/atomic"
 	"time"
 
+	"golang.org/x/time/rate"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/protoadapt"
+	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/tokend/tokend/internal/audit"
+	"github.com/tokend/tokend/internal/policy"
 	"github.com/tokend/tokend/internal/refresher"
 	"github.com/tokend/tokend/internal/whop"
 	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
@@ -386,11 +388,19 @@ func watchEnd(keyID string, err error) error {
 
 // upstreamStatus maps a failure to mint into the gRPC code a caller can act
 // on. The message is Whop's, or a network error; neither holds the key.
+// Whop's own type, code and param travel as a google.rpc.ErrorInfo, and a
+// wait Whop asked for as a google.rpc.RetryInfo.
 func upstreamStatus(err error) error {
 	var we *whop.Error
+	var pe *refresher.PausedError
 	switch {
+	case errors.As(err, &pe):
+		return withDetails(status.New(codes.Unavailable, pe.Error()),
+			&errdetails.ErrorInfo{Reason: "RATE_LIMITED", Domain: whopDomain, Metadata: map[string]string{"http_status": "429", "credential": pe.Credential, "pause_reason": pe.Why}},
+			&errdetails.RetryInfo{RetryDelay: durationpb.New(max(0, time.Until(pe.Until)))})
 	case errors.Is(err, context.DeadlineExceeded):
-		return status.Error(codes.DeadlineExceeded, "deadline passed while waiting for Whop; the token will be cached for the next call")
+		// The caller's own deadline: the call it joined goes on.
+		return status.Error(codes.DeadlineExceeded, "deadline passed while waiting for Whop; the upstream call goes on, and a token it gets serves the next request")
 	case errors.Is(err, context.Canceled):
 		return status.Error(codes.Canceled, "call cancelled")
 	case errors.Is(err, refresher.ErrUnknownCredential):
@@ -404,20 +414,85 @@ func upstreamStatus(err error) error {
 		if msg == "" {
 			msg = we.Error()
 		}
-		switch code := codeForStatus(we.StatusCode); code {
-		case codes.FailedPrecondition:
-			return status.Errorf(code, "Whop rejected tokend's API key (401): %s", msg)
-		case codes.Unavailable:
-			if we.StatusCode == 0 {
-				return status.Errorf(code, "Whop is unreachable: %s", msg)
-			}
-			return status.Errorf(code, "Whop is unavailable (%d): %s", we.StatusCode, msg)
+		code := codeForStatus(we.StatusCode)
+		var st *status.Status
+		switch c := we.StatusCode; {
+		case c == 401:
+			st = status.Newf(code, "Whop rejected tokend's API key (401): %s", msg)
+		case c == 0:
+			st = status.Newf(code, "no answer from Whop: %s", msg)
+		case c >= 200 && c < 300:
+			st = status.Newf(code, "Whop's answer (%d) was unusable: %s", c, msg)
+		case code == codes.Unavailable:
+			st = status.Newf(code, "Whop is unavailable (%d): %s", c, msg)
 		default:
-			return status.Errorf(code, "Whop refused (%d): %s", we.StatusCode, msg)
+			st = status.Newf(code, "Whop refused (%d): %s", c, msg)
 		}
+		details := []protoadapt.MessageV1{whopErrorInfo(we)}
+		if we.RetryAfter > 0 {
+			details = append(details, &errdetails.RetryInfo{RetryDelay: durationpb.New(we.RetryAfter)})
+		}
+		return withDetails(st, details...)
 	default:
 		return status.Errorf(codes.Unavailable, "mint token: %v", err)
 	}
+}
+
+// whopDomain is the ErrorInfo domain of errors that are Whop's answers.
+const whopDomain = "api.whop.com"
+
+// whopErrorInfo carries what Whop said beyond its message. The reason is
+// Whop's code, else its type, else the HTTP status, in the UPPER_SNAKE
+// form google.rpc.ErrorInfo asks for.
+func whopErrorInfo(we *whop.Error) *errdetails.ErrorInfo {
+	md := map[string]string{"http_status": strconv.Itoa(we.StatusCode)}
+	for k, v := range map[string]string{"type": we.Type, "code": we.Code, "param": we.Param, "retry_after_from": we.RetryAfterFrom} {
+		if v != "" {
+			md[k] = v
+		}
+	}
+	reason := errorReason(we.Code)
+	if reason == "" {
+		reason = errorReason(we.Type)
+	}
+	if reason == "" {
+		reason = "HTTP_" + strconv.Itoa(we.StatusCode)
+		if we.StatusCode == 0 {
+			reason = "UPSTREAM_UNREACHABLE"
+		}
+	}
+	return &errdetails.ErrorInfo{Reason: reason, Domain: whopDomain, Metadata: md}
+}
+
+// errorReason turns "parameter_invalid" into "PARAMETER_INVALID"; it
+// returns "" for text with nothing usable, and keeps at most 63 bytes.
+func errorReason(s string) string {
+	b := make([]byte, 0, min(len(s), 63))
+	for i := 0; i < len(s) && len(b) < 63; i++ {
+		switch c := s[i]; {
+		case c >= 'a' && c <= 'z':
+			b = append(b, c-'a'+'A')
+		case c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
+			b = append(b, c)
+		case len(b) > 0 && b[len(b)-1] != '_':
+			b = append(b, '_')
+		}
+	}
+	for len(b) > 0 && b[len(b)-1] == '_' {
+		b = b[:len(b)-1]
+	}
+	if len(b) == 0 || b[0] < 'A' || b[0] > 'Z' {
+		return ""
+	}
+	return string(b)
+}
+
+// withDetails attaches details to st; should that fail, st goes without.
+func withDetails(st *status.Status, details ...protoadapt.MessageV1) error {
+	if d, err := st.WithDetails(details...); err == nil {
+		return d.Err()
+	}
+	return st.Err()
 }
 
 func codeForStatus(httpStatus int) codes.Code {
@@ -430,8 +505,13 @@ func codeForStatus(httpStatus int) codes.Code {
 		return codes.PermissionDenied
 	case httpStatus == 404:
 		return codes.NotFound
-	case httpStatus == 0 || httpStatus == 408 || httpStatus == 429 || httpStatus >= 500:
+	case httpStatus == 0 || httpStatus >= 200 && httpStatus < 300,
+		httpStatus == 408 || httpStatus == 429 || httpStatus >= 500:
+		// No answer, an unusable one, or Whop busy: the same call may
+		// work later.
 		return codes.Unavailable
+	case httpStatus == 409:
+		return codes.Aborted
 	default:
 		return codes.Unknown
 	}

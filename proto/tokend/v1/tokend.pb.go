@@ -1195,8 +1195,12 @@ type UpstreamError struct {
 	// 0 for network errors and timeouts.
 	HttpStatus int32 `protobuf:"varint,2,opt,name=http_status,json=httpStatus,proto3" json:"http_status,omitempty"`
 	// Whop's message, or the network error. Never a secret.
-	Message       string `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
-	Retryable     bool   `protobuf:"varint,4,opt,name=retryable,proto3" json:"retryable,omitempty"`
+	Message   string `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	Retryable bool   `protobuf:"varint,4,opt,name=retryable,proto3" json:"retryable,omitempty"`
+	// Whop's error type, code and param, when its answer had them.
+	Type          string `protobuf:"bytes,5,opt,name=type,proto3" json:"type,omitempty"`
+	Code          string `protobuf:"bytes,6,opt,name=code,proto3" json:"code,omitempty"`
+	Param         string `protobuf:"bytes,7,opt,name=param,proto3" json:"param,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1259,6 +1263,27 @@ func (x *UpstreamError) GetRetryable() bool {
 	return false
 }
 
+func (x *UpstreamError) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *UpstreamError) GetCode() string {
+	if x != nil {
+		return x.Code
+	}
+	return ""
+}
+
+func (x *UpstreamError) GetParam() string {
+	if x != nil {
+		return x.Param
+	}
+	return ""
+}
+
 type GetStatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1313,7 +1338,8 @@ type Status struct {
 	// Whop answered 401 to the current API key: no upstream call is made until
 	// the key is reloaded or tokend restarts.
 	ApiKeyRejected bool `protobuf:"varint,13,opt,name=api_key_rejected,json=apiKeyRejected,proto3" json:"api_key_rejected,omitempty"`
-	// Upstream calls are paused until then after a 429 with Retry-After.
+	// Upstream calls are paused until then after a 429 (the latest pause of
+	// any credential; see credentials for each one's reason).
 	UpstreamPausedUntil   *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=upstream_paused_until,json=upstreamPausedUntil,proto3" json:"upstream_paused_until,omitempty"`
 	UpstreamInFlight      uint32                 `protobuf:"varint,15,opt,name=upstream_in_flight,json=upstreamInFlight,proto3" json:"upstream_in_flight,omitempty"`
 	UpstreamMaxInFlight   uint32                 `protobuf:"varint,16,opt,name=upstream_max_in_flight,json=upstreamMaxInFlight,proto3" json:"upstream_max_in_flight,omitempty"`
@@ -1575,8 +1601,12 @@ type CredentialStatus struct {
 	Kind string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
 	// A short salted fingerprint of the current secret; never the secret.
 	Fingerprint string `protobuf:"bytes,3,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
-	// Whop answered 401 to it: no calls until it is reloaded.
-	Rejected       bool                   `protobuf:"varint,4,opt,name=rejected,proto3" json:"rejected,omitempty"`
+	// Whop answered 401 to it: no calls until its key file changes, a
+	// reload, or next_probe, when one call tries it again.
+	Rejected bool `protobuf:"varint,4,opt,name=rejected,proto3" json:"rejected,omitempty"`
+	// Calls are held until then after a 429; pause_reason names the hint
+	// that set it: "retry-after header", "retry-after-ms header" or
+	// "default cooldown (no Retry-After)".
 	PausedUntil    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=paused_until,json=pausedUntil,proto3" json:"paused_until,omitempty"`
 	InFlight       uint32                 `protobuf:"varint,6,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
 	UpstreamCalls  uint64                 `protobuf:"varint,7,opt,name=upstream_calls,json=upstreamCalls,proto3" json:"upstream_calls,omitempty"`
@@ -1584,8 +1614,15 @@ type CredentialStatus struct {
 	// For oauth_user credentials whose token is a JWT: when it expires.
 	SecretExpiresAt *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=secret_expires_at,json=secretExpiresAt,proto3" json:"secret_expires_at,omitempty"`
 	Entries         uint64                 `protobuf:"varint,10,opt,name=entries,proto3" json:"entries,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	NextProbe       *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=next_probe,json=nextProbe,proto3" json:"next_probe,omitempty"`
+	PauseReason     string                 `protobuf:"bytes,12,opt,name=pause_reason,json=pauseReason,proto3" json:"pause_reason,omitempty"`
+	// Whop's clock minus this host's, from the last response's Date header;
+	// unset until one arrived. tokend corrects for it past 2s.
+	ClockSkew *durationpb.Duration `protobuf:"bytes,13,opt,name=clock_skew,json=clockSkew,proto3" json:"clock_skew,omitempty"`
+	// The skew exceeds 5s: fix the host's time (NTP).
+	ClockSkewWarning bool `protobuf:"varint,14,opt,name=clock_skew_warning,json=clockSkewWarning,proto3" json:"clock_skew_warning,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *CredentialStatus) Reset() {
@@ -1688,6 +1725,34 @@ func (x *CredentialStatus) GetEntries() uint64 {
 	return 0
 }
 
+func (x *CredentialStatus) GetNextProbe() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextProbe
+	}
+	return nil
+}
+
+func (x *CredentialStatus) GetPauseReason() string {
+	if x != nil {
+		return x.PauseReason
+	}
+	return ""
+}
+
+func (x *CredentialStatus) GetClockSkew() *durationpb.Duration {
+	if x != nil {
+		return x.ClockSkew
+	}
+	return nil
+}
+
+func (x *CredentialStatus) GetClockSkewWarning() bool {
+	if x != nil {
+		return x.ClockSkewWarning
+	}
+	return false
+}
+
 var File_tokend_v1_tokend_proto protoreflect.FileDescriptor
 
 const file_tokend_v1_tokend_proto_rawDesc = "" +
@@ -1781,13 +1846,16 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"credential\x18\x0e \x01(\tR\n" +
 	"credential\x12&\n" +
 	"\x0fjwt_header_json\x18\x0f \x01(\tR\rjwtHeaderJson\x12&\n" +
-	"\x0fjwt_claims_json\x18\x10 \x01(\tR\rjwtClaimsJson\"\x94\x01\n" +
+	"\x0fjwt_claims_json\x18\x10 \x01(\tR\rjwtClaimsJson\"\xd2\x01\n" +
 	"\rUpstreamError\x12*\n" +
 	"\x02at\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x1f\n" +
 	"\vhttp_status\x18\x02 \x01(\x05R\n" +
 	"httpStatus\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\x12\x1c\n" +
-	"\tretryable\x18\x04 \x01(\bR\tretryable\"\x12\n" +
+	"\tretryable\x18\x04 \x01(\bR\tretryable\x12\x12\n" +
+	"\x04type\x18\x05 \x01(\tR\x04type\x12\x12\n" +
+	"\x04code\x18\x06 \x01(\tR\x04code\x12\x14\n" +
+	"\x05param\x18\a \x01(\tR\x05param\"\x12\n" +
 	"\x10GetStatusRequest\"\xb7\n" +
 	"\n" +
 	"\x06Status\x12\x18\n" +
@@ -1824,7 +1892,7 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\vcredentials\x18\x1c \x03(\v2\x1b.tokend.v1.CredentialStatusR\vcredentials\x1aA\n" +
 	"\x13EntriesByStateEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\x86\x03\n" +
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\xcc\x04\n" +
 	"\x10CredentialStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12 \n" +
@@ -1836,7 +1904,13 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x0fupstream_errors\x18\b \x01(\x04R\x0eupstreamErrors\x12F\n" +
 	"\x11secret_expires_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\x0fsecretExpiresAt\x12\x18\n" +
 	"\aentries\x18\n" +
-	" \x01(\x04R\aentries*\xbe\x01\n" +
+	" \x01(\x04R\aentries\x129\n" +
+	"\n" +
+	"next_probe\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\tnextProbe\x12!\n" +
+	"\fpause_reason\x18\f \x01(\tR\vpauseReason\x128\n" +
+	"\n" +
+	"clock_skew\x18\r \x01(\v2\x19.google.protobuf.DurationR\tclockSkew\x12,\n" +
+	"\x12clock_skew_warning\x18\x0e \x01(\bR\x10clockSkewWarning*\xbe\x01\n" +
 	"\n" +
 	"EntryState\x12\x1b\n" +
 	"\x17ENTRY_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
@@ -1921,29 +1995,31 @@ var file_tokend_v1_tokend_proto_depIdxs = []int32{
 	19, // 19: tokend.v1.Status.credentials:type_name -> tokend.v1.CredentialStatus
 	22, // 20: tokend.v1.CredentialStatus.paused_until:type_name -> google.protobuf.Timestamp
 	22, // 21: tokend.v1.CredentialStatus.secret_expires_at:type_name -> google.protobuf.Timestamp
-	1,  // 22: tokend.v1.TokenService.GetToken:input_type -> tokend.v1.GetTokenRequest
-	1,  // 23: tokend.v1.TokenService.WatchToken:input_type -> tokend.v1.GetTokenRequest
-	3,  // 24: tokend.v1.TokenService.WatchTokens:input_type -> tokend.v1.WatchTokensRequest
-	9,  // 25: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
-	11, // 26: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
-	12, // 27: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
-	14, // 28: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
-	17, // 29: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
-	7,  // 30: tokend.v1.AdminService.CheckPolicy:input_type -> tokend.v1.CheckPolicyRequest
-	2,  // 31: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
-	2,  // 32: tokend.v1.TokenService.WatchToken:output_type -> tokend.v1.Token
-	6,  // 33: tokend.v1.TokenService.WatchTokens:output_type -> tokend.v1.WatchTokensResponse
-	10, // 34: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
-	15, // 35: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
-	13, // 36: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
-	15, // 37: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
-	18, // 38: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
-	8,  // 39: tokend.v1.AdminService.CheckPolicy:output_type -> tokend.v1.CheckPolicyResponse
-	31, // [31:40] is the sub-list for method output_type
-	22, // [22:31] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	22, // 22: tokend.v1.CredentialStatus.next_probe:type_name -> google.protobuf.Timestamp
+	21, // 23: tokend.v1.CredentialStatus.clock_skew:type_name -> google.protobuf.Duration
+	1,  // 24: tokend.v1.TokenService.GetToken:input_type -> tokend.v1.GetTokenRequest
+	1,  // 25: tokend.v1.TokenService.WatchToken:input_type -> tokend.v1.GetTokenRequest
+	3,  // 26: tokend.v1.TokenService.WatchTokens:input_type -> tokend.v1.WatchTokensRequest
+	9,  // 27: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
+	11, // 28: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
+	12, // 29: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
+	14, // 30: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
+	17, // 31: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
+	7,  // 32: tokend.v1.AdminService.CheckPolicy:input_type -> tokend.v1.CheckPolicyRequest
+	2,  // 33: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
+	2,  // 34: tokend.v1.TokenService.WatchToken:output_type -> tokend.v1.Token
+	6,  // 35: tokend.v1.TokenService.WatchTokens:output_type -> tokend.v1.WatchTokensResponse
+	10, // 36: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
+	15, // 37: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
+	13, // 38: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
+	15, // 39: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
+	18, // 40: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
+	8,  // 41: tokend.v1.AdminService.CheckPolicy:output_type -> tokend.v1.CheckPolicyResponse
+	33, // [33:42] is the sub-list for method output_type
+	24, // [24:33] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_tokend_v1_tokend_proto_init() }

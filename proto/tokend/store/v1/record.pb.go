@@ -51,9 +51,13 @@ type Record struct {
 	// With a cache key: nonce || AES-256-GCM(token), sealed with the bbolt
 	// key as associated data so a record cannot be moved to another key.
 	// token is then empty.
-	SealedToken   []byte `protobuf:"bytes,18,opt,name=sealed_token,json=sealedToken,proto3" json:"sealed_token,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	SealedToken []byte `protobuf:"bytes,18,opt,name=sealed_token,json=sealedToken,proto3" json:"sealed_token,omitempty"`
+	// Whop's type, code and param of the last failure, when it sent them.
+	LastErrorType  string `protobuf:"bytes,19,opt,name=last_error_type,json=lastErrorType,proto3" json:"last_error_type,omitempty"`
+	LastErrorCode  string `protobuf:"bytes,20,opt,name=last_error_code,json=lastErrorCode,proto3" json:"last_error_code,omitempty"`
+	LastErrorParam string `protobuf:"bytes,21,opt,name=last_error_param,json=lastErrorParam,proto3" json:"last_error_param,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Record) Reset() {
@@ -212,11 +216,32 @@ func (x *Record) GetSealedToken() []byte {
 	return nil
 }
 
+func (x *Record) GetLastErrorType() string {
+	if x != nil {
+		return x.LastErrorType
+	}
+	return ""
+}
+
+func (x *Record) GetLastErrorCode() string {
+	if x != nil {
+		return x.LastErrorCode
+	}
+	return ""
+}
+
+func (x *Record) GetLastErrorParam() string {
+	if x != nil {
+		return x.LastErrorParam
+	}
+	return ""
+}
+
 var File_tokend_store_v1_record_proto protoreflect.FileDescriptor
 
 const file_tokend_store_v1_record_proto_rawDesc = "" +
 	"\n" +
-	"\x1ctokend/store/v1/record.proto\x12\x0ftokend.store.v1\"\xfb\x04\n" +
+	"\x1ctokend/store/v1/record.proto\x12\x0ftokend.store.v1\"\xf5\x05\n" +
 	"\x06Record\x12\x1e\n" +
 	"\n" +
 	"credential\x18\x01 \x01(\tR\n" +
@@ -241,7 +266,10 @@ const file_tokend_store_v1_record_proto_rawDesc = "" +
 	"\x12last_error_message\x18\x0f \x01(\tR\x10lastErrorMessage\x120\n" +
 	"\x14last_error_retryable\x18\x10 \x01(\bR\x12lastErrorRetryable\x12'\n" +
 	"\x0fkey_fingerprint\x18\x11 \x01(\fR\x0ekeyFingerprint\x12!\n" +
-	"\fsealed_token\x18\x12 \x01(\fR\vsealedTokenB8Z6github.com/tokend/tokend/proto/tokend/store/v1;storev1b\x06proto3"
+	"\fsealed_token\x18\x12 \x01(\fR\vsealedToken\x12&\n" +
+	"\x0flast_error_type\x18\x13 \x01(\tR\rlastErrorType\x12&\n" +
+	"\x0flast_error_code\x18\x14 \x01(\tR\rlastErrorCode\x12(\n" +
+	"\x10last_error_param\x18\x15 \x01(\tR\x0elastErrorParamB8Z6github.com/tokend/tokend/proto/tokend/store/v1;storev1b\x06proto3"
 
 var (
 	file_tokend_store_v1_record_proto_rawDescOnce sync.Once
