@@ -76,6 +76,12 @@ func TestNew(t *testing.T) {
 		{name: "http to a LAN address", cfg: whop.Config{APIKey: testKey, BaseURL: "http://10.0.0.5/api/v1"}, wantErr: "use https"},
 		{name: "credentials in url", cfg: whop.Config{APIKey: testKey, BaseURL: "https://u:p@api.whop.com/api/v1"}, wantErr: "must not carry credentials"},
 		{name: "negative timeout", cfg: whop.Config{APIKey: testKey, Timeout: -time.Second}, wantErr: "timeout"},
+		{name: "api version date", cfg: whop.Config{APIKey: testKey, APIVersionDate: "2025-06-01"}},
+		{name: "api version date newest", cfg: whop.Config{APIKey: testKey, APIVersionDate: whop.NewestAPIVersionDate}},
+		{name: "api version date later", cfg: whop.Config{APIKey: testKey, APIVersionDate: "2027-01-01"},
+			wantErr: `new whop client: api version date "2027-01-01": later than 2026-12-01, the newest Whop API version this tokend understands`},
+		{name: "api version date not a day", cfg: whop.Config{APIKey: testKey, APIVersionDate: "2025-02-29"}, wantErr: `new whop client: api version date "2025-02-29": want a calendar date YYYY-MM-DD`},
+		{name: "api version date format", cfg: whop.Config{APIKey: testKey, APIVersionDate: "2025/06/01"}, wantErr: "api version date"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -185,8 +191,8 @@ func TestStatusMapping(t *testing.T) {
 		status    int
 		retryable bool
 	}{
-		{400, false}, {401, false}, {403, false}, {404, false}, {409, false}, {422, false},
-		{408, true}, {429, true}, {500, true}, {502, true}, {503, true}, {504, true},
+		{400, false}, {401, false}, {403, false}, {404, false}, {422, false},
+		{408, true}, {409, true}, {429, true}, {500, true}, {502, true}, {503, true}, {504, true},
 		{200, true}, // a 2xx without a token is an upstream fault
 	}
 	for _, tt := range tests {
@@ -272,8 +278,8 @@ func TestTimeoutCutsStuckServer(t *testing.T) {
 		t.Fatalf("took %v with a 100ms timeout", d)
 	}
 	e := asError(t, err)
-	if e.StatusCode != 0 || !e.Retryable() || !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("got %+v (%v), want StatusCode 0, retryable, deadline exceeded", e, err)
+	if e.StatusCode != 0 || !e.Retryable() || !errors.Is(err, whop.ErrTimeout) || errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("got %+v (%v), want StatusCode 0, retryable, ErrTimeout and not the caller's deadline", e, err)
 	}
 	// The next request, without the fault, still works on the same client.
 	if _, err := c.CreateAccessToken(context.Background(), whop.Request{CompanyID: "biz_1"}); err != nil {
@@ -478,4 +484,283 @@ func TestConcurrentUse(t *testing.T) {
 	if s.MaxInFlight() < 2 {
 		t.Errorf("MaxInFlight = %d: requests were serialized", s.MaxInFlight())
 	}
+}
+
+// TestFaultAnswers drives the client against the fake for the answers Whop
+// and the proxies before it are known to give.
+func TestFaultAnswers(t *testing.T) {
+	s := newFake(t)
+	c := newClient(t, s.URL(), testKey, 0)
+	yes, no := true, false
+	const html = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body><center><h1>502 Bad Gateway</h1></center></body></html>"
+	tests := []struct {
+		name       string
+		fault      whoptest.Fault
+		status     int
+		message    string // exact
+		code, typ  string
+		retryAfter time.Duration
+		from       string
+		should     *bool
+		retryable  bool
+	}{
+		{name: "429 without header", fault: whoptest.Fault{Status: 429}, status: 429, message: "Too many requests", typ: "rate_limited", retryable: true},
+		{name: "retry-after-ms", fault: whoptest.Fault{Status: 429, RetryAfterMs: "1500"}, status: 429, message: "Too many requests", typ: "rate_limited",
+			retryAfter: 1500 * time.Millisecond, from: "retry-after-ms", retryable: true},
+		{name: "retry-after-ms beats retry-after", fault: whoptest.Fault{Status: 503, RetryAfter: "30", RetryAfterMs: "250.5"}, status: 503, message: "Service unavailable", typ: "service_unavailable",
+			retryAfter: 250*time.Millisecond + 500*time.Microsecond, from: "retry-after-ms", retryable: true},
+		{name: "fractional retry-after", fault: whoptest.Fault{Status: 429, RetryAfter: "1.5"}, status: 429, message: "Too many requests", typ: "rate_limited",
+			retryAfter: 1500 * time.Millisecond, from: "retry-after", retryable: true},
+		{name: "negative retry-after", fault: whoptest.Fault{Status: 429, RetryAfter: "-3"}, status: 429, message: "Too many requests", typ: "rate_limited", retryable: true},
+		{name: "x-should-retry true on a 400", fault: whoptest.Fault{Status: 400, ShouldRetry: "true"}, status: 400, message: "Bad request", typ: "invalid_request_error", should: &yes, retryable: true},
+		{name: "x-should-retry false on a 503", fault: whoptest.Fault{Status: 503, ShouldRetry: "FALSE"}, status: 503, message: "Service unavailable", typ: "service_unavailable", should: &no, retryable: false},
+		{name: "x-should-retry other", fault: whoptest.Fault{Status: 503, ShouldRetry: "maybe"}, status: 503, message: "Service unavailable", typ: "service_unavailable", retryable: true},
+		{name: "html 502", fault: whoptest.Fault{Status: 502, Body: html, ContentType: "text/html"}, status: 502, message: "Bad Gateway", retryable: true},
+		{name: "422 error null", fault: whoptest.Fault{Status: 422, Body: `{"error": null}`}, status: 422, message: "Verification required"},
+		{name: "rate limited v5 body", fault: whoptest.RateLimited(), status: 429, message: "You are being rate limited", retryable: true},
+		{name: "error string", fault: whoptest.Fault{Status: 500, Body: `{"error": "some string"}`}, status: 500, message: "some string", retryable: true},
+		{name: "numeric code", fault: whoptest.Fault{Status: 400, Body: `{"error": {"type": "invalid_request_error", "code": 42, "message": "Company is suspended."}}`},
+			status: 400, message: "Company is suspended.", code: "42", typ: "invalid_request_error"},
+		{name: "object code", fault: whoptest.Fault{Status: 403, Body: `{"error": {"code": {"x": 1}, "message": "No."}}`}, status: 403, message: "No."},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s.Enqueue(tt.fault)
+			_, err := c.CreateAccessToken(context.Background(), whop.Request{CompanyID: "biz_1"})
+			e := asError(t, err)
+			if e.StatusCode != tt.status || e.Message != tt.message || e.Code != tt.code || e.Type != tt.typ {
+				t.Errorf("got status %d message %q code %q type %q; want %d %q %q %q", e.StatusCode, e.Message, e.Code, e.Type, tt.status, tt.message, tt.code, tt.typ)
+			}
+			if e.RetryAfter != tt.retryAfter || e.RetryAfterFrom != tt.from || whop.RetryAfterOf(err) != tt.retryAfter {
+				t.Errorf("RetryAfter %v from %q, want %v from %q", e.RetryAfter, e.RetryAfterFrom, tt.retryAfter, tt.from)
+			}
+			if (e.ShouldRetry == nil) != (tt.should == nil) || e.ShouldRetry != nil && *e.ShouldRetry != *tt.should {
+				t.Errorf("ShouldRetry = %v, want %v", e.ShouldRetry, tt.should)
+			}
+			if e.Retryable() != tt.retryable || whop.IsRetryable(err) != tt.retryable {
+				t.Errorf("Retryable %v, want %v", e.Retryable(), tt.retryable)
+			}
+			if e.ServerDate.IsZero() {
+				t.Error("no ServerDate from the fake's Date header")
+			}
+		})
+	}
+}
+
+// TestServerDateAndSkew runs the fake on a fixed clock, off from ours by
+// SetSkew. A Whop clock behind ours makes our now+3h more than 3h on its
+// clock, so it refuses; ahead, it accepts.
+func TestServerDateAndSkew(t *testing.T) {
+	ours := time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
+	s, err := whoptest.NewServer(whoptest.Config{Keys: map[string][]string{testKey: nil}, Now: func() time.Time { return ours }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	c := newClient(t, s.URL(), testKey, 0)
+	tests := []struct {
+		name    string
+		skew    time.Duration
+		expires time.Time
+		refused bool
+		date    time.Time
+	}{
+		{name: "no skew", expires: ours.Add(time.Hour), date: ours},
+		{name: "whop 0.3s behind refuses our now+3h", skew: -300 * time.Millisecond, expires: ours.Add(3 * time.Hour), refused: true, date: ours.Add(-time.Second)},
+		{name: "whop 0.3s ahead accepts our now+3h", skew: 300 * time.Millisecond, expires: ours.Add(3 * time.Hour), date: ours},
+		{name: "whop an hour ahead", skew: time.Hour + 700*time.Millisecond, expires: ours.Add(90 * time.Minute), date: ours.Add(time.Hour)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s.SetSkew(tt.skew)
+			tok, err := c.CreateAccessToken(context.Background(), whop.Request{CompanyID: "biz_1", ExpiresAt: tt.expires})
+			if tt.refused {
+				e := asError(t, err)
+				if e.StatusCode != 400 || e.Param != "expires_at" || !e.ExpiresAtRefused() || e.Retryable() || !e.ServerDate.Equal(tt.date) {
+					t.Fatalf("got %+v, want a 400 about expires_at dated %v", e, tt.date)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tok.ExpiresAt.Equal(tt.expires) || !tok.ServerDate.Equal(tt.date) {
+				t.Errorf("ExpiresAt %v ServerDate %v, want %v %v", tok.ExpiresAt, tok.ServerDate, tt.expires, tt.date)
+			}
+		})
+	}
+}
+
+func TestExpiresAtForms(t *testing.T) {
+	s := newFake(t)
+	c := newClient(t, s.URL(), testKey, 0)
+	for _, tt := range whop.ExpiresAtCases {
+		t.Run(tt.In, func(t *testing.T) {
+			wire, err := json.Marshal(tt.In)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s.Enqueue(whoptest.Fault{Status: 200, Body: `{"token":"t","expires_at":` + string(wire) + `}`})
+			tok, err := c.CreateAccessToken(context.Background(), whop.Request{CompanyID: "biz_1"})
+			if !tt.Want.IsZero() {
+				if err != nil || !tok.ExpiresAt.Equal(tt.Want) {
+					t.Fatalf("got %v, %v; want %v", tok.ExpiresAt, err, tt.Want)
+				}
+				return
+			}
+			e := asError(t, err)
+			if e.StatusCode != 200 || !e.Retryable() || e.Message != fmt.Sprintf("response expires_at %q is not RFC 3339", tt.In) {
+				t.Fatalf("got %+v, want a retryable 200 saying expires_at is not RFC 3339", e)
+			}
+		})
+	}
+}
+
+func TestAPIVersionDate(t *testing.T) {
+	s := newFake(t)
+	for _, v := range []string{"", "2025-06-01", whop.NewestAPIVersionDate} {
+		c, err := whop.New(whop.Config{BaseURL: s.URL(), APIKey: testKey, APIVersionDate: v})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.ResetCounters()
+		if _, err := c.CreateAccessToken(context.Background(), whop.Request{CompanyID: "biz_1"}); err != nil {
+			t.Fatal(err)
+		}
+		if got := s.Calls()[0].APIVersionDate; got != v {
+			t.Errorf("APIVersionDate %q: sent %q", v, got)
+		}
+	}
+
+	tests := []struct {
+		in      string
+		wantErr string
+	}{
+		{"", ""},
+		{"2024-02-29", ""},
+		{"2026-12-01", ""},
+		{"2026-12-02", `api version date "2026-12-02": later than 2026-12-01, the newest Whop API version this tokend understands`},
+		{"9999-01-01", "later than"},
+		{"2025-02-29", `api version date "2025-02-29": want a calendar date YYYY-MM-DD`},
+		{"2025-13-01", "calendar date"},
+		{"2025-1-5", "calendar date"},
+		{"20250105", "calendar date"},
+		{" 2025-01-05", "calendar date"},
+		{"2025-01-05T00:00:00Z", "calendar date"},
+		{"latest", "calendar date"},
+	}
+	for _, tt := range tests {
+		err := whop.ValidateAPIVersionDate(tt.in)
+		if tt.wantErr == "" && err != nil || tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)) {
+			t.Errorf("ValidateAPIVersionDate(%q) = %v, want %q", tt.in, err, tt.wantErr)
+		}
+	}
+}
+
+// TestTimeoutVsCallerDeadline: only the caller's own context may read as
+// context.DeadlineExceeded or Canceled; our timeouts are ErrTimeout.
+func TestTimeoutVsCallerDeadline(t *testing.T) {
+	s := newFake(t)
+	// stall answers with a status and part of a body, then hangs.
+	stall := func(status int) string {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(status)
+			_, _ = io.WriteString(w, `{"token":`)
+			w.(http.Flusher).Flush()
+			select {
+			case <-r.Context().Done():
+			case <-time.After(5 * time.Second):
+			}
+		}))
+		t.Cleanup(srv.Close)
+		return srv.URL
+	}
+	tests := []struct {
+		name      string
+		base      string
+		timeout   time.Duration
+		hc        *http.Client
+		ctx       func() (context.Context, context.CancelFunc)
+		status    int
+		message   string // contained
+		errString string // exact, when set
+		ours      bool   // ErrTimeout, not context.DeadlineExceeded
+		deadline  bool   // context.DeadlineExceeded
+		canceled  bool
+		retryable bool
+	}{
+		{
+			name: "our timeout", base: s.URL(), timeout: 100 * time.Millisecond, ctx: background,
+			message: "timed out after 100ms waiting for Whop", errString: "whop: create access token: request failed: timed out after 100ms waiting for Whop",
+			ours: true, retryable: true,
+		},
+		{
+			name: "our timeout reading a 200 body", base: stall(200), timeout: 100 * time.Millisecond, ctx: background,
+			status: 200, message: "timed out after 100ms waiting for Whop", ours: true, retryable: true,
+		},
+		{
+			name: "our timeout reading a 503 body", base: stall(503), timeout: 100 * time.Millisecond, ctx: background,
+			status: 503, message: "timed out after 100ms waiting for Whop", errString: "whop: create access token: 503 service unavailable: timed out after 100ms waiting for Whop",
+			ours: true, retryable: true,
+		},
+		{
+			name: "the http client's timeout", base: s.URL(), hc: &http.Client{Timeout: 100 * time.Millisecond}, ctx: background,
+			message: "", ours: true, retryable: true,
+		},
+		{
+			name: "caller deadline", base: s.URL(), timeout: 10 * time.Second,
+			ctx: func() (context.Context, context.CancelFunc) {
+				return context.WithTimeout(context.Background(), 100*time.Millisecond)
+			},
+			message: "", deadline: true, retryable: true,
+		},
+		{
+			name: "caller deadline before ours while reading the body", base: stall(200), timeout: 10 * time.Second,
+			ctx: func() (context.Context, context.CancelFunc) {
+				return context.WithTimeout(context.Background(), 100*time.Millisecond)
+			},
+			status: 200, message: "read response body", deadline: true, retryable: true,
+		},
+		{
+			name: "caller cancel", base: s.URL(), timeout: 10 * time.Second,
+			ctx: func() (context.Context, context.CancelFunc) {
+				ctx, cancel := context.WithCancel(context.Background())
+				time.AfterFunc(100*time.Millisecond, cancel)
+				return ctx, cancel
+			},
+			canceled: true,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s.Enqueue(whoptest.Fault{Latency: 5 * time.Second})
+			defer s.ResetCounters()
+			c, err := whop.New(whop.Config{BaseURL: tt.base, APIKey: testKey, Timeout: tt.timeout, HTTPClient: tt.hc})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := tt.ctx()
+			defer cancel()
+			start := time.Now()
+			_, err = c.CreateAccessToken(ctx, whop.Request{CompanyID: "biz_1"})
+			if d := time.Since(start); d > 2*time.Second {
+				t.Fatalf("took %v", d)
+			}
+			e := asError(t, err)
+			if e.StatusCode != tt.status || !strings.Contains(e.Message, tt.message) || tt.errString != "" && err.Error() != tt.errString {
+				t.Errorf("got status %d message %q (%v), want %d ~%q %q", e.StatusCode, e.Message, err, tt.status, tt.message, tt.errString)
+			}
+			if errors.Is(err, whop.ErrTimeout) != tt.ours || errors.Is(err, context.DeadlineExceeded) != tt.deadline || errors.Is(err, context.Canceled) != tt.canceled {
+				t.Errorf("%v: Is ErrTimeout %v DeadlineExceeded %v Canceled %v; want %v %v %v", err,
+					errors.Is(err, whop.ErrTimeout), errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled), tt.ours, tt.deadline, tt.canceled)
+			}
+			if whop.IsRetryable(err) != tt.retryable {
+				t.Errorf("IsRetryable = %v, want %v", whop.IsRetryable(err), tt.retryable)
+			}
+		})
+	}
+}
+
+func background() (context.Context, context.CancelFunc) {
+	return context.WithCancel(context.Background())
 }

@@ -16,12 +16,16 @@ type Error struct {
 	// StatusCode is 0 when no response arrived (network error, timeout).
 	StatusCode int
 	// Type, Message, Code and Param come from Whop's error body when it had
-	// one; Message falls back to the HTTP status text, or says what was
-	// wrong with a 2xx body.
+	// one, stripped of control characters and bounded in length; Message
+	// falls back to the HTTP status text ("Verification required" for 422,
+	// the reference's words), or says what was wrong with a 2xx body or
+	// that our timeout ran out.
 	Type, Message, Code, Param string
 	// RetryAfter is the upstream's wait hint, 0 if absent or invalid: the
 	// retry-after-ms header if present, else Retry-After (seconds, possibly
-	// fractional, or an HTTP-date). RetryAfterFrom names the header used.
+	// fractional, or an HTTP-date, counted from the response's Date).
+	// RetryAfterFrom names the header used, "retry-after-ms" or
+	// "retry-after", and is "" when RetryAfter is 0.
 	RetryAfter     time.Duration
 	RetryAfterFrom string
 	// ShouldRetry is Whop's x-should-retry header, which overrides the
@@ -29,7 +33,9 @@ type Error struct {
 	ShouldRetry *bool
 	// ServerDate is the response's Date header, zero if none arrived.
 	ServerDate time.Time
-	// Err is the underlying cause for network and decoding errors.
+	// Err is the underlying cause for network and decoding errors; it
+	// matches ErrTimeout when a timeout of this client, not the caller's
+	// context, ran out.
 	Err error
 }
 
@@ -42,10 +48,7 @@ func (e *Error) Error() string {
 			b.WriteString(": ")
 			b.WriteString(e.Message)
 		}
-		if e.Err != nil {
-			b.WriteString(": ")
-			b.WriteString(e.Err.Error())
-		}
+		e.writeCause(&b)
 		return b.String()
 	}
 	b.WriteString(strconv.Itoa(e.StatusCode))
@@ -62,11 +65,17 @@ func (e *Error) Error() string {
 		b.WriteString(e.Param)
 		b.WriteByte(')')
 	}
-	if e.Err != nil {
+	e.writeCause(&b)
+	return b.String()
+}
+
+// writeCause appends Err, except ErrTimeout, which Message already says in
+// more detail (how long).
+func (e *Error) writeCause(b *strings.Builder) {
+	if e.Err != nil && e.Err != ErrTimeout {
 		b.WriteString(": ")
 		b.WriteString(e.Err.Error())
 	}
-	return b.String()
 }
 
 func (e *Error) Unwrap() error { return e.Err }

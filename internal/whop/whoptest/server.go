@@ -21,6 +21,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -38,7 +39,8 @@ type Config struct {
 	// Keys maps each accepted API key to the scopes it may grant. A nil
 	// slice grants every scope; an empty non-nil slice grants none.
 	Keys map[string][]string
-	// Now is the clock for expiry checks and token claims; default time.Now.
+	// Now is the clock for expiry checks, token claims and the Date header,
+	// before any SetSkew; default time.Now.
 	Now func() time.Time
 	// Logger receives one debug record per request; keys and tokens are
 	// never logged. Default: discard.
@@ -46,13 +48,24 @@ type Config struct {
 }
 
 // Fault makes the server misbehave for one request (Enqueue) or for all of
-// them (SetDefault). Latency applies first, then Drop, then Status.
+// them (SetDefault). Latency applies first, then Drop, then Status. No wait
+// hint is sent unless asked for, as Whop promises none.
 type Fault struct {
 	// Status, if non-zero, is answered with a Whop-shaped error body
 	// instead of processing the request.
 	Status int
 	// RetryAfter is sent as the Retry-After header along with Status.
 	RetryAfter string
+	// RetryAfterMs is sent as the retry-after-ms header along with Status.
+	RetryAfterMs string
+	// ShouldRetry is sent as the x-should-retry header along with Status.
+	ShouldRetry string
+	// Body, if non-empty, is sent verbatim along with Status instead of
+	// the Whop-shaped body: an HTML page from a proxy, {"error": null}, a
+	// token with an odd expires_at under Status 200. ContentType defaults
+	// to application/json.
+	Body        string
+	ContentType string
 	// Drop closes the connection without answering.
 	Drop bool
 	// Latency delays the answer; the wait ends early if the client goes
@@ -60,21 +73,29 @@ type Fault struct {
 	Latency time.Duration
 }
 
+// RateLimited is Whop's documented rate-limit answer (API v5 docs): 429
+// with {"message": "You are being rate limited"} and no Retry-After.
+func RateLimited() Fault {
+	return Fault{Status: http.StatusTooManyRequests, Body: `{"message": "You are being rate limited"}`}
+}
+
 // Call records one request that reached the handler, faults included.
 type Call struct {
-	At            time.Time
-	Key           string // the bearer credential presented, known or not
-	CompanyID     string
-	UserID        string
-	ScopedActions []string
-	ExpiresAt     string
-	Status        int  // 0 until answered, and if the client left first
-	Dropped       bool // the connection was closed by a Drop fault
+	At             time.Time // on the fake's clock, skew included
+	Key            string    // the bearer credential presented, known or not
+	APIVersionDate string    // the Api-Version-Date header, "" if none
+	CompanyID      string
+	UserID         string
+	ScopedActions  []string
+	ExpiresAt      string
+	Status         int  // 0 until answered, and if the client left first
+	Dropped        bool // the connection was closed by a Drop fault
 }
 
 // Server is the fake upstream. All methods are safe for concurrent use.
 type Server struct {
 	now     func() time.Time
+	skew    atomic.Int64 // time.Duration added to now
 	log     *slog.Logger
 	signKey []byte
 	ln      net.Listener
@@ -160,8 +181,6 @@ func (s *Server) Close() {
 	s.handlers.Wait()
 }
 
-// AddKey accepts key, replacing its permissions if already known. A nil
-// perms grants every scope.
 // AddOAuthToken makes token a user OAuth token for userID: requests with it
 // name no ids, and the minted token is for that user.
 func (s *Server) AddOAuthToken(token, userID string) {
@@ -173,6 +192,8 @@ func (s *Server) AddOAuthToken(token, userID string) {
 	s.oauth[token] = userID
 }
 
+// AddKey accepts key, replacing its permissions if already known. A nil
+// perms grants every scope.
 func (s *Server) AddKey(key string, perms []string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -185,6 +206,14 @@ func (s *Server) RemoveKey(key string) {
 	defer s.mu.Unlock()
 	delete(s.keys, key)
 }
+
+// SetSkew sets the fake's clock to Config.Now()+d, to play a Whop whose
+// clock is off from the caller's: it moves the expires_at checks, the token
+// claims, the default expiry and the Date header together.
+func (s *Server) SetSkew(d time.Duration) { s.skew.Store(int64(d)) }
+
+// clock is the fake's idea of now.
+func (s *Server) clock() time.Time { return s.now().Add(time.Duration(s.skew.Load())) }
 
 // Enqueue queues faults, consumed one per request in order ahead of the
 // default.
@@ -271,9 +300,9 @@ func (s *Server) ResetCounters() {
 }
 
 // Verify checks a token minted by this server: HS256 signature with the
-// server's key, and exp after Now().
+// server's key, and exp after the fake's clock (skew included).
 func (s *Server) Verify(token string) (Claims, error) {
-	return verifyJWT(s.signKey, token, s.now())
+	return verifyJWT(s.signKey, token, s.clock())
 }
 
 type wireRequest struct {
@@ -346,15 +375,17 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	key, hasBearer := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 	call := &Call{
-		At:            s.now(),
-		Key:           key,
-		CompanyID:     deref(req.CompanyID),
-		UserID:        deref(req.UserID),
-		ScopedActions: slices.Clone(req.ScopedActions),
-		ExpiresAt:     deref(req.ExpiresAt),
+		At:             s.clock(),
+		Key:            key,
+		APIVersionDate: r.Header.Get("Api-Version-Date"),
+		CompanyID:      deref(req.CompanyID),
+		UserID:         deref(req.UserID),
+		ScopedActions:  slices.Clone(req.ScopedActions),
+		ExpiresAt:      deref(req.ExpiresAt),
 	}
 	fault, latency, ok := s.begin(call)
 	if !ok {
+		s.stampDate(w)
 		w.WriteHeader(http.StatusServiceUnavailable)
 		return
 	}
@@ -382,11 +413,22 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		// Not hijackable (HTTP/2): abort the stream instead.
 		panic(http.ErrAbortHandler)
 	}
+	s.stampDate(w)
 	if fault.Status != 0 {
-		if fault.RetryAfter != "" {
-			w.Header().Set("Retry-After", fault.RetryAfter)
+		for name, v := range map[string]string{
+			"Retry-After":    fault.RetryAfter,
+			"Retry-After-Ms": fault.RetryAfterMs,
+			"X-Should-Retry": fault.ShouldRetry,
+		} {
+			if v != "" {
+				w.Header().Set(name, v)
+			}
 		}
 		s.record(call, fault.Status, false)
+		if fault.Body != "" {
+			writeRaw(w, fault.Status, fault.ContentType, []byte(fault.Body))
+			return
+		}
 		writeJSON(w, fault.Status, errorBody(faultError(fault.Status)))
 		return
 	}
@@ -394,6 +436,12 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	status, resp := s.handle(r, key, hasBearer, req, bodyErr)
 	s.record(call, status, false)
 	writeJSON(w, status, resp)
+}
+
+// stampDate sends the fake's clock as Date, in whole seconds as real
+// servers do; net/http would otherwise send the real time.
+func (s *Server) stampDate(w http.ResponseWriter) {
+	w.Header().Set("Date", s.clock().UTC().Format(http.TimeFormat))
 }
 
 // handle validates in the order Whop does and returns the answer.
@@ -435,7 +483,7 @@ func (s *Server) handle(r *http.Request, key string, hasBearer bool, req wireReq
 		return fail(http.StatusBadRequest, invalidRequest("parameter_invalid", "user_id",
 			"Invalid parameter: user_id must start with 'user_'."))
 	}
-	now := s.now()
+	now := s.clock()
 	exp := now.Add(defaultExpiry)
 	if v := deref(req.ExpiresAt); v != "" {
 		t, err := time.Parse(time.RFC3339, v)
@@ -532,7 +580,14 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 		// Only our own fixed types are marshalled; this cannot happen.
 		panic(errors.Join(errors.New("whoptest: encode response"), err))
 	}
-	w.Header().Set("Content-Type", "application/json")
+	writeRaw(w, status, "", b)
+}
+
+func writeRaw(w http.ResponseWriter, status int, contentType string, b []byte) {
+	if contentType == "" {
+		contentType = "application/json"
+	}
+	w.Header().Set("Content-Type", contentType)
 	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
 	w.WriteHeader(status)
 	_, _ = w.Write(b)

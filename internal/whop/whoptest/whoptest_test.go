@@ -57,29 +57,67 @@ type response struct {
 	} `json:"error"`
 }
 
-func do(t *testing.T, method, url, auth, body string) (response, error) {
+// rawResponse is an answer as it came, for bodies that are not Whop's.
+type rawResponse struct {
+	Status int
+	Header http.Header
+	Body   string
+}
+
+func roundTrip(t *testing.T, method, url string, header http.Header, body string) (rawResponse, error) {
 	t.Helper()
 	req, err := http.NewRequest(method, url, strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if auth != "" {
-		req.Header.Set("Authorization", auth)
+	if header != nil {
+		req.Header = header.Clone()
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return response{}, err
+		return rawResponse{}, err
 	}
 	defer resp.Body.Close()
-	var r response
-	b, _ := io.ReadAll(resp.Body)
-	if err := json.Unmarshal(b, &r); err != nil {
-		t.Fatalf("response %d is not json: %q", resp.StatusCode, b)
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return rawResponse{}, err
 	}
-	r.Status = resp.StatusCode
-	r.RetryAfter = resp.Header.Get("Retry-After")
+	return rawResponse{Status: resp.StatusCode, Header: resp.Header, Body: string(b)}, nil
+}
+
+func do(t *testing.T, method, url, auth, body string) (response, error) {
+	t.Helper()
+	h := http.Header{}
+	if auth != "" {
+		h.Set("Authorization", auth)
+	}
+	raw, err := roundTrip(t, method, url, h, body)
+	if err != nil {
+		return response{}, err
+	}
+	var r response
+	if err := json.Unmarshal([]byte(raw.Body), &r); err != nil {
+		t.Fatalf("response %d is not json: %q", raw.Status, raw.Body)
+	}
+	r.Status = raw.Status
+	r.RetryAfter = raw.Header.Get("Retry-After")
 	return r, nil
+}
+
+// postRaw posts body with key and any extra headers, and returns the answer
+// undecoded.
+func postRaw(t *testing.T, s *whoptest.Server, key, body string, extra http.Header) rawResponse {
+	t.Helper()
+	h := http.Header{"Authorization": {"Bearer " + key}}
+	for k, v := range extra {
+		h[k] = v
+	}
+	r, err := roundTrip(t, http.MethodPost, s.URL()+"/access_tokens", h, body)
+	if err != nil {
+		t.Fatalf("post: %v", err)
+	}
+	return r
 }
 
 func post(t *testing.T, s *whoptest.Server, key, body string) response {
@@ -488,5 +526,220 @@ func TestNewServerBadAddr(t *testing.T) {
 	_, err := whoptest.NewServer(whoptest.Config{Addr: "256.0.0.1:http-nope"})
 	if err == nil {
 		t.Fatal("NewServer accepted a bad address")
+	}
+}
+
+func TestFaultHeadersAndBodies(t *testing.T) {
+	s := newServer(t, nil)
+	const html = "<html><body><h1>502 Bad Gateway</h1></body></html>"
+	tests := []struct {
+		name        string
+		fault       whoptest.Fault
+		status      int
+		headers     map[string]string // "" means the header must be absent
+		body        string            // exact, when set
+		contentType string
+	}{
+		{
+			name:    "no wait hint by default",
+			fault:   whoptest.Fault{Status: 429},
+			status:  429,
+			headers: map[string]string{"Retry-After": "", "Retry-After-Ms": "", "X-Should-Retry": ""},
+		},
+		{
+			name:    "retry-after-ms",
+			fault:   whoptest.Fault{Status: 429, RetryAfterMs: "1500"},
+			status:  429,
+			headers: map[string]string{"Retry-After-Ms": "1500", "Retry-After": ""},
+		},
+		{
+			name:    "both wait hints",
+			fault:   whoptest.Fault{Status: 503, RetryAfter: "2", RetryAfterMs: "250.5"},
+			status:  503,
+			headers: map[string]string{"Retry-After-Ms": "250.5", "Retry-After": "2"},
+		},
+		{
+			name:    "x-should-retry",
+			fault:   whoptest.Fault{Status: 400, ShouldRetry: "true"},
+			status:  400,
+			headers: map[string]string{"X-Should-Retry": "true"},
+		},
+		{
+			name:        "raw html body",
+			fault:       whoptest.Fault{Status: 502, Body: html, ContentType: "text/html; charset=utf-8"},
+			status:      502,
+			body:        html,
+			contentType: "text/html; charset=utf-8",
+		},
+		{
+			name:        "raw json defaults its content type",
+			fault:       whoptest.Fault{Status: 422, Body: `{"error": null}`},
+			status:      422,
+			body:        `{"error": null}`,
+			contentType: "application/json",
+		},
+		{
+			name:        "raw token under 200",
+			fault:       whoptest.Fault{Status: 200, Body: `{"token":"t","expires_at":"2030-01-02t03:04:05.5z"}`},
+			status:      200,
+			body:        `{"token":"t","expires_at":"2030-01-02t03:04:05.5z"}`,
+			contentType: "application/json",
+		},
+		{
+			name:        "rate limited preset",
+			fault:       whoptest.RateLimited(),
+			status:      429,
+			body:        `{"message": "You are being rate limited"}`,
+			contentType: "application/json",
+			headers:     map[string]string{"Retry-After": "", "Retry-After-Ms": "", "X-Should-Retry": ""},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s.Enqueue(tt.fault)
+			r := postRaw(t, s, keyAll, `{"company_id":"biz_1"}`, nil)
+			if r.Status != tt.status {
+				t.Fatalf("status %d, want %d", r.Status, tt.status)
+			}
+			for name, want := range tt.headers {
+				if got, ok := r.Header[http.CanonicalHeaderKey(name)]; want == "" && ok || want != "" && (len(got) != 1 || got[0] != want) {
+					t.Errorf("header %s = %q, want %q", name, got, want)
+				}
+			}
+			if tt.body != "" && r.Body != tt.body {
+				t.Errorf("body = %q, want %q", r.Body, tt.body)
+			}
+			if tt.contentType != "" && r.Header.Get("Content-Type") != tt.contentType {
+				t.Errorf("Content-Type = %q, want %q", r.Header.Get("Content-Type"), tt.contentType)
+			}
+		})
+	}
+}
+
+func TestSkew(t *testing.T) {
+	start := time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
+	s := newServer(t, newClock(start).Now)
+	expires := func(at time.Time) string {
+		return `{"company_id":"biz_1","expires_at":"` + at.Format(time.RFC3339Nano) + `"}`
+	}
+	tests := []struct {
+		name    string
+		skew    time.Duration
+		body    string
+		status  int
+		expires string // expires_at answered, when 200
+		date    string
+	}{
+		// Whop's clock 0.3s behind ours: our now+3h is more than 3h on its.
+		{name: "behind refuses our now+3h", skew: -300 * time.Millisecond, body: expires(start.Add(3 * time.Hour)), status: 400, date: "Wed, 02 Jan 2030 03:04:04 GMT"},
+		{name: "ahead accepts our now+3h", skew: 300 * time.Millisecond, body: expires(start.Add(3 * time.Hour)), status: 200, expires: "2030-01-02T06:04:05.000Z", date: "Wed, 02 Jan 2030 03:04:05 GMT"},
+		{name: "limit on the fake's clock", skew: 90 * time.Minute, body: expires(start.Add(90*time.Minute + 3*time.Hour + time.Millisecond)), status: 400, date: "Wed, 02 Jan 2030 04:34:05 GMT"},
+		{name: "exactly 3h on the fake's clock", skew: 90 * time.Minute, body: expires(start.Add(90*time.Minute + 3*time.Hour)), status: 200, expires: "2030-01-02T07:34:05.000Z", date: "Wed, 02 Jan 2030 04:34:05 GMT"},
+		{name: "past on the fake's clock", skew: 2 * time.Hour, body: expires(start.Add(time.Hour)), status: 400, date: "Wed, 02 Jan 2030 05:04:05 GMT"},
+		{name: "default expiry from the fake's clock", skew: 90*time.Minute + 300*time.Millisecond, body: `{"company_id":"biz_1"}`, status: 200, expires: "2030-01-02T05:34:05.300Z", date: "Wed, 02 Jan 2030 04:34:05 GMT"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s.SetSkew(tt.skew)
+			defer s.SetSkew(0)
+			raw := postRaw(t, s, keyAll, tt.body, nil)
+			if got := raw.Header.Get("Date"); got != tt.date {
+				t.Errorf("Date = %q, want %q", got, tt.date)
+			}
+			var r response
+			if err := json.Unmarshal([]byte(raw.Body), &r); err != nil || raw.Status != tt.status {
+				t.Fatalf("status %d body %q, want %d", raw.Status, raw.Body, tt.status)
+			}
+			if tt.status != 200 {
+				if r.Error == nil || r.Error.Param != "expires_at" || !strings.Contains(r.Error.Message, "expires_at") {
+					t.Fatalf("error %+v, want one about expires_at", r.Error)
+				}
+				return
+			}
+			if r.ExpiresAt != tt.expires {
+				t.Errorf("expires_at = %q, want %q", r.ExpiresAt, tt.expires)
+			}
+			c, err := s.Verify(r.Token)
+			if err != nil {
+				t.Fatalf("Verify: %v", err)
+			}
+			if now := start.Add(tt.skew); c.Iat != now.Unix() {
+				t.Errorf("iat = %d, want %d (the fake's clock)", c.Iat, now.Unix())
+			}
+			if calls := s.Calls(); !calls[len(calls)-1].At.Equal(start.Add(tt.skew)) {
+				t.Errorf("Call.At = %v, want %v", calls[len(calls)-1].At, start.Add(tt.skew))
+			}
+		})
+	}
+
+	t.Run("verify follows the skew", func(t *testing.T) {
+		r := post(t, s, keyAll, `{"company_id":"biz_1"}`)
+		if _, err := s.Verify(r.Token); err != nil {
+			t.Fatal(err)
+		}
+		s.SetSkew(time.Hour)
+		defer s.SetSkew(0)
+		if _, err := s.Verify(r.Token); err == nil || !strings.Contains(err.Error(), "expired") {
+			t.Errorf("Verify an hour later on the fake's clock: %v, want expired", err)
+		}
+	})
+
+	t.Run("concurrent", func(t *testing.T) {
+		var wg sync.WaitGroup
+		for i := range 4 {
+			wg.Go(func() {
+				for j := range 20 {
+					s.SetSkew(time.Duration(i*j) * time.Millisecond)
+				}
+			})
+			wg.Go(func() { post(t, s, keyAll, `{"company_id":"biz_1"}`) })
+		}
+		wg.Wait()
+		s.SetSkew(0)
+	})
+}
+
+func TestDateOnEveryResponse(t *testing.T) {
+	start := time.Date(2030, 1, 2, 3, 4, 5, 600_000_000, time.UTC)
+	s := newServer(t, newClock(start).Now)
+	const want = "Wed, 02 Jan 2030 03:04:05 GMT" // whole seconds, as http.TimeFormat
+	tests := []struct {
+		name  string
+		fault *whoptest.Fault
+		key   string
+		body  string
+	}{
+		{name: "success", key: keyAll, body: `{"company_id":"biz_1"}`},
+		{name: "validation error", key: keyAll, body: `{"company_id":"x"}`},
+		{name: "unknown key", key: "sk_nope", body: `{"company_id":"biz_1"}`},
+		{name: "injected status", fault: &whoptest.Fault{Status: 503}, key: keyAll},
+		{name: "injected body", fault: &whoptest.Fault{Status: 502, Body: "<html></html>", ContentType: "text/html"}, key: keyAll},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if tt.fault != nil {
+				s.Enqueue(*tt.fault)
+			}
+			if got := postRaw(t, s, tt.key, tt.body, nil).Header.Get("Date"); got != want {
+				t.Errorf("Date = %q, want %q", got, want)
+			}
+		})
+	}
+	base := strings.TrimSuffix(s.URL(), "/api/v1")
+	r, err := roundTrip(t, http.MethodGet, base+"/nowhere", nil, "")
+	if err != nil || r.Header.Get("Date") != want {
+		t.Errorf("404: Date = %q (%v), want %q", r.Header.Get("Date"), err, want)
+	}
+}
+
+func TestCallAPIVersionDate(t *testing.T) {
+	s := newServer(t, nil)
+	postRaw(t, s, keyAll, `{"company_id":"biz_1"}`, http.Header{"Api-Version-Date": {"2026-12-01"}})
+	postRaw(t, s, keyAll, `{"company_id":"biz_1"}`, nil)
+	s.Enqueue(whoptest.Fault{Status: 500})
+	postRaw(t, s, keyAll, `{"company_id":"biz_1"}`, http.Header{"Api-Version-Date": {"2025-01-01"}})
+	calls := s.Calls()
+	if len(calls) != 3 || calls[0].APIVersionDate != "2026-12-01" || calls[1].APIVersionDate != "" || calls[2].APIVersionDate != "2025-01-01" {
+		t.Fatalf("calls = %+v, want the header recorded, faults included", calls)
 	}
 }
