@@ -31,6 +31,8 @@ type options struct {
 	refreshAt                                                       float64
 	retryInitial, retryMax, negativeTTL, restartSpread, upstreamTTO time.Duration
 	maxEntries                                                      int
+	rateLimitCooldown, keyProbeInterval                             time.Duration
+	apiVersionDate                                                  string
 
 	adminGroup, auditLog, cacheKeyFile, policyFile, metricsAddr, configFile string
 	missRate                                                                float64
@@ -90,8 +92,11 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (op
 	fs.StringVar(&o.apiKeyFile, "api-key-file", env("TOKEND_API_KEY_FILE", ""), "file holding the Whop API key, mode 0600 (env TOKEND_API_KEY_FILE; else $CREDENTIALS_DIRECTORY/whop-api-key, else WHOP_API_KEY)")
 	fs.DurationVar(&o.lifetime, "token-lifetime", ev.duration("TOKEND_TOKEN_LIFETIME", time.Hour), "lifetime of the tokens asked of Whop, at most 3h (env TOKEND_TOKEN_LIFETIME)")
 	fs.IntVar(&o.maxInFlight, "upstream-max-inflight", ev.int("TOKEND_UPSTREAM_MAX_INFLIGHT", 4), "most upstream calls in flight at once (env TOKEND_UPSTREAM_MAX_INFLIGHT)")
-	fs.Float64Var(&o.rate, "upstream-rate", ev.float("TOKEND_UPSTREAM_RATE", 10), "upstream calls per second, sustained (env TOKEND_UPSTREAM_RATE)")
-	fs.IntVar(&o.burst, "upstream-burst", ev.int("TOKEND_UPSTREAM_BURST", 20), "upstream calls allowed in a burst (env TOKEND_UPSTREAM_BURST)")
+	fs.Float64Var(&o.rate, "upstream-rate", ev.float("TOKEND_UPSTREAM_RATE", refresher.DefaultRate), "upstream calls per second per credential, sustained; with the burst, the default stays within Whop's only published limit, 20 per 10s (env TOKEND_UPSTREAM_RATE)")
+	fs.IntVar(&o.burst, "upstream-burst", ev.int("TOKEND_UPSTREAM_BURST", refresher.DefaultBurst), "upstream calls allowed in a burst (env TOKEND_UPSTREAM_BURST)")
+	fs.DurationVar(&o.rateLimitCooldown, "rate-limit-cooldown", ev.duration("TOKEND_RATE_LIMIT_COOLDOWN", refresher.DefaultRateLimitCooldown), "pause of a credential's calls after a 429 that says neither Retry-After nor retry-after-ms; Whop documents a 60s cooldown (env TOKEND_RATE_LIMIT_COOLDOWN)")
+	fs.DurationVar(&o.keyProbeInterval, "key-probe-interval", ev.duration("TOKEND_KEY_PROBE_INTERVAL", refresher.DefaultKeyProbeInterval), "first wait before a key Whop answered 401 to is tried again; it doubles up to 30m (env TOKEND_KEY_PROBE_INTERVAL)")
+	fs.StringVar(&o.apiVersionDate, "api-version-date", env("TOKEND_API_VERSION_DATE", ""), "Whop API version to pin, sent as Api-Version-Date (YYYY-MM-DD, at most "+whop.NewestAPIVersionDate+"); empty sends none (env TOKEND_API_VERSION_DATE)")
 	fs.Float64Var(&o.refreshAt, "refresh-at", ev.float("TOKEND_REFRESH_AT", 2.0/3), "fraction of a token's lifetime after which it is refreshed, minus up to 0.1 of jitter (env TOKEND_REFRESH_AT)")
 	fs.DurationVar(&o.retryInitial, "retry-initial", ev.duration("TOKEND_RETRY_INITIAL", time.Second), "first backoff interval after a failed refresh; it doubles, randomized by ±50% (env TOKEND_RETRY_INITIAL)")
 	fs.DurationVar(&o.retryMax, "retry-max", ev.duration("TOKEND_RETRY_MAX", 2*time.Minute), "longest backoff interval between retries (env TOKEND_RETRY_MAX)")
@@ -161,13 +166,16 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 	for _, d := range []struct {
 		name string
 		v    time.Duration
-	}{{"--retry-initial", o.retryInitial}, {"--retry-max", o.retryMax}, {"--negative-ttl", o.negativeTTL}, {"--restart-spread", o.restartSpread}, {"--upstream-timeout", o.upstreamTTO}} {
+	}{{"--retry-initial", o.retryInitial}, {"--retry-max", o.retryMax}, {"--negative-ttl", o.negativeTTL}, {"--restart-spread", o.restartSpread}, {"--upstream-timeout", o.upstreamTTO}, {"--rate-limit-cooldown", o.rateLimitCooldown}, {"--key-probe-interval", o.keyProbeInterval}} {
 		if d.v <= 0 {
 			return daemon.Config{}, fmt.Errorf("%s %v: must be positive", d.name, d.v)
 		}
 	}
 	if o.retryMax < o.retryInitial {
 		return daemon.Config{}, fmt.Errorf("--retry-max %v: must not be below --retry-initial %v", o.retryMax, o.retryInitial)
+	}
+	if err := whop.ValidateAPIVersionDate(o.apiVersionDate); err != nil {
+		return daemon.Config{}, fmt.Errorf("--api-version-date: %w", err)
 	}
 	if o.maxEntries < 1 {
 		return daemon.Config{}, fmt.Errorf("--max-entries %d: must be positive", o.maxEntries)
@@ -201,6 +209,10 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 		RestartSpread:   o.restartSpread,
 		MaxEntries:      o.maxEntries,
 		UpstreamTimeout: o.upstreamTTO,
+
+		RateLimitCooldown: o.rateLimitCooldown,
+		KeyProbeInterval:  o.keyProbeInterval,
+		APIVersionDate:    o.apiVersionDate,
 
 		PolicyFile:      o.policyFile,
 		ConfigFile:      o.configFile,

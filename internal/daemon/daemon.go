@@ -64,6 +64,13 @@ type Config struct {
 	RestartSpread   time.Duration
 	MaxEntries      int
 	UpstreamTimeout time.Duration
+	// RateLimitCooldown pauses a credential after a 429 without a wait
+	// hint; KeyProbeInterval is the first wait before a key Whop refused
+	// (401) is tried again.
+	RateLimitCooldown time.Duration
+	KeyProbeInterval  time.Duration
+	// APIVersionDate, when set, is sent as Api-Version-Date.
+	APIVersionDate string
 
 	// Local security; see the README's security section.
 	// MetricsAddr, when set, serves Prometheus metrics: a loopback
@@ -173,6 +180,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 				UserAgent:       "tokend/" + cfg.Version,
 				Timeout:         cfg.UpstreamTimeout,
 				FingerprintSalt: c.Salt(),
+				APIVersionDate:  cfg.APIVersionDate,
 			})
 		},
 	}
@@ -206,6 +214,9 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		NegativeTTL:   cfg.NegativeTTL,
 		RestartSpread: cfg.RestartSpread,
 		MaxEntries:    cfg.MaxEntries,
+
+		RateLimitCooldown: cfg.RateLimitCooldown,
+		KeyProbeInterval:  cfg.KeyProbeInterval,
 		OnMint: func(m refresher.Mint) {
 			trail.Minted(audit.Subject{KeyID: m.KeyID, CompanyID: m.Key.CompanyID, UserID: m.Key.UserID, Scopes: m.Key.Scopes}, m.Token.Value, m.Cause)
 		},

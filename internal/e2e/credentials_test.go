@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -81,7 +82,9 @@ func TestCredentials429PausesOnlyItsOwn(t *testing.T) {
 	e, _ := credEnv(t)
 	tc := e.tokens()
 	e.fake.Enqueue(whoptestFault429(2))
-	if _, err := tc.GetToken(ctx(t), &tokendv1.GetTokenRequest{CompanyId: "biz_p1"}); status.Code(err) != codes.Unavailable {
+	short, cancel := context.WithTimeout(context.Background(), time.Second) // shorter than the pause: no in-call retry
+	defer cancel()
+	if _, err := tc.GetToken(short, &tokendv1.GetTokenRequest{CompanyId: "biz_p1"}); status.Code(err) != codes.Unavailable {
 		t.Fatalf("429: %v", err)
 	}
 	start := time.Now()

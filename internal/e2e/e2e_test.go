@@ -255,7 +255,8 @@ func TestUpstreamErrorCodes(t *testing.T) {
 	e := newEnv(t)
 	e.fake.AddKey("narrow", []string{"chat:read"})
 	e.writeKey("narrow")
-	e.start()
+	// A short cooldown, so that the 429 case does not hold the cases after it.
+	e.start("--rate-limit-cooldown", "50ms")
 	tc := e.tokens()
 	_, err := tc.GetToken(ctx(t), &tokendv1.GetTokenRequest{CompanyId: "biz_x", ScopedActions: []string{"payments:write"}})
 	if status.Code(err) != codes.PermissionDenied || !strings.Contains(status.Convert(err).Message(), "payments:write") {
@@ -268,7 +269,12 @@ func TestUpstreamErrorCodes(t *testing.T) {
 		status int
 		code   codes.Code
 	}{{404, codes.NotFound}, {422, codes.InvalidArgument}, {500, codes.Unavailable}, {429, codes.Unavailable}, {400, codes.InvalidArgument}, {401, codes.FailedPrecondition}} { // 401 last: it locks the key out
+		// A retryable status is tried three times within the call, as
+		// Whop's SDKs do: it must fail each time to reach the caller.
 		e.fake.Enqueue(faultStatus(c.status))
+		if c.code == codes.Unavailable {
+			e.fake.Enqueue(faultStatus(c.status), faultStatus(c.status))
+		}
 		_, err := tc.GetToken(ctx(t), &tokendv1.GetTokenRequest{CompanyId: fmt.Sprintf("biz_code%d", c.status)})
 		if status.Code(err) != c.code {
 			t.Errorf("upstream %d: got %v, want %v", c.status, err, c.code)
