@@ -1525,3 +1525,139 @@ func TestWatch(t *testing.T) {
 		})
 	}
 }
+
+// TestRateLimitWithoutHintPausesTheCredential: a 429 with neither
+// Retry-After nor retry-after-ms (Whop's documented v5 answer) pauses every
+// key of the credential for the default cooldown, and status says why.
+func TestRateLimitWithoutHintPausesTheCredential(t *testing.T) {
+	g := newRig(t, nil)
+	g.fake.Enqueue(whoptest.RateLimited())
+	if _, err := g.get(key); err == nil {
+		t.Fatal("want the 429")
+	}
+	st := g.r.Status().Credentials[0]
+	if want := g.clock.Now().Add(DefaultRateLimitCooldown); !st.PausedUntil.Equal(want) || st.PauseReason != "default cooldown (no Retry-After)" {
+		t.Fatalf("paused until %v (%q), want %v (default cooldown)", st.PausedUntil, st.PauseReason, want)
+	}
+	// Another key of the credential, with a deadline inside the pause,
+	// fails at once without a call, naming the pause.
+	var pe *PausedError
+	if _, err := g.get(NewKey("default", "biz_other", "", nil)); !errors.As(err, &pe) || pe.Why != st.PauseReason {
+		t.Fatalf("Get during the pause = %v, want a PausedError", err)
+	}
+	if n := g.fake.CallCount(); n != 1 {
+		t.Fatalf("upstream calls during the pause = %d, want 1", n)
+	}
+}
+
+// TestRetryAfterMsPauses: retry-after-ms sets the pause, to the millisecond.
+func TestRetryAfterMsPauses(t *testing.T) {
+	g := newRig(t, nil)
+	g.fake.Enqueue(whoptest.Fault{Status: 429, RetryAfterMs: "1500"})
+	if _, err := g.get(key); err == nil {
+		t.Fatal("want the 429")
+	}
+	st := g.r.Status().Credentials[0]
+	if want := g.clock.Now().Add(1500 * time.Millisecond); !st.PausedUntil.Equal(want) || st.PauseReason != "retry-after-ms header" {
+		t.Fatalf("paused until %v (%q), want %v by retry-after-ms", st.PausedUntil, st.PauseReason, want)
+	}
+}
+
+// TestInCallRetryOfAColdMiss: a dropped connection and a 503 on a cold
+// miss are retried within the one call, after the SDKs' backoff on the
+// virtual clock; the caller gets a token, and the key one entry.
+func TestInCallRetryOfAColdMiss(t *testing.T) {
+	g := newRig(t, func(_ *rig, c *Config) { c.InCallRetries = DefaultInCallRetries })
+	g.fake.Enqueue(whoptest.Fault{Drop: true}, whoptest.Fault{Status: 503, ShouldRetry: "true"})
+	start := g.clock.Now()
+	ch := g.goGet(key)
+	for n := 2; n <= 3; n++ {
+		// The call is in flight, not on the schedule: step virtual time
+		// until its retry timer fires.
+		g.poll(func() string { return fmt.Sprintf("upstream calls = %d, want %d", g.fake.CallCount(), n) },
+			func() bool { g.clock.Advance(10 * time.Millisecond); return g.fake.CallCount() >= n })
+	}
+	// Backoffs of 0.375-0.5s and 0.75-1s, on the virtual clock.
+	if waited := g.clock.Now().Sub(start); waited < 1125*time.Millisecond || waited > 1600*time.Millisecond {
+		t.Fatalf("the two retries came %v after the first call, want 1.125s to 1.5s", waited)
+	}
+	if r := g.await(ch); r.err != nil || r.res.Source != SourceMinted {
+		t.Fatalf("Get after two retried failures = %v (%v), want a minted token", r.err, r.res.Source)
+	}
+}
+
+// TestShouldRetryFalseStopsInCallRetry: x-should-retry: false makes even a
+// 503 final, as Whop's SDKs treat it.
+func TestShouldRetryFalseStopsInCallRetry(t *testing.T) {
+	g := newRig(t, func(_ *rig, c *Config) { c.InCallRetries = DefaultInCallRetries })
+	g.fake.Enqueue(whoptest.Fault{Status: 503, ShouldRetry: "false"})
+	if _, err := g.get(key); err == nil || whop.IsRetryable(err) {
+		t.Fatalf("Get = %v, want a final 503", err)
+	}
+	if n := g.fake.CallCount(); n != 1 {
+		t.Fatalf("upstream calls = %d, want 1", n)
+	}
+}
+
+// TestMaxLifetimeWithWhopClockBehind: --token-lifetime 3h against a Whop
+// whose clock is 0.3s behind ours: the margin keeps every mint valid.
+func TestMaxLifetimeWithWhopClockBehind(t *testing.T) {
+	g := newRig(t, func(_ *rig, c *Config) { c.Lifetime = MaxLifetime })
+	g.fake.SetSkew(-300 * time.Millisecond)
+	res := g.mustGet(key)
+	if life := res.Token.ExpiresAt.Sub(res.Token.ObtainedAt); life < MaxLifetime-lifetimeMargin-time.Second || life > MaxLifetime {
+		t.Fatalf("lifetime %v, want about %v", life, MaxLifetime-lifetimeMargin)
+	}
+	if n := g.fake.CallCount(); n != 1 {
+		t.Fatalf("upstream calls = %d, want 1", n)
+	}
+}
+
+// TestClockSkewCorrected: Whop's clock 10 minutes ahead: tokend asks for
+// the lifetime on Whop's clock and judges expiry on its own, so the token
+// counts as an hour long here (and Whop grants an hour), and status shows
+// the skew.
+func TestClockSkewCorrected(t *testing.T) {
+	g := newRig(t, nil)
+	g.fake.SetSkew(10 * time.Minute)
+	g.mustGet(NewKey("default", "biz_probe", "", nil)) // learns the skew
+	res := g.mustGet(key)
+	if life := res.Token.ExpiresAt.Sub(res.Token.ObtainedAt); (life - DefaultLifetime).Abs() > 2*time.Second {
+		t.Fatalf("token lifetime on this host's clock = %v, want %v", life, DefaultLifetime)
+	}
+	st := g.r.Status().Credentials[0]
+	if (st.ClockSkew - 10*time.Minute).Abs() > 2*time.Second {
+		t.Fatalf("status clock skew = %v, want about 10m", st.ClockSkew)
+	}
+	calls := g.fake.Calls()
+	asked, err := time.Parse(time.RFC3339, calls[len(calls)-1].ExpiresAt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := asked.Sub(g.clock.Now().Add(10*time.Minute + DefaultLifetime)); d.Abs() > 2*time.Second {
+		t.Fatalf("asked expires_at %v off from Whop's now + 1h", d)
+	}
+}
+
+// TestRejectedKeyIsProbed: after a 401, calls are refused without a
+// request until the probe interval passes; then one call tries the key
+// again, and its success ends the lockout.
+func TestRejectedKeyIsProbed(t *testing.T) {
+	g := newRig(t, nil)
+	g.fake.Enqueue(whoptest.Fault{Status: 401})
+	if _, err := g.get(key); err == nil {
+		t.Fatal("want the 401")
+	}
+	if _, err := g.get(NewKey("default", "biz_other", "", nil)); !errors.Is(err, ErrKeyRejected) {
+		t.Fatalf("Get before the probe = %v, want ErrKeyRejected", err)
+	}
+	st := g.r.Status().Credentials[0]
+	if !st.Rejected || !st.NextProbe.Equal(g.clock.Now().Add(DefaultKeyProbeInterval)) {
+		t.Fatalf("status rejected=%v next probe %v, want a probe in %v", st.Rejected, st.NextProbe, DefaultKeyProbeInterval)
+	}
+	g.advance(DefaultKeyProbeInterval)
+	g.mustGet(NewKey("default", "biz_after", "", nil))
+	if st := g.r.Status().Credentials[0]; st.Rejected {
+		t.Fatal("still rejected after a probe Whop accepted")
+	}
+}
