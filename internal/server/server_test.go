@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"errors"
 	"net"
 	"os"
@@ -9,10 +10,12 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/tokend/tokend/internal/refresher"
 	"github.com/tokend/tokend/internal/whop"
 	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
 )
@@ -103,12 +106,47 @@ func TestUpstreamStatusCodes(t *testing.T) {
 		{&whop.Error{StatusCode: 429}, codes.Unavailable},
 		{&whop.Error{StatusCode: 503}, codes.Unavailable},
 		{&whop.Error{Err: os.ErrDeadlineExceeded}, codes.Unavailable},
+		{&whop.Error{Message: "timed out after 10s waiting for Whop", Err: whop.ErrTimeout}, codes.Unavailable},
+		{&whop.Error{StatusCode: 200, Message: "response missing token"}, codes.Unavailable},
+		{&whop.Error{StatusCode: 409}, codes.Aborted},
+		{&refresher.PausedError{Credential: "default", Until: time.Now().Add(time.Minute), Why: "default cooldown (no Retry-After)"}, codes.Unavailable},
+		{context.DeadlineExceeded, codes.DeadlineExceeded},
 	}
 	for _, c := range cases {
 		err := upstreamStatus(c.err)
 		if status.Code(err) != c.code {
 			t.Errorf("%v -> %v, want %v", c.err, status.Code(err), c.code)
 		}
+	}
+}
+
+// TestUpstreamStatusDetails: what Whop said beyond its message reaches the
+// caller as a google.rpc.ErrorInfo, and a wait it asked for as RetryInfo.
+func TestUpstreamStatusDetails(t *testing.T) {
+	err := upstreamStatus(&whop.Error{StatusCode: 400, Type: "invalid_request_error", Code: "parameter_invalid", Param: "company_id", Message: "Invalid parameter"})
+	st := status.Convert(err)
+	var info *errdetails.ErrorInfo
+	for _, d := range st.Details() {
+		if i, ok := d.(*errdetails.ErrorInfo); ok {
+			info = i
+		}
+	}
+	if info == nil || info.Reason != "PARAMETER_INVALID" || info.Domain != whopDomain ||
+		info.Metadata["type"] != "invalid_request_error" || info.Metadata["param"] != "company_id" || info.Metadata["http_status"] != "400" {
+		t.Fatalf("ErrorInfo = %v, want reason PARAMETER_INVALID with type, param and status", info)
+	}
+	err = upstreamStatus(&whop.Error{StatusCode: 429, RetryAfter: 2 * time.Second, RetryAfterFrom: "retry-after"})
+	var retry *errdetails.RetryInfo
+	for _, d := range status.Convert(err).Details() {
+		if r, ok := d.(*errdetails.RetryInfo); ok {
+			retry = r
+		}
+	}
+	if retry == nil || retry.RetryDelay.AsDuration() != 2*time.Second {
+		t.Fatalf("RetryInfo = %v, want 2s", retry)
+	}
+	if msg := status.Convert(upstreamStatus(context.DeadlineExceeded)).Message(); strings.Contains(msg, "will be cached") {
+		t.Fatalf("deadline message promises a cached token: %q", msg)
 	}
 }
 
