@@ -377,8 +377,16 @@ func writeCredentials(w io.Writer, creds []*tokendv1.CredentialStatus, now time.
 		switch {
 		case c.GetRejected():
 			h = "REJECTED"
+			if t := c.GetNextProbe(); t != nil {
+				h += ", probed " + relative(t.AsTime(), now)
+			}
 		case pausedFor(c.GetPausedUntil(), now) != "":
 			h = "paused for " + pausedFor(c.GetPausedUntil(), now)
+			if r := c.GetPauseReason(); r != "" {
+				h += " (" + r + ")"
+			}
+		case c.GetClockSkewWarning():
+			h = "clock off by " + c.GetClockSkew().AsDuration().Round(time.Second).String()
 		}
 		name.cells = append(name.cells, "  "+orDash(c.GetName()))
 		kind.cells = append(kind.cells, orDash(c.GetKind()))
