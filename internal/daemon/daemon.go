@@ -264,7 +264,9 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	g.Go(func() error { return sdn.run(gctx) })
 	rl := newReloader(cfg, keyFrom, log, creds, ref, sdn)
 	rl.policyFile, rl.policy = cfg.PolicyFile, &pol
-	g.Go(func() error { return rl.run(gctx, cfg.Reload) })
+	changed := make(chan struct{}, 1)
+	g.Go(func() error { watchFiles(gctx, log.With("component", "keywatch"), rl.watched(), changed); return nil })
+	g.Go(func() error { return rl.run(gctx, cfg.Reload, changed) })
 	log.Info("tokend ready", "version", cfg.Version, "socket", cfg.Socket, "state_dir", cfg.StateDir, "entries", stats.Loaded)
 	if cfg.Dev {
 		fmt.Fprintf(cfg.Stdout, "tokend is running in dev mode against a fake Whop upstream. Try, in another shell:\n\n"+

@@ -1,15 +1,15 @@
 package daemon
 
 import (
-	"strings"
-	"sync/atomic"
-
 	"bytes"
 	"context"
 	"encoding/hex"
-	"github.com/tokend/tokend/internal/policy"
 	"log/slog"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
 
+	"github.com/tokend/tokend/internal/policy"
 	"github.com/tokend/tokend/internal/refresher"
 )
 
@@ -56,16 +56,45 @@ func newReloader(cfg Config, from string, log *slog.Logger, creds *credentialSet
 	return r
 }
 
-// run reloads once per value received from reload until ctx ends.
-func (r *reloader) run(ctx context.Context, reload <-chan struct{}) error {
+// run reloads once per value received from reload or changed until ctx
+// ends.
+func (r *reloader) run(ctx context.Context, reload, changed <-chan struct{}) error {
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-reload:
 			r.reload()
+		case <-changed:
+			r.reload()
 		}
 	}
+}
+
+// watched are the files whose change reloads by itself: the API key
+// file, or the config file and the credentials it names.
+func (r *reloader) watched() []string {
+	if r.fixed != "" {
+		return nil
+	}
+	if r.creds.file == "" {
+		if r.keys.File != "" {
+			return []string{r.keys.File}
+		}
+		if r.keys.CredentialsDir != "" {
+			return []string{filepath.Join(r.keys.CredentialsDir, "whop-api-key")}
+		}
+		return nil
+	}
+	files := []string{r.creds.file}
+	if specs, err := parseConfig(r.creds.file); err == nil {
+		for _, s := range specs {
+			if s.File != "" {
+				files = append(files, s.File)
+			}
+		}
+	}
+	return files
 }
 
 func (r *reloader) reload() {

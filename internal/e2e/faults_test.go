@@ -561,3 +561,35 @@ func grepLines(s, substr string) string {
 func whoptestFault429(retryAfter int) whoptest.Fault {
 	return whoptest.Fault{Status: 429, RetryAfter: fmt.Sprint(retryAfter)}
 }
+
+// TestFault401RecoversWhenTheKeyFileChanges: Whop revokes the key (401);
+// the operator writes a new one into --api-key-file and does nothing else:
+// tokend notices the file, reloads, and serves again without a SIGHUP.
+func TestFault401RecoversWhenTheKeyFileChanges(t *testing.T) {
+	e := newEnv(t)
+	e.start(fast...)
+	tc := e.tokens()
+	e.fake.RemoveKey(testKey)
+	if _, err := tc.GetToken(ctx(t), companyKey(0)); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("revoked key: got %v, want FailedPrecondition", err)
+	}
+	const rotated = "whop_rotated_key_0123456789abcdef"
+	e.fake.AddKey(rotated, nil)
+	e.writeKey(rotated)
+	changed := time.Now()
+	for {
+		_, err := tc.GetToken(ctx(t), companyKey(1))
+		if err == nil {
+			break
+		}
+		if time.Since(changed) > 10*time.Second {
+			t.Fatalf("still failing %v after the key file changed: %v", time.Since(changed), err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("served again %v after the key file changed, without a reload", time.Since(changed).Round(time.Millisecond))
+	calls := e.fake.Calls()
+	if last := calls[len(calls)-1]; last.Key != rotated {
+		t.Fatal("the last upstream call did not use the rotated key")
+	}
+}

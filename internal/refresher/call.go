@@ -282,7 +282,7 @@ func (r *Refresher) finish(c *call, o outcome) {
 	if o.err != nil && !o.notTried {
 		if rejected {
 			_, probeAt := up.gate.rejection(o.fp)
-			r.log.Error("Whop rejected a credential (401); no upstream call with it until a reload or the next probe", "credential", up.Name, "next_probe", probeAt.Format(time.RFC3339), "err", info.Message)
+			r.log.Error("Whop rejected a credential (401); no upstream call with it until its key file changes, a reload, or the next probe", "credential", up.Name, "next_probe", probeAt.Format(time.RFC3339), "err", info.Message)
 		}
 		r.log.Warn("upstream refresh failed", "key", e.id, "subject", e.key.Subject(), "status", info.Status, "retryable", info.Retryable, "retry_in", retryIn.Round(time.Millisecond), "err", info.Message)
 	}

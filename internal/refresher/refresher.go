@@ -401,7 +401,7 @@ var (
 	ErrMissRateLimited = errors.New("too many cache misses from this caller; retry later")
 	// ErrKeyRejected is returned without an upstream call while Whop's last
 	// answer to the credential's current secret was 401.
-	ErrKeyRejected = &whop.Error{StatusCode: 401, Type: "unauthorized", Message: "Whop rejected this credential earlier; tokend tries it again on reload (systemctl reload tokend) and by itself with a growing backoff (--key-probe-interval)"}
+	ErrKeyRejected = &whop.Error{StatusCode: 401, Type: "unauthorized", Message: "Whop rejected this credential earlier; tokend tries it again when its key file changes, on reload (systemctl reload tokend), and by itself with a growing backoff (--key-probe-interval)"}
 	// ErrEvicted: the entry is gone; asking again makes a new one.
 	ErrEvicted = errors.New("entry was evicted")
 )
