@@ -1661,3 +1661,20 @@ func TestRejectedKeyIsProbed(t *testing.T) {
 		t.Fatal("still rejected after a probe Whop accepted")
 	}
 }
+
+// TestExpiresAtRefusedRetriesWithWhopDefault: a 400 about expires_at is
+// Whop's clock disagreeing with the lifetime asked: the call asks once
+// more with no expires_at (Whop's default), and the key is not negative-
+// cached.
+func TestExpiresAtRefusedRetriesWithWhopDefault(t *testing.T) {
+	g := newRig(t, nil)
+	g.fake.Enqueue(whoptest.Fault{Status: 400, Body: `{"error":{"type":"invalid_request_error","code":"parameter_invalid","param":"expires_at","message":"Invalid parameter: expires_at must be at most 3 hours from now."}}`})
+	res := g.mustGet(key)
+	calls := g.fake.Calls()
+	if len(calls) != 2 || calls[0].ExpiresAt == "" || calls[1].ExpiresAt != "" {
+		t.Fatalf("calls = %+v, want one with expires_at, then one without", calls)
+	}
+	if life := res.Token.ExpiresAt.Sub(res.Token.ObtainedAt); (life - time.Hour).Abs() > 2*time.Second {
+		t.Fatalf("lifetime %v, want Whop's default 1h", life)
+	}
+}
