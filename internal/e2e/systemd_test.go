@@ -236,8 +236,10 @@ func TestCredentialsDirectoryReload(t *testing.T) {
 			t.Fatalf("%s key file: tokend stopped using the current key", c.name)
 		}
 	}
-	if n := strings.Count(d.Out.String(), "reload: keeping the current API key"); n != 3 {
-		t.Fatalf("%d reloads kept the current key, want 3:\n%s", n, d.Out.String())
+	// One per SIGHUP; the key-file watch reloads on the same changes and
+	// may add its own.
+	if n := strings.Count(d.Out.String(), "reload: keeping the current API key"); n < 3 {
+		t.Fatalf("%d reloads kept the current key, want at least 3:\n%s", n, d.Out.String())
 	}
 
 	// One connection throughout: reloads never dropped the client.
