@@ -107,8 +107,13 @@ func (r *Refresher) runCall(c *call) {
 	var o outcome
 	status := 0
 	for attempt := 0; ; attempt++ {
-		var tried bool
-		o, status, tried = r.attempt(c, up, fp, lifetime, attempt)
+		next, st, tried := r.attempt(c, up, fp, lifetime, attempt)
+		if !tried && attempt > 0 && r.base.Err() == nil {
+			// A retry the limiter could not fit in the waiters' time:
+			// they get Whop's last answer, not the limiter's.
+			break
+		}
+		o, status = next, st
 		if !tried || o.err == nil || r.base.Err() != nil {
 			break
 		}
@@ -121,6 +126,7 @@ func (r *Refresher) runCall(c *call) {
 			attempt--
 			continue
 		}
+		// A 401 locked the key out, whatever x-should-retry said.
 		if attempt >= r.cfg.InCallRetries || !whop.IsRetryable(o.err) || status == 401 {
 			break
 		}
