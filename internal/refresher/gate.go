@@ -101,7 +101,7 @@ func (g *gate) rejectKey(fp []byte) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if fp == nil {
-		g.rejected, g.probeAt, g.probeGap, g.probing = nil, time.Time{}, 0, false
+		g.forgetLocked()
 		return
 	}
 	if !bytes.Equal(g.rejected, fp) {
@@ -146,10 +146,15 @@ func (g *gate) probed(fp []byte, status int) {
 	default:
 		g.mu.Lock()
 		if bytes.Equal(g.rejected, fp) {
-			g.rejected, g.probeAt, g.probeGap, g.probing = nil, time.Time{}, 0, false
+			g.forgetLocked()
 		}
 		g.mu.Unlock()
 	}
+}
+
+// forgetLocked ends a rejection and its probe schedule.
+func (g *gate) forgetLocked() {
+	g.rejected, g.probeAt, g.probeGap, g.probing = nil, time.Time{}, 0, false
 }
 
 // rejection reports whether fp is the key Whop refused, and when it will
