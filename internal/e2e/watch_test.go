@@ -12,6 +12,15 @@ import (
 	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
 )
 
+// fanOutBound is how soon after a refresh every watcher must have the new
+// token. The target is 100 ms for the tokend that ships; .ci/run checks it
+// by running this test without the race detector. A race build of tokend
+// and of the 1,000 clients, on the same two cores, runs several times
+// slower (one CI run saw 101 ms), so under -race the bound only catches a
+// watcher being held up (a stalled stream blocking the broadcast would
+// take seconds).
+var fanOutBound = map[bool]time.Duration{false: 100 * time.Millisecond, true: 500 * time.Millisecond}[raceEnabled]
+
 // TestWatchTokenFanOut: 1,000 watchers of one key each get every refreshed
 // token within 100 ms of the refresh, one upstream call per refresh, and a
 // watcher that never reads holds nobody up. Someone keeps using the key
@@ -128,8 +137,8 @@ func TestWatchTokenFanOut(t *testing.T) {
 	if n := e.fake.CallsFor("biz_watch"); n != 3 {
 		t.Fatalf("%d upstream calls for 2 refreshes and the first mint, want 3", n)
 	}
-	if worst > 100*time.Millisecond {
-		t.Fatalf("a watcher got a refreshed token %v after the refresh; want within 100ms", worst)
+	if worst > fanOutBound {
+		t.Fatalf("a watcher got a refreshed token %v after the refresh; want within %v", worst, fanOutBound)
 	}
 }
 
