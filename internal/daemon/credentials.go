@@ -29,56 +29,67 @@ type credentialSpec struct {
 }
 
 type configFile struct {
-	Credentials []yaml.Node `yaml:"credentials"`
+	// APIVersionDate is sent as Api-Version-Date by every credential;
+	// --api-version-date, when set, wins.
+	APIVersionDate string      `yaml:"api_version_date"`
+	Credentials    []yaml.Node `yaml:"credentials"`
+}
+
+// config is a parsed, validated configuration file.
+type config struct {
+	apiVersionDate string
+	specs          []credentialSpec
 }
 
 var credentialName = regexp.MustCompile(`^[a-z0-9][a-z0-9_.-]{0,62}$`)
 
-// parseConfig reads the credentials of a configuration file. Errors name
-// the file and line.
-func parseConfig(path string) ([]credentialSpec, error) {
+// parseConfig reads a configuration file. Errors name the file and line.
+func parseConfig(path string) (config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("read config: %w", err)
+		return config{}, fmt.Errorf("read config: %w", err)
 	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	var cf configFile
 	if err := dec.Decode(&cf); err != nil {
-		return nil, fmt.Errorf("%s: %v", path, strings.TrimPrefix(err.Error(), "yaml: "))
+		return config{}, fmt.Errorf("%s: %v", path, strings.TrimPrefix(err.Error(), "yaml: "))
+	}
+	if err := whop.ValidateAPIVersionDate(cf.APIVersionDate); err != nil {
+		return config{}, fmt.Errorf("%s: api_version_date: %v", path, err)
 	}
 	if len(cf.Credentials) == 0 {
-		return nil, fmt.Errorf("%s: credentials: at least one credential is required", path)
+		return config{}, fmt.Errorf("%s: credentials: at least one credential is required", path)
 	}
 	var specs []credentialSpec
 	seen := map[string]int{}
 	for _, n := range cf.Credentials {
 		var s credentialSpec
 		if err := n.Decode(&s); err != nil {
-			return nil, fmt.Errorf("%s:%d: %v", path, n.Line, strings.TrimPrefix(err.Error(), "yaml: "))
+			return config{}, fmt.Errorf("%s:%d: %v", path, n.Line, strings.TrimPrefix(err.Error(), "yaml: "))
 		}
 		s.line = n.Line
 		at := fmt.Sprintf("%s:%d", path, n.Line)
 		switch {
 		case !credentialName.MatchString(s.Name):
-			return nil, fmt.Errorf("%s: name %q: want lower-case letters, digits, '.', '_' or '-', such as default or chat-app", at, s.Name)
+			return config{}, fmt.Errorf("%s: name %q: want lower-case letters, digits, '.', '_' or '-', such as default or chat-app", at, s.Name)
 		case seen[s.Name] != 0:
-			return nil, fmt.Errorf("%s: name %q is already used at line %d", at, s.Name, seen[s.Name])
+			return config{}, fmt.Errorf("%s: name %q is already used at line %d", at, s.Name, seen[s.Name])
 		case s.Kind == "":
 			s.Kind = "api_key"
 		case s.Kind != "api_key" && s.Kind != "oauth_user":
-			return nil, fmt.Errorf("%s: kind %q: want api_key or oauth_user", at, s.Kind)
+			return config{}, fmt.Errorf("%s: kind %q: want api_key or oauth_user", at, s.Kind)
 		}
 		if (s.File == "") == (s.SystemdCredential == "") {
-			return nil, fmt.Errorf("%s: credential %q needs exactly one of file and systemd_credential", at, s.Name)
+			return config{}, fmt.Errorf("%s: credential %q needs exactly one of file and systemd_credential", at, s.Name)
 		}
 		if s.File != "" && !filepath.IsAbs(s.File) {
-			return nil, fmt.Errorf("%s: file %q: want an absolute path", at, s.File)
+			return config{}, fmt.Errorf("%s: file %q: want an absolute path", at, s.File)
 		}
 		seen[s.Name] = n.Line
 		specs = append(specs, s)
 	}
-	return specs, nil
+	return config{apiVersionDate: cf.APIVersionDate, specs: specs}, nil
 }
 
 // credentialSet holds the Whop clients of every configured credential and
@@ -88,7 +99,10 @@ type credentialSet struct {
 	log     *slog.Logger
 	file    string // the configuration file; "" means the one default key
 	credDir string
-	newWhop func(key string) (*whop.Client, error)
+	// flagVersion is --api-version-date, which wins over the file's;
+	// version is the one in use.
+	flagVersion, version string
+	newWhop              func(key, apiVersionDate string) (*whop.Client, error)
 
 	clients map[string]*whop.Client
 	oauth   map[string]bool
@@ -98,24 +112,26 @@ type credentialSet struct {
 // default credential's secret, already loaded.
 func (cs *credentialSet) load(key string) ([]refresher.Credential, error) {
 	cs.clients, cs.oauth = map[string]*whop.Client{}, map[string]bool{}
+	cs.version = cs.flagVersion
 	if cs.file == "" {
-		c, err := cs.newWhop(key)
+		c, err := cs.newWhop(key, cs.version)
 		if err != nil {
 			return nil, err
 		}
 		cs.clients["default"] = c
 		return cs.list(), nil
 	}
-	specs, err := parseConfig(cs.file)
+	cfg, err := parseConfig(cs.file)
 	if err != nil {
 		return nil, err
 	}
-	for _, s := range specs {
+	cs.version = cs.versionFor(cfg)
+	for _, s := range cfg.specs {
 		secret, err := cs.read(s)
 		if err != nil {
 			return nil, err
 		}
-		c, err := cs.newWhop(secret)
+		c, err := cs.newWhop(secret, cs.version)
 		if err != nil {
 			return nil, fmt.Errorf("credential %q: %w", s.Name, err)
 		}
@@ -128,10 +144,11 @@ func (cs *credentialSet) load(key string) ([]refresher.Credential, error) {
 // reload re-reads the configuration file and every secret. Any failure
 // keeps the whole current set, so a half-written file changes nothing.
 func (cs *credentialSet) reload() ([]refresher.Credential, error) {
-	specs, err := parseConfig(cs.file)
+	cfg, err := parseConfig(cs.file)
 	if err != nil {
 		return nil, err
 	}
+	specs, version := cfg.specs, cs.versionFor(cfg)
 	secrets := map[string]string{}
 	for _, s := range specs {
 		if secrets[s.Name], err = cs.read(s); err != nil {
@@ -139,21 +156,28 @@ func (cs *credentialSet) reload() ([]refresher.Credential, error) {
 		}
 		// Check every secret before changing anything: a bad one keeps the
 		// whole current set, not half of it.
-		if _, err := cs.newWhop(secrets[s.Name]); err != nil {
+		if _, err := cs.newWhop(secrets[s.Name], version); err != nil {
 			return nil, fmt.Errorf("credential %q: %w", s.Name, err)
 		}
+	}
+	if version != cs.version {
+		cs.log.Info("reload: Api-Version-Date changed", "old", cs.version, "new", version)
 	}
 	clients, oauth := map[string]*whop.Client{}, map[string]bool{}
 	for _, s := range specs {
 		c := cs.clients[s.Name]
 		switch {
 		case c == nil:
-			if c, err = cs.newWhop(secrets[s.Name]); err != nil {
+			if c, err = cs.newWhop(secrets[s.Name], version); err != nil {
 				return nil, fmt.Errorf("credential %q: %w", s.Name, err)
 			}
 			cs.log.Info("reload: credential added", "credential", s.Name, "kind", s.Kind)
 		default:
 			old := c.KeyFingerprint()
+			// Validated above, so neither can fail half-way through.
+			if err := c.SetAPIVersionDate(version); err != nil {
+				return nil, fmt.Errorf("credential %q: %w", s.Name, err)
+			}
 			if err := c.SetAPIKey(secrets[s.Name]); err != nil {
 				return nil, fmt.Errorf("credential %q: %w", s.Name, err)
 			}
@@ -168,8 +192,20 @@ func (cs *credentialSet) reload() ([]refresher.Credential, error) {
 			cs.log.Info("reload: credential removed; its entries are evicted", "credential", name)
 		}
 	}
-	cs.clients, cs.oauth = clients, oauth
+	cs.clients, cs.oauth, cs.version = clients, oauth, version
 	return cs.list(), nil
+}
+
+// versionFor is the Api-Version-Date to send under cfg: the flag's if set
+// (saying so when the file disagrees), else the file's.
+func (cs *credentialSet) versionFor(cfg config) string {
+	if cs.flagVersion == "" {
+		return cfg.apiVersionDate
+	}
+	if cfg.apiVersionDate != "" && cfg.apiVersionDate != cs.flagVersion {
+		cs.log.Warn("--api-version-date overrides the config file's api_version_date", "file", cs.file, "flag", cs.flagVersion, "file_value", cfg.apiVersionDate)
+	}
+	return cs.flagVersion
 }
 
 func (cs *credentialSet) read(s credentialSpec) (string, error) {

@@ -69,7 +69,8 @@ type Config struct {
 	// (401) is tried again.
 	RateLimitCooldown time.Duration
 	KeyProbeInterval  time.Duration
-	// APIVersionDate, when set, is sent as Api-Version-Date.
+	// APIVersionDate, when set, is sent as Api-Version-Date; it wins over
+	// the configuration file's api_version_date.
 	APIVersionDate string
 
 	// Local security; see the README's security section.
@@ -170,17 +171,18 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 
 	creds := &credentialSet{
-		log:     log.With("component", "credentials"),
-		file:    cfg.ConfigFile,
-		credDir: cfg.Keys.CredentialsDir,
-		newWhop: func(key string) (*whop.Client, error) {
+		log:         log.With("component", "credentials"),
+		file:        cfg.ConfigFile,
+		credDir:     cfg.Keys.CredentialsDir,
+		flagVersion: cfg.APIVersionDate,
+		newWhop: func(key, apiVersionDate string) (*whop.Client, error) {
 			return whop.New(whop.Config{
 				BaseURL:         cfg.WhopURL,
 				APIKey:          key,
 				UserAgent:       "tokend/" + cfg.Version,
 				Timeout:         cfg.UpstreamTimeout,
 				FingerprintSalt: c.Salt(),
-				APIVersionDate:  cfg.APIVersionDate,
+				APIVersionDate:  apiVersionDate,
 			})
 		},
 	}

@@ -87,8 +87,8 @@ func (r *reloader) watched() []string {
 		return nil
 	}
 	files := []string{r.creds.file}
-	if specs, err := parseConfig(r.creds.file); err == nil {
-		for _, s := range specs {
+	if cfg, err := parseConfig(r.creds.file); err == nil {
+		for _, s := range cfg.specs {
 			if s.File != "" {
 				files = append(files, s.File)
 			}

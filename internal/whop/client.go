@@ -119,8 +119,10 @@ type Client struct {
 	hc        *http.Client
 	timeout   time.Duration
 	userAgent string
-	version   string // Api-Version-Date, "" for none
-	salt      []byte
+	// version is the Api-Version-Date, "" for none; a reload of the
+	// configuration file may change it under in-flight requests.
+	version atomic.Pointer[string]
+	salt    []byte
 	// key is behind a pointer so that printing a Client with %v shows an
 	// address, never the key, and reloads swap it atomically.
 	key atomic.Pointer[apiKey]
@@ -157,7 +159,6 @@ func New(cfg Config) (*Client, error) {
 		hc:        cfg.HTTPClient,
 		timeout:   cfg.Timeout,
 		userAgent: cfg.UserAgent,
-		version:   cfg.APIVersionDate,
 		salt:      bytes.Clone(cfg.FingerprintSalt),
 	}
 	if c.hc == nil {
@@ -169,6 +170,8 @@ func New(cfg Config) (*Client, error) {
 	if c.userAgent == "" {
 		c.userAgent = defaultUserAgent
 	}
+	version := cfg.APIVersionDate
+	c.version.Store(&version)
 	key := cfg.APIKey
 	c.key.Store(c.newKey(key))
 	return c, nil
@@ -210,6 +213,19 @@ func (c *Client) SetAPIKey(key string) error {
 	c.key.Store(c.newKey(key))
 	return nil
 }
+
+// SetAPIVersionDate changes the Api-Version-Date of subsequent requests
+// ("" sends none), for config reloads. See ValidateAPIVersionDate.
+func (c *Client) SetAPIVersionDate(v string) error {
+	if err := ValidateAPIVersionDate(v); err != nil {
+		return err
+	}
+	c.version.Store(&v)
+	return nil
+}
+
+// APIVersionDate is the Api-Version-Date sent, "" for none.
+func (c *Client) APIVersionDate() string { return *c.version.Load() }
 
 // apiKey is the key with its fingerprint, computed once per key because the
 // cache compares fingerprints on every hit.
@@ -318,8 +334,8 @@ func (c *Client) CreateAccessToken(ctx context.Context, r Request) (AccessToken,
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "application/json")
 	req.Header.Set("User-Agent", c.userAgent)
-	if c.version != "" {
-		req.Header.Set("Api-Version-Date", c.version)
+	if v := c.APIVersionDate(); v != "" {
+		req.Header.Set("Api-Version-Date", v)
 	}
 
 	resp, err := c.hc.Do(req)

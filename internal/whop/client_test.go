@@ -630,6 +630,20 @@ func TestAPIVersionDate(t *testing.T) {
 		if got := s.Calls()[0].APIVersionDate; got != v {
 			t.Errorf("APIVersionDate %q: sent %q", v, got)
 		}
+		// A reload changes it in place; a bad one changes nothing.
+		if err := c.SetAPIVersionDate("2099-01-01"); err == nil || c.APIVersionDate() != v {
+			t.Errorf("SetAPIVersionDate(2099-01-01): %v, now %q", err, c.APIVersionDate())
+		}
+		if err := c.SetAPIVersionDate("2024-01-01"); err != nil {
+			t.Fatal(err)
+		}
+		s.ResetCounters()
+		if _, err := c.CreateAccessToken(context.Background(), whop.Request{CompanyID: "biz_1"}); err != nil {
+			t.Fatal(err)
+		}
+		if got := s.Calls()[0].APIVersionDate; got != "2024-01-01" {
+			t.Errorf("after SetAPIVersionDate: sent %q", got)
+		}
 	}
 
 	tests := []struct {
