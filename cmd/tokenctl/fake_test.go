@@ -114,6 +114,7 @@ func cannedEntries() ([]*tokendv1.Entry, map[string]string) {
 			LastRequestedAt: ts(-3 * time.Minute), Hits: 40, Refreshes: 1,
 			LastError: &tokendv1.UpstreamError{
 				At: ts(-2 * time.Minute), HttpStatus: 403, Message: "scope forums:write not granted to this app",
+				Type: "invalid_request_error", Code: "scope_not_granted", Param: "scoped_actions",
 			},
 		},
 		{

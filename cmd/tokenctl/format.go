@@ -528,6 +528,16 @@ func upstreamError(e *tokendv1.UpstreamError, now time.Time) string {
 	if e.GetMessage() != "" {
 		b.WriteString(": " + e.GetMessage())
 	}
+	// Whop's own names for the error, for searching its docs and logs.
+	var names []string
+	for _, n := range [][2]string{{"type", e.GetType()}, {"code", e.GetCode()}, {"param", e.GetParam()}} {
+		if n[1] != "" {
+			names = append(names, n[0]+" "+n[1])
+		}
+	}
+	if len(names) > 0 {
+		b.WriteString(" [" + strings.Join(names, ", ") + "]")
+	}
 	if e.GetRetryable() {
 		b.WriteString(" (retryable)")
 	} else {

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -175,4 +176,41 @@ func TestFaultInCallRetry(t *testing.T) {
 			t.Fatalf("%d upstream calls, want 2", n)
 		}
 	})
+}
+
+// TestWhopErrorDetails: Whop's type, code and param reach the caller as a
+// google.rpc.ErrorInfo and the operator in tokenctl inspect.
+func TestWhopErrorDetails(t *testing.T) {
+	e := newEnv(t)
+	e.start(fast...)
+	e.fake.Enqueue(whoptest.Fault{Status: 403, Body: `{"error": {"type": "invalid_request_error", "code": "scope_not_granted", "param": "scoped_actions", "message": "scope forums:write not granted to this app"}}`})
+	_, err := e.tokens().GetToken(ctx(t), &tokendv1.GetTokenRequest{CompanyId: "biz_det", ScopedActions: []string{"forums:write"}})
+	st := status.Convert(err)
+	if st.Code() != codes.PermissionDenied || !strings.Contains(st.Message(), "scope forums:write not granted") {
+		t.Fatalf("403: got %v, want PermissionDenied with Whop's message", err)
+	}
+	var info *errdetails.ErrorInfo
+	for _, d := range st.Details() {
+		if i, ok := d.(*errdetails.ErrorInfo); ok {
+			info = i
+		}
+	}
+	want := map[string]string{"http_status": "403", "type": "invalid_request_error", "code": "scope_not_granted", "param": "scoped_actions"}
+	if info == nil || info.Domain != "api.whop.com" || info.Reason != "SCOPE_NOT_GRANTED" {
+		t.Fatalf("ErrorInfo %v; want reason SCOPE_NOT_GRANTED (AIP-193 form) in domain api.whop.com", info)
+	}
+	for k, v := range want {
+		if info.Metadata[k] != v {
+			t.Errorf("ErrorInfo metadata %s = %q, want %q", k, info.Metadata[k], v)
+		}
+	}
+	list, err := tokendv1.NewAdminServiceClient(e.dial()).ListEntries(ctx(t), &tokendv1.ListEntriesRequest{})
+	must(t, err)
+	if len(list.Entries) != 1 {
+		t.Fatalf("%d entries, want the failed one", len(list.Entries))
+	}
+	out := e.mustCtl("inspect", list.Entries[0].KeyId)
+	if !strings.Contains(out, "[type invalid_request_error, code scope_not_granted, param scoped_actions]") {
+		t.Fatalf("tokenctl inspect does not show Whop's type, code and param:\n%s", out)
+	}
 }
