@@ -88,6 +88,18 @@ const (
 	maxRetryHint = time.Minute
 )
 
+// WhopDefaultLifetime is what Whop grants when no expires_at is asked.
+const WhopDefaultLifetime = time.Hour
+
+// An answer's token must stay valid at least half of what was asked, up to
+// minUsableLife: less means an expiry already past or a clock far off, and
+// installing it would replace a good token with a useless one.
+const minUsableLife = time.Minute
+
+// expiryLeeway is how much later than asked an expires_at may be before it
+// is cut to what was asked: Whop's clock, rounding and latency.
+const expiryLeeway = 5 * time.Second
+
 // lifetimeMargin keeps the lifetime asked under Whop's maximum as Whop's
 // clock sees it: a request that takes a while, or a Whop clock a little
 // ahead, would otherwise turn --token-lifetime 3h into a 400.
@@ -205,11 +217,16 @@ func (r *Refresher) attempt(c *call, up *upstream, fp []byte, lifetime time.Dura
 	release()
 	end := r.clock.Now()
 	stopping := err != nil && r.base.Err() != nil
+	var exp time.Time
 	var we *whop.Error
 	switch {
 	case err == nil:
 		status = 200
 		up.observeDate(at.ServerDate, start, end, r.log)
+		// Judged on this host's clock: Whop's expiry less the skew measured.
+		if exp, err = r.checkExpiry(up, k, at.ExpiresAt.Add(-up.skew()), start, end, lifetime); err != nil {
+			err = &whop.Error{StatusCode: status, Message: err.Error(), ServerDate: at.ServerDate}
+		}
 	case errors.As(err, &we):
 		status = we.StatusCode
 		up.observeDate(we.ServerDate, start, end, r.log)
@@ -225,9 +242,55 @@ func (r *Refresher) attempt(c *call, up *upstream, fp []byte, lifetime time.Dura
 	case err != nil:
 		return outcome{err: err, fp: fp}, status, true
 	}
-	// Judged on this host's clock: Whop's expiry less the skew measured.
-	exp := at.ExpiresAt.Add(-up.skew())
 	return outcome{tok: &Token{Value: at.Token, ExpiresAt: exp, ObtainedAt: start, Fingerprint: fp}, fp: fp}, status, true
+}
+
+// checkExpiry judges a token's expiry (on this host's clock) against the
+// lifetime asked at start: too short is an unusable answer, the token in
+// hand staying in place; later than asked is cut to what was asked, since
+// Whop issues no more and a schedule years out would never refresh it.
+func (r *Refresher) checkExpiry(up *upstream, k Key, exp, start, end time.Time, lifetime time.Duration) (time.Time, error) {
+	asked := lifetime
+	if asked == 0 {
+		asked = WhopDefaultLifetime
+	}
+	if left, need := exp.Sub(end), min(asked/2, minUsableLife); left < need {
+		return exp, fmt.Errorf("unusable answer: expires_at %s leaves %v of the %v asked on this host's clock (Whop's clock %+v from it), less than the %v a token must have",
+			exp.UTC().Format(time.RFC3339), left.Round(time.Millisecond), asked, up.skew().Round(time.Millisecond), need)
+	}
+	if limit := start.Add(asked); exp.After(limit.Add(expiryLeeway)) {
+		r.expiryCutLog.Do(func() {
+			r.log.Warn("Whop's expires_at is later than the lifetime asked; scheduling by the lifetime asked", "credential", up.Name, "key", k.ID(),
+				"expires_at", exp.UTC().Format(time.RFC3339), "asked", asked, "kept_until", limit.UTC().Format(time.RFC3339))
+		})
+		return limit, nil
+	}
+	return exp, nil
+}
+
+// A 429 pause is cut to end pauseLead before the credential's earliest
+// token expiry, and to no less than pauseFloor: near expiries one call
+// probes every few seconds, rather than tokens expiring unrefreshed.
+const (
+	pauseLead  = 15 * time.Second
+	pauseFloor = 5 * time.Second
+)
+
+// pauseLimit is the longest a 429 may pause up's calls now.
+func (r *Refresher) pauseLimit(up *upstream) time.Duration {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.pauseLimitLocked(up.sched, r.clock.Now())
+}
+
+// pauseLimitLocked is the longest wait Whop's hint may impose on s's
+// calls at now: up to maxRetryAfter, and over before its earliest expiry.
+func (r *Refresher) pauseLimitLocked(s *sched, now time.Time) time.Duration {
+	x := s.earliestExpiryLocked()
+	if x.IsZero() {
+		return maxRetryAfter
+	}
+	return min(maxRetryAfter, max(x.Sub(now)-pauseLead-r.cfg.ExpiryMargin, pauseFloor))
 }
 
 // upstreamRefused applies what an error answer says about the credential
@@ -240,7 +303,12 @@ func (r *Refresher) upstreamRefused(up *upstream, we *whop.Error, fp []byte) {
 		if d <= 0 {
 			d, why = r.cfg.RateLimitCooldown, "default cooldown (no Retry-After)"
 		}
-		up.gate.pause(min(d, maxRetryAfter), why)
+		d = min(d, maxRetryAfter)
+		if limit := r.pauseLimit(up); d > limit {
+			r.log.Warn("429 pause cut short so that the tokens expiring first can be refreshed", "credential", up.Name, "asked", d.Round(time.Millisecond), "paused", limit.Round(time.Millisecond), "hint", why)
+			d, why = limit, why+", cut short by the earliest token expiry"
+		}
+		up.gate.pause(d, why)
 	case 401:
 		up.gate.rejectKey(fp)
 	}
@@ -321,7 +389,8 @@ func (r *Refresher) failedLocked(e *entry, err error, info *ErrorInfo, fp []byte
 		if e.bo == nil {
 			e.bo = r.newBackoff()
 		}
-		e.errUntil = now.Add(max(e.bo.NextBackOff(), min(whop.RetryAfterOf(err), maxRetryAfter)))
+		hint := min(whop.RetryAfterOf(err), r.pauseLimitLocked(e.sched, now))
+		e.errUntil = now.Add(max(e.bo.NextBackOff(), hint))
 		if t != nil {
 			// Keep retrying in the background while a token exists to
 			// protect; a cold key is retried by its next caller.

@@ -97,6 +97,9 @@ func (r *Refresher) SetCredentials(creds []Credential) error {
 			// A reload is the operator saying "try this secret again",
 			// even when it did not change.
 			u.gate.rejectKey(nil)
+			if until, why := u.gate.unpause(); until.After(r.clock.Now()) {
+				r.log.Info("reload: lifted the 429 pause", "credential", c.Name, "was_until", until.UTC().Format(time.RFC3339), "reason", why)
+			}
 			next[c.Name] = u
 			continue
 		}

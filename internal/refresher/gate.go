@@ -24,6 +24,8 @@ type gate struct {
 	mu          sync.Mutex
 	pausedUntil time.Time
 	pauseWhy    string // which hint set pausedUntil
+	// lifted is closed when a reload lifts the pause, waking its waiters.
+	lifted chan struct{}
 	// rejected is the fingerprint of a key Whop answered 401 to. Calls
 	// with it are refused until probeAt, when one call (the probe) may try
 	// it again: hammering Whop with a revoked key helps nobody, but a key
@@ -41,6 +43,7 @@ func newGate(c clock.Clock, inFlight int, r rate.Limit, burst int, probeMin, pro
 		rate:     rate.NewLimiter(r, burst),
 		probeMin: probeMin,
 		probeMax: max(probeMin, probeMax),
+		lifted:   make(chan struct{}),
 	}
 }
 
@@ -49,7 +52,7 @@ func newGate(c clock.Clock, inFlight int, r rate.Limit, burst int, probeMin, pro
 func (g *gate) acquire(ctx context.Context) (release func(), err error) {
 	for {
 		g.mu.Lock()
-		wait := g.pausedUntil.Sub(g.clock.Now())
+		wait, lifted := g.pausedUntil.Sub(g.clock.Now()), g.lifted
 		g.mu.Unlock()
 		if wait <= 0 {
 			break
@@ -60,6 +63,8 @@ func (g *gate) acquire(ctx context.Context) (release func(), err error) {
 			t.Stop()
 			return nil, ctx.Err()
 		case <-t.C():
+		case <-lifted:
+			t.Stop()
 		}
 	}
 	if err := g.rate.Wait(ctx); err != nil {
@@ -84,6 +89,17 @@ func (g *gate) pause(d time.Duration, why string) {
 		g.pausedUntil, g.pauseWhy = until, why
 	}
 	g.mu.Unlock()
+}
+
+// unpause lifts a 429 pause, returning what it was.
+func (g *gate) unpause() (until time.Time, why string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	until, why = g.pausedUntil, g.pauseWhy
+	g.pausedUntil, g.pauseWhy = time.Time{}, ""
+	close(g.lifted)
+	g.lifted = make(chan struct{})
+	return until, why
 }
 
 func (g *gate) inFlight() int { return len(g.slots) }

@@ -42,6 +42,11 @@ import (
 // MaxLifetime is the longest token Whop issues.
 const MaxLifetime = 3 * time.Hour
 
+// MaxMinTTL is the longest min_ttl a mint can satisfy, before the expiry
+// margin: tokend asks for at most MaxLifetime less lifetimeMargin, and the
+// call itself takes time (up to half a minute is allowed for).
+const MaxMinTTL = MaxLifetime - lifetimeMargin - 30*time.Second
+
 // maxRetryAfter bounds what a Retry-After header may impose: a bad header
 // must not pause a credential for years.
 const maxRetryAfter = time.Hour
@@ -237,6 +242,9 @@ type Refresher struct {
 	clock clock.Clock
 	log   *slog.Logger
 	ups   atomic.Pointer[upstreamSet]
+	// expiryCutLog keeps an upstream that always answers a too-late
+	// expires_at to one warning a minute.
+	expiryCutLog rate.Sometimes
 
 	// base is cancelled when Run returns, ending calls nobody waits for.
 	base   context.Context
@@ -272,14 +280,15 @@ func New(cfg Config) (*Refresher, error) {
 	}
 	base, cancel := context.WithCancel(context.Background())
 	r := &Refresher{
-		cfg:    cfg,
-		store:  cfg.Store,
-		clock:  cfg.Clock,
-		log:    cfg.Logger,
-		base:   base,
-		cancel: cancel,
-		index:  make(map[string]*entry),
-		lru:    entryHeap{less: func(a, b *entry) bool { return a.lruAt < b.lruAt }, idx: func(e *entry) *int { return &e.lidx }},
+		cfg:          cfg,
+		expiryCutLog: rate.Sometimes{Interval: time.Minute},
+		store:        cfg.Store,
+		clock:        cfg.Clock,
+		log:          cfg.Logger,
+		base:         base,
+		cancel:       cancel,
+		index:        make(map[string]*entry),
+		lru:          entryHeap{less: func(a, b *entry) bool { return a.lruAt < b.lruAt }, idx: func(e *entry) *int { return &e.lidx }},
 	}
 	r.ups.Store(&upstreamSet{})
 	if err := r.SetCredentials(cfg.Credentials); err != nil {
@@ -449,6 +458,10 @@ func (r *Refresher) Get(ctx context.Context, k Key, o Options) (Result, error) {
 
 // miss joins the upstream call of k's entry, or starts one, and waits.
 func (r *Refresher) miss(ctx context.Context, k Key, enc string, up *upstream, o Options, now time.Time) (Result, error) {
+	if most := MaxMinTTL - r.cfg.ExpiryMargin; o.MinTTL > most {
+		// No mint could satisfy it: refuse before spending one.
+		return Result{}, fmt.Errorf("min_ttl %v: at most %v: %w", o.MinTTL, most, ErrLifetime)
+	}
 	r.misses.Add(1)
 	if r.log.Enabled(ctx, slog.LevelDebug) {
 		r.log.Debug("cache miss", "key", k.ID(), "subject", k.Subject(), "reason", r.missReason(up, enc, now, o))
@@ -692,6 +705,13 @@ func (r *Refresher) usable(up *upstream, t *Token, now time.Time, minTTL time.Du
 func (r *Refresher) rememberedLocked(e *entry, up *upstream, now time.Time) error {
 	if e.err == nil || !now.Before(e.errUntil) || !bytes.Equal(e.errKey, up.Fetcher.KeyFingerprint()) {
 		return nil
+	}
+	if whop.StatusOf(e.err) == 429 {
+		// The credential's pause says how long a 429 holds; a reload may
+		// have lifted it.
+		if until, _ := up.gate.paused(); !until.After(now) {
+			return nil
+		}
 	}
 	return e.err
 }

@@ -387,6 +387,36 @@ type timeoutError struct{ cause error }
 func (t *timeoutError) Error() string        { return t.cause.Error() }
 func (t *timeoutError) Is(target error) bool { return target == ErrTimeout }
 
+// MaxTokenBytes bounds an access token: Whop's JWTs are well under 2 KiB,
+// and 8 KiB is what common HTTP servers accept for a whole header line.
+const MaxTokenBytes = 8 << 10
+
+// jwtShape says what makes tok unlike a compact JWT (three non-empty
+// base64url segments, at most MaxTokenBytes), or "" when nothing does. The
+// description never quotes the token.
+func jwtShape(tok string) string {
+	if len(tok) > MaxTokenBytes {
+		return fmt.Sprintf("is %d bytes, more than the %d a JWT may have here", len(tok), MaxTokenBytes)
+	}
+	segments, start := 1, 0
+	for i := 0; i < len(tok); i++ {
+		switch c := tok[i]; {
+		case c == '.':
+			if i == start {
+				return "is not a JWT: an empty segment"
+			}
+			segments, start = segments+1, i+1
+		case c >= 'A' && c <= 'Z', c >= 'a' && c <= 'z', c >= '0' && c <= '9', c == '-', c == '_':
+		default:
+			return fmt.Sprintf("is not a JWT: byte 0x%02x at offset %d is not base64url", c, i)
+		}
+	}
+	if segments != 3 || start == len(tok) {
+		return fmt.Sprintf("is not a JWT: %d segments, want 3 non-empty ones", segments)
+	}
+	return ""
+}
+
 // parseResponse turns a complete upstream answer into a token or an *Error.
 // It must not panic on any input: the upstream is outside our control.
 func parseResponse(status int, h http.Header, body []byte, now time.Time) (AccessToken, *Error) {
@@ -404,6 +434,11 @@ func parseResponse(status int, h http.Header, body []byte, now time.Time) (Acces
 		}
 		if w.Token == "" {
 			return fail("response missing token", nil)
+		}
+		if why := jwtShape(w.Token); why != "" {
+			// Served tokens go into HTTP headers and browsers: a token
+			// that could split a header or fill memory is not one.
+			return fail("response token "+why, nil)
 		}
 		if w.ExpiresAt == "" {
 			return fail("response missing expires_at", nil)

@@ -160,7 +160,7 @@ func TestRequestBody(t *testing.T) {
 				if r.Method != http.MethodPost || r.URL.Path != "/api/v1/access_tokens" {
 					t.Errorf("%s %s, want POST /api/v1/access_tokens", r.Method, r.URL.Path)
 				}
-				_, _ = io.WriteString(w, `{"token":"t","expires_at":"2030-01-02T03:04:05.000Z"}`)
+				_, _ = io.WriteString(w, `{"token":"e30.e30.c2ln","expires_at":"2030-01-02T03:04:05.000Z"}`)
 			}))
 			defer srv.Close()
 			c := newClient(t, srv.URL+"/api/v1", testKey, 0)
@@ -600,7 +600,7 @@ func TestExpiresAtForms(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			s.Enqueue(whoptest.Fault{Status: 200, Body: `{"token":"t","expires_at":` + string(wire) + `}`})
+			s.Enqueue(whoptest.Fault{Status: 200, Body: `{"token":"e30.e30.c2ln","expires_at":` + string(wire) + `}`})
 			tok, err := c.CreateAccessToken(context.Background(), whop.Request{CompanyID: "biz_1"})
 			if !tt.Want.IsZero() {
 				if err != nil || !tok.ExpiresAt.Equal(tt.Want) {

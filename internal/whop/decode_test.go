@@ -134,11 +134,11 @@ func TestParseResponseHeaders(t *testing.T) {
 			}
 		})
 	}
-	tok, e := parseResponse(200, http.Header{"Date": {date.Format(http.TimeFormat)}}, []byte(`{"token":"t","expires_at":"2030-01-02T03:04:05Z"}`), now)
+	tok, e := parseResponse(200, http.Header{"Date": {date.Format(http.TimeFormat)}}, []byte(`{"token":"e30.e30.c2ln","expires_at":"2030-01-02T03:04:05Z"}`), now)
 	if e != nil || !tok.ServerDate.Equal(date) {
 		t.Errorf("success ServerDate = %v (%v), want %v", tok.ServerDate, e, date)
 	}
-	if tok, _ := parseResponse(200, http.Header{}, []byte(`{"token":"t","expires_at":"2030-01-02T03:04:05Z"}`), now); !tok.ServerDate.IsZero() {
+	if tok, _ := parseResponse(200, http.Header{}, []byte(`{"token":"e30.e30.c2ln","expires_at":"2030-01-02T03:04:05Z"}`), now); !tok.ServerDate.IsZero() {
 		t.Errorf("ServerDate without a Date header = %v, want zero", tok.ServerDate)
 	}
 }
@@ -232,16 +232,22 @@ func TestParseResponse(t *testing.T) {
 		typ       string
 		notIn     string // must not be in Message
 	}{
-		{name: "ok", status: 200, body: `{"token":"t","expires_at":"2030-01-02T03:04:05.401Z"}`},
-		{name: "ok 201", status: 201, body: `{"token":"t","expires_at":"2030-01-02T03:04:05Z"}`},
+		{name: "ok", status: 200, body: `{"token":"e30.e30.c2ln","expires_at":"2030-01-02T03:04:05.401Z"}`},
+		{name: "ok 201", status: 201, body: `{"token":"e30.e30.c2ln","expires_at":"2030-01-02T03:04:05Z"}`},
 		{name: "2xx not json", status: 200, body: `<html>`, wantErr: true, retryable: true, message: "not a valid"},
 		{name: "2xx no token", status: 200, body: `{"expires_at":"2030-01-02T03:04:05Z"}`, wantErr: true, retryable: true, message: "missing token"},
-		{name: "2xx no expiry", status: 200, body: `{"token":"t"}`, wantErr: true, retryable: true, message: "missing expires_at"},
-		{name: "2xx bad expiry", status: 200, body: `{"token":"t","expires_at":"tomorrow"}`, wantErr: true, retryable: true, message: "not RFC 3339"},
+		{name: "2xx no expiry", status: 200, body: `{"token":"e30.e30.c2ln"}`, wantErr: true, retryable: true, message: "missing expires_at"},
+		{name: "2xx token with a newline", status: 200, body: `{"token":"e30.e30\nX-Evil: 1.c2ln","expires_at":"2030-01-02T03:04:05Z"}`, wantErr: true, retryable: true, message: "byte 0x0a at offset 7 is not base64url", notIn: "Evil"},
+		{name: "2xx token with a NUL", status: 200, body: `{"token":"e30.e30.c2ln\u0000","expires_at":"2030-01-02T03:04:05Z"}`, wantErr: true, retryable: true, message: "byte 0x00 at offset 12"},
+		{name: "2xx token not a JWT", status: 200, body: `{"token":"opaque-token","expires_at":"2030-01-02T03:04:05Z"}`, wantErr: true, retryable: true, message: "1 segments, want 3"},
+		{name: "2xx token with an empty segment", status: 200, body: `{"token":"e30..c2ln","expires_at":"2030-01-02T03:04:05Z"}`, wantErr: true, retryable: true, message: "an empty segment"},
+		{name: "2xx token with an empty signature", status: 200, body: `{"token":"e30.e30.","expires_at":"2030-01-02T03:04:05Z"}`, wantErr: true, retryable: true, message: "want 3 non-empty"},
+		{name: "2xx token of 9 KiB", status: 200, body: `{"token":"e30.e30.` + strings.Repeat("A", 9<<10) + `","expires_at":"2030-01-02T03:04:05Z"}`, wantErr: true, retryable: true, message: "more than the 8192", notIn: "AAAA"},
+		{name: "2xx bad expiry", status: 200, body: `{"token":"e30.e30.c2ln","expires_at":"tomorrow"}`, wantErr: true, retryable: true, message: "not RFC 3339"},
 		{name: "400 whop body", status: 400, body: `{"error":{"type":"invalid_request_error","code":"parameter_invalid","message":"Bad id","param":"user_id"}}`, wantErr: true, message: "Bad id", param: "user_id", code: "parameter_invalid", typ: "invalid_request_error"},
-		{name: "ok lower case and offset", status: 200, body: `{"token":"t","expires_at":"2030-01-02t05:04:05.123456789123+02:00"}`},
-		{name: "2xx expiry without offset", status: 200, body: `{"token":"t","expires_at":"2030-01-02T03:04:05"}`, wantErr: true, retryable: true, message: `"2030-01-02T03:04:05" is not RFC 3339`},
-		{name: "2xx expiry a number", status: 200, body: `{"token":"t","expires_at":1893553445}`, wantErr: true, retryable: true, message: "not a valid access token json"},
+		{name: "ok lower case and offset", status: 200, body: `{"token":"e30.e30.c2ln","expires_at":"2030-01-02t05:04:05.123456789123+02:00"}`},
+		{name: "2xx expiry without offset", status: 200, body: `{"token":"e30.e30.c2ln","expires_at":"2030-01-02T03:04:05"}`, wantErr: true, retryable: true, message: `"2030-01-02T03:04:05" is not RFC 3339`},
+		{name: "2xx expiry a number", status: 200, body: `{"token":"e30.e30.c2ln","expires_at":1893553445}`, wantErr: true, retryable: true, message: "not a valid access token json"},
 		{name: "422 null error", status: 422, body: `{"error":null}`, wantErr: true, message: "Verification required"},
 		{name: "422 empty", status: 422, body: ``, wantErr: true, message: "Verification required"},
 		{name: "422 with a message", status: 422, body: `{"error":{"type":"verification_required","message":"Finish KYC first"}}`, wantErr: true, message: "Finish KYC first", typ: "verification_required"},
@@ -267,7 +273,7 @@ func TestParseResponse(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			tok, e := parseResponse(tt.status, http.Header{}, []byte(tt.body), time.Now())
 			if !tt.wantErr {
-				if e != nil || tok.Token != "t" || tok.ExpiresAt.IsZero() {
+				if e != nil || tok.Token != "e30.e30.c2ln" || tok.ExpiresAt.IsZero() {
 					t.Fatalf("got %+v, %v", tok, e)
 				}
 				return
@@ -335,8 +341,8 @@ func TestScrub(t *testing.T) {
 // bounded, free of control characters and, for a body that is not JSON,
 // only the fallback.
 func FuzzParseError(f *testing.F) {
-	f.Add(200, "", "", "", `{"token":"t","expires_at":"2030-01-02T03:04:05.401Z"}`)
-	f.Add(200, "", "", "", `{"token":"t","expires_at":"2030-01-02t03:04:05.1234567891z"}`)
+	f.Add(200, "", "", "", `{"token":"e30.e30.c2ln","expires_at":"2030-01-02T03:04:05.401Z"}`)
+	f.Add(200, "", "", "", `{"token":"e30.e30.c2ln","expires_at":"2030-01-02t03:04:05.1234567891z"}`)
 	f.Add(200, "", "", "false", `{"token":"","expires_at":null}`)
 	f.Add(400, "", "", "", `{"error":{"type":"invalid_request_error","message":"x","code":"parameter_missing","param":"company_id"}}`)
 	f.Add(400, "", "", "true", `{"error":{"code":42,"message":"x\ny"}}`)

@@ -134,3 +134,12 @@ func RetryAfterOf(err error) time.Duration {
 	}
 	return 0
 }
+
+// StatusOf returns the HTTP status of Whop's answer carried by err, or 0.
+func StatusOf(err error) int {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.StatusCode
+	}
+	return 0
+}

@@ -580,9 +580,9 @@ func TestFaultHeadersAndBodies(t *testing.T) {
 		},
 		{
 			name:        "raw token under 200",
-			fault:       whoptest.Fault{Status: 200, Body: `{"token":"t","expires_at":"2030-01-02t03:04:05.5z"}`},
+			fault:       whoptest.Fault{Status: 200, Body: `{"token":"e30.e30.c2ln","expires_at":"2030-01-02t03:04:05.5z"}`},
 			status:      200,
-			body:        `{"token":"t","expires_at":"2030-01-02t03:04:05.5z"}`,
+			body:        `{"token":"e30.e30.c2ln","expires_at":"2030-01-02t03:04:05.5z"}`,
 			contentType: "application/json",
 		},
 		{

@@ -1606,7 +1606,9 @@ type CredentialStatus struct {
 	Rejected bool `protobuf:"varint,4,opt,name=rejected,proto3" json:"rejected,omitempty"`
 	// Calls are held until then after a 429; pause_reason names the hint
 	// that set it: "retry-after header", "retry-after-ms header" or
-	// "default cooldown (no Retry-After)".
+	// "default cooldown (no Retry-After)", followed by ", cut short by the
+	// earliest token expiry" when the hint would have let tokens expire
+	// unrefreshed. A reload lifts the pause.
 	PausedUntil    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=paused_until,json=pausedUntil,proto3" json:"paused_until,omitempty"`
 	InFlight       uint32                 `protobuf:"varint,6,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
 	UpstreamCalls  uint64                 `protobuf:"varint,7,opt,name=upstream_calls,json=upstreamCalls,proto3" json:"upstream_calls,omitempty"`
