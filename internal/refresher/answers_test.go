@@ -47,8 +47,8 @@ func TestUnusableExpiryKeepsTheToken(t *testing.T) {
 			if n := g.fake.CallCount(); n != 2 {
 				t.Fatalf("%d upstream calls; the hit made one more", n)
 			}
-			if st := g.r.Status(); st.UpstreamErrors != 1 {
-				t.Fatalf("status counts %d upstream errors, want 1", st.UpstreamErrors)
+			if st := g.r.Status(); st.UpstreamErrors != 1 || st.Credentials[0].Errors != 1 {
+				t.Fatalf("status counts %d upstream errors (%d for the credential), want 1", st.UpstreamErrors, st.Credentials[0].Errors)
 			}
 		})
 	}

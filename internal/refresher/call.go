@@ -327,6 +327,7 @@ func (r *Refresher) finish(c *call, o outcome) {
 	if o.err != nil && !o.notTried {
 		info = errorInfo(now, o.err)
 		r.upstreamErrors.Add(1)
+		up.errors.Add(1)
 		r.lastError.Store(&info)
 		// The gate was closed by upstreamRefused, before this.
 		rejected = errors.As(o.err, &we) && we.StatusCode == 401
