@@ -34,7 +34,9 @@ func TestHostileAnswerPastExpiry(t *testing.T) {
 	toks := warm(t, tc, keys)
 	validUntil := toks[0].ExpiresAt.AsTime()
 	for _, tok := range toks {
-		validUntil = minT(validUntil, tok.ExpiresAt.AsTime())
+		if x := tok.ExpiresAt.AsTime(); x.Before(validUntil) {
+			validUntil = x
+		}
 	}
 	e.fake.ResetCounters()
 	e.fake.SetDefault(answer200("e30.e30.c2ln", time.Now().Add(-time.Hour)))
@@ -81,13 +83,6 @@ func TestHostileAnswerPastExpiry(t *testing.T) {
 	if calls > keys*8 {
 		t.Fatalf("%d upstream calls for %d keys; backoff should keep it to a few per key", calls, keys)
 	}
-}
-
-func minT(a, b time.Time) time.Time {
-	if b.Before(a) {
-		return b
-	}
-	return a
 }
 
 // TestHostileAnswerLateExpiry: an expires_at of 30 days or the year 9999
