@@ -158,12 +158,13 @@ func cannedStatus() *tokendv1.Status {
 		},
 		UpstreamInFlight: 1, UpstreamMaxInFlight: 4, UpstreamRatePerSecond: 10,
 		MaxEntries: 100000, EvictedOverCapacity: 2, DroppedIdle: 5,
-		MissesRateLimited: 3, ConnectionsAtLimit: 1, MaxConnections: 256,
+		MissesRateLimited: 3, AbandonedCalls: 4, ConnectionsAtLimit: 1, MaxConnections: 256,
 		PolicyLoaded: true, CacheSealed: true,
 		Credentials: []*tokendv1.CredentialStatus{
 			{
 				Name: "default", Kind: "api_key", Fingerprint: "3f9a1c07",
 				UpstreamCalls: 3, UpstreamErrors: 1, Entries: 6, InFlight: 1,
+				Queued: 37, QueuedBy: []*tokendv1.QueueShare{{By: "uid 65534", Calls: 35}, {By: "uid 0", Calls: 2}},
 			},
 			{
 				Name: "acme", Kind: "oauth_user", Fingerprint: "77be0241",

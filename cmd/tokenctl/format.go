@@ -339,6 +339,7 @@ func writeStatus(w io.Writer, s *tokendv1.Status, now time.Time) error {
 		{"misses", strconv.FormatUint(s.GetMisses(), 10)},
 		{"hit ratio", ratio},
 		{"misses rate-limited", strconv.FormatUint(s.GetMissesRateLimited(), 10)},
+		{"misses abandoned", strconv.FormatUint(s.GetAbandonedCalls(), 10) + " (every caller gone before the limiter let the call through)"},
 		{"upstream", upstream},
 		{"upstream calls", strconv.FormatUint(s.GetUpstreamCalls(), 10)},
 		{"upstream errors", strconv.FormatUint(s.GetUpstreamErrors(), 10)},
@@ -369,6 +370,7 @@ func writeCredentials(w io.Writer, creds []*tokendv1.CredentialStatus, now time.
 		fp     = &column{header: "FINGERPRINT"}
 		health = &column{header: "HEALTH"}
 		calls  = &column{header: "CALLS/ERRORS", right: true}
+		queue  = &column{header: "QUEUED"}
 		ents   = &column{header: "ENTRIES", right: true}
 		secret = &column{header: "SECRET EXPIRES"}
 	)
@@ -393,6 +395,7 @@ func writeCredentials(w io.Writer, creds []*tokendv1.CredentialStatus, now time.
 		fp.cells = append(fp.cells, orDash(c.GetFingerprint()))
 		health.cells = append(health.cells, h)
 		calls.cells = append(calls.cells, fmt.Sprintf("%d/%d", c.GetUpstreamCalls(), c.GetUpstreamErrors()))
+		queue.cells = append(queue.cells, queued(c))
 		ents.cells = append(ents.cells, strconv.FormatUint(c.GetEntries(), 10))
 		exp := "-"
 		if t := c.GetSecretExpiresAt(); t != nil {
@@ -400,7 +403,20 @@ func writeCredentials(w io.Writer, creds []*tokendv1.CredentialStatus, now time.
 		}
 		secret.cells = append(secret.cells, exp)
 	}
-	return writeTable(w, []*column{name, kind, fp, health, calls, ents, secret})
+	return writeTable(w, []*column{name, kind, fp, health, calls, queue, ents, secret})
+}
+
+// queued is a credential's queue and who fills it: "37 (uid 65534: 35,
+// uid 0: 2)", or "0".
+func queued(c *tokendv1.CredentialStatus) string {
+	if c.GetQueued() == 0 {
+		return "0"
+	}
+	by := make([]string, 0, len(c.GetQueuedBy()))
+	for _, q := range c.GetQueuedBy() {
+		by = append(by, fmt.Sprintf("%s: %d", q.GetBy(), q.GetCalls()))
+	}
+	return fmt.Sprintf("%d (%s)", c.GetQueued(), strings.Join(by, ", "))
 }
 
 // pausedFor is how much longer until lasts, or "" when it has passed.

@@ -1,12 +1,14 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -15,6 +17,7 @@ import (
 	"github.com/tokend/tokend/internal/daemon"
 	"github.com/tokend/tokend/internal/gctune"
 	"github.com/tokend/tokend/internal/refresher"
+	"github.com/tokend/tokend/internal/server"
 	"github.com/tokend/tokend/internal/whop"
 )
 
@@ -110,8 +113,8 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (op
 	fs.StringVar(&o.adminGroup, "admin-group", env("TOKEND_ADMIN_GROUP", ""), "group (name or gid) whose members may use AdminService besides root and tokend's own user (env TOKEND_ADMIN_GROUP)")
 	fs.StringVar(&o.auditLog, "audit-log", env("TOKEND_AUDIT_LOG", ""), "file to append the audit trail to as JSON lines; default: the log on stderr with logger=audit (env TOKEND_AUDIT_LOG)")
 	fs.StringVar(&o.cacheKeyFile, "cache-key-file", env("TOKEND_CACHE_KEY_FILE", ""), "file with 32 random bytes that seal tokens at rest with AES-256-GCM (env TOKEND_CACHE_KEY_FILE; else $CREDENTIALS_DIRECTORY/tokend-cache-key if present)")
-	fs.Float64Var(&o.missRate, "miss-rate-per-uid", ev.float("TOKEND_MISS_RATE_PER_UID", 10), "cache misses per second one local uid may send upstream (env TOKEND_MISS_RATE_PER_UID)")
-	fs.IntVar(&o.missBurst, "miss-burst-per-uid", ev.int("TOKEND_MISS_BURST_PER_UID", 1000), "burst of upstream-bound misses one uid may make, e.g. a service warming its keys (env TOKEND_MISS_BURST_PER_UID)")
+	fs.Float64Var(&o.missRate, "miss-rate-per-uid", ev.float("TOKEND_MISS_RATE_PER_UID", 0), "cache misses per second one local uid may send upstream; 0 means half of --upstream-rate, so no uid can take a credential's whole budget (env TOKEND_MISS_RATE_PER_UID)")
+	fs.IntVar(&o.missBurst, "miss-burst-per-uid", ev.int("TOKEND_MISS_BURST_PER_UID", 0), "burst of upstream-bound misses one uid may make; 0 means half of --upstream-burst, rounded up (env TOKEND_MISS_BURST_PER_UID)")
 	fs.IntVar(&o.maxConns, "max-connections", ev.int("TOKEND_MAX_CONNECTIONS", 1024), "most client connections open at once; more wait (env TOKEND_MAX_CONNECTIONS)")
 	fs.IntVar(&o.maxStreams, "max-streams", ev.int("TOKEND_MAX_STREAMS", 128), "most concurrent calls per connection (env TOKEND_MAX_STREAMS)")
 	fs.IntVar(&o.gcHeadroomMiB, "gc-headroom-mib", ev.int("TOKEND_GC_HEADROOM_MIB", 16), "heap growth, in MiB (at most 1024), allowed between garbage collections: a small heap under load is otherwise collected every few MiB; 0 leaves Go's default (env TOKEND_GC_HEADROOM_MIB)")
@@ -151,14 +154,15 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 		{"--upstream-max-inflight", o.maxInFlight >= 1, o.maxInFlight},
 		{"--upstream-rate", o.rate > 0, o.rate},
 		{"--upstream-burst", o.burst >= 1, o.burst},
-		{"--miss-rate-per-uid", o.missRate > 0, o.missRate},
-		{"--miss-burst-per-uid", o.missBurst >= 1, o.missBurst},
 		{"--max-connections", o.maxConns >= 1, o.maxConns},
 		{"--max-streams", o.maxStreams >= 1, o.maxStreams},
 	} {
 		if !c.ok {
 			return daemon.Config{}, fmt.Errorf("%s %v: must be positive", c.name, c.v)
 		}
+	}
+	if o.missRate < 0 || o.missBurst < 0 {
+		return daemon.Config{}, fmt.Errorf("--miss-rate-per-uid %v, --miss-burst-per-uid %v: must not be negative (0: half of the credential's --upstream-rate and --upstream-burst)", o.missRate, o.missBurst)
 	}
 	if o.refreshAt <= 0.1 || o.refreshAt >= 1 {
 		return daemon.Config{}, fmt.Errorf("--refresh-at %v: must be above 0.1 (the jitter) and below 1", o.refreshAt)
@@ -220,8 +224,8 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 		AdminGroup:      o.adminGroup,
 		AuditLog:        o.auditLog,
 		CacheKeyFile:    o.cacheKeyFile,
-		MissRatePerUID:  o.missRate,
-		MissBurstPerUID: o.missBurst,
+		MissRatePerUID:  cmp.Or(o.missRate, o.rate*server.MissShare),
+		MissBurstPerUID: cmp.Or(o.missBurst, int(math.Ceil(float64(o.burst)*server.MissShare))),
 		MaxConnections:  o.maxConns,
 		MaxStreams:      o.maxStreams,
 	}

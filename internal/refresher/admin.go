@@ -193,14 +193,17 @@ func (r *Refresher) Refresh(ctx context.Context, prefix string) (EntryInfo, erro
 		return EntryInfo{}, ErrNotFound
 	}
 	c := e.call
-	if c == nil {
-		c = r.startCallLocked(e, want{lifetime: r.cfg.Lifetime, cause: "admin"}, r.clock.Now())
+	if c == nil || c.queue.Err() != nil {
+		c = r.startCallLocked(e, want{lifetime: r.cfg.Lifetime, cause: "admin"}, r.clock.Now(), "admin")
 	}
 	c.joinLocked(ctx)
 	r.mu.Unlock()
 	select {
 	case <-c.done:
 	case <-ctx.Done():
+		r.mu.Lock()
+		c.leaveLocked()
+		r.mu.Unlock()
 		return EntryInfo{}, ctx.Err()
 	}
 	if c.err != nil {
@@ -225,7 +228,10 @@ type Status struct {
 	APIKeyRejected                 bool
 	EvictedOverCapacity            uint64
 	DroppedIdle, MissesRateLimited uint64
-	MaxEntries                     int
+	// Abandoned counts calls that left the gate's queue because every
+	// caller had gone.
+	Abandoned  uint64
+	MaxEntries int
 	// EarliestExpiry is the soonest expiry of a valid token; zero if none.
 	EarliestExpiry time.Time
 	Credentials    []CredentialStats
@@ -252,6 +258,7 @@ func (r *Refresher) Status() Status {
 		Joined:              r.joined.Load(),
 		UpstreamCalls:       r.upstreamCalls.Load(),
 		UpstreamErrors:      r.upstreamErrors.Load(),
+		Abandoned:           r.abandoned.Load(),
 		LastError:           r.lastError.Load(),
 		UpstreamMaxInFlight: r.cfg.MaxInFlight,
 		UpstreamRate:        float64(r.cfg.Rate),

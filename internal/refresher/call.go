@@ -28,6 +28,15 @@ type call struct {
 	tok  *Token
 	err  error
 
+	// by names who started the call (e.g. "uid 1000"), for status.
+	by string
+	// queue ends when the last waiter of a call made for callers leaves:
+	// a call still queued at the gate then leaves the queue instead of
+	// spending the credential's budget on a token nobody waits for.
+	// Scheduled refreshes have no waiters to lose; their queue is r.base.
+	queue  context.Context
+	cancel context.CancelFunc
+
 	// Guarded by Refresher.mu. A call with waiters retries within itself
 	// until the last of their deadlines (none: unbounded); a scheduled
 	// refresh nobody waits for does not, its schedule's backoff does.
@@ -36,14 +45,21 @@ type call struct {
 	unbounded bool
 }
 
-// startCallLocked attaches a new call to e and starts it.
-func (r *Refresher) startCallLocked(e *entry, w want, now time.Time) *call {
-	c := &call{e: e, want: w, done: make(chan struct{})}
+// startCallLocked attaches a new call to e and starts it; by is who asked
+// ("" for tokend's own schedule).
+func (r *Refresher) startCallLocked(e *entry, w want, now time.Time, by string) *call {
+	c := &call{e: e, want: w, done: make(chan struct{}), by: by, queue: r.base, cancel: func() {}}
+	if w.cause != causeRefresh {
+		c.queue, c.cancel = context.WithCancel(r.base)
+	}
 	e.call = c
 	r.settleLocked(e, now)
 	go r.runCall(c)
 	return c
 }
+
+// causeRefresh is the want.cause of tokend's own scheduled refreshes.
+const causeRefresh = "refresh"
 
 // joinLocked counts a caller waiting on c until ctx ends.
 func (c *call) joinLocked(ctx context.Context) {
@@ -52,6 +68,15 @@ func (c *call) joinLocked(ctx context.Context) {
 		c.unbounded = true
 	} else if dl.After(c.deadline) {
 		c.deadline = dl
+	}
+}
+
+// leaveLocked is a waiter giving up before c is done. The last one takes
+// c out of the gate's queue; a request already sent still completes, and
+// its token serves the next caller.
+func (c *call) leaveLocked() {
+	if c.waiters--; c.waiters == 0 {
+		c.cancel()
 	}
 }
 
@@ -172,12 +197,55 @@ func retryWait(we *whop.Error, attempt int) time.Duration {
 	return d - time.Duration(rand.Int64N(int64(d)/4+1))
 }
 
+// through takes c through up's gate. A call made for callers waits only
+// within the latest of their deadlines (a caller joining with a later one
+// extends it) and leaves the queue when they have all gone, so abandoned
+// misses never spend the credential's budget; tokend's own refreshes wait
+// as long as it runs.
+func (r *Refresher) through(c *call, up *upstream) (release func(), err error) {
+	up.queued(c.by, 1)
+	defer up.queued(c.by, -1)
+	for {
+		ctx, cancel := c.queue, context.CancelFunc(func() {})
+		dl, bounded := r.callDeadline(c)
+		if bounded {
+			ctx, cancel = context.WithDeadline(c.queue, dl)
+		}
+		release, err = up.gate.acquire(ctx)
+		cancel()
+		switch {
+		case err == nil:
+			return release, nil
+		case r.base.Err() != nil:
+			return nil, fmt.Errorf("waiting for the upstream limiter: %w", err)
+		case c.queue.Err() != nil:
+			r.abandoned.Add(1)
+			return nil, errAbandoned
+		}
+		if next, ok := r.callDeadline(c); !bounded || !ok || !next.After(dl) {
+			be := &BusyError{Credential: up.Name}
+			be.Queued, be.QueuedBy = up.queueStats()
+			return nil, be
+		}
+	}
+}
+
+// callDeadline is the latest deadline of c's waiters; bounded is false for
+// tokend's own refreshes and when a waiter set none.
+func (r *Refresher) callDeadline(c *call) (dl time.Time, bounded bool) {
+	if c.want.cause == causeRefresh {
+		return time.Time{}, false
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return c.deadline, c.waiters > 0 && !c.unbounded
+}
+
 // attempt makes one request through the gate. tried is false when no
 // request was made (tokend is stopping, or the waiters' deadlines would
 // pass before a pause ends); status is Whop's HTTP status, 0 for none.
 func (r *Refresher) attempt(c *call, up *upstream, fp []byte, lifetime time.Duration, n int) (o outcome, status int, tried bool) {
 	k := c.e.key
-	ctx := r.base
 	if n == 0 {
 		// A first call held by a 429 pause that outlasts every waiter
 		// fails now, saying why, instead of at the waiters' deadlines.
@@ -186,16 +254,11 @@ func (r *Refresher) attempt(c *call, up *upstream, fp []byte, lifetime time.Dura
 				return outcome{err: &PausedError{Credential: up.Name, Until: until, Why: why}, fp: fp, notTried: true}, 0, false
 			}
 		}
-	} else if left, ok := r.budget(c); ok && left < time.Duration(1<<63-1) {
-		// Retries wait for the limiter only within the waiters' time.
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, left)
-		defer cancel()
 	}
 	waitStart := time.Now()
-	release, err := up.gate.acquire(ctx)
+	release, err := r.through(c, up)
 	if err != nil {
-		return outcome{err: fmt.Errorf("waiting for the upstream limiter: %w", err), fp: fp, notTried: true}, 0, false
+		return outcome{err: err, fp: fp, notTried: true}, 0, false
 	}
 	if waited := time.Since(waitStart); waited > time.Millisecond && r.cfg.Observer != nil {
 		r.cfg.Observer.LimiterWait(waited)
@@ -354,6 +417,7 @@ func (r *Refresher) finish(c *call, o outcome) {
 	r.mu.Unlock()
 
 	notifyAll(notify)
+	c.cancel() // the call is over: release its context
 	if o.err != nil && !o.notTried {
 		if rejected {
 			_, probeAt := up.gate.rejection(o.fp)

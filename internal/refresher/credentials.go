@@ -2,10 +2,14 @@ package refresher
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -29,6 +33,46 @@ type upstream struct {
 	// skewNanos is Whop's clock minus ours, as last measured from a Date
 	// header; skewAt is when, in Unix nanoseconds (0: never).
 	skewNanos, skewAt atomic.Int64
+
+	// queue counts the calls waiting at the gate by who started them.
+	qmu   sync.Mutex
+	queue map[string]int
+}
+
+// queued adds d to the calls by waits at the gate.
+func (u *upstream) queued(by string, d int) {
+	if by == "" {
+		by = "tokend" // its own scheduled refreshes
+	}
+	u.qmu.Lock()
+	defer u.qmu.Unlock()
+	if u.queue == nil {
+		u.queue = map[string]int{}
+	}
+	if u.queue[by] += d; u.queue[by] <= 0 {
+		delete(u.queue, by)
+	}
+}
+
+// maxQueuers is how many of the callers filling a queue status names.
+const maxQueuers = 5
+
+// queueStats is how many calls wait at the gate and who, most first.
+func (u *upstream) queueStats() (total int, by []QueueShare) {
+	u.qmu.Lock()
+	for who, n := range u.queue {
+		total += n
+		by = append(by, QueueShare{By: who, Calls: n})
+	}
+	u.qmu.Unlock()
+	slices.SortFunc(by, func(a, b QueueShare) int { return cmp.Or(b.Calls-a.Calls, strings.Compare(a.By, b.By)) })
+	return total, by[:min(len(by), maxQueuers)]
+}
+
+// QueueShare is how many of a credential's queued calls one caller made.
+type QueueShare struct {
+	By    string
+	Calls int
 }
 
 // skewTolerance is the clock skew below which no correction is made: the
@@ -169,6 +213,10 @@ type CredentialStats struct {
 	EarliestExpiry time.Time
 	// SecretExpiresAt is when an OAuth token expires, if it says so.
 	SecretExpiresAt time.Time
+	// Queued calls wait at the gate (limiter, in-flight bound or pause);
+	// QueuedBy names who made the most of them.
+	Queued   int
+	QueuedBy []QueueShare
 }
 
 // credentialStatsLocked describes u from counters kept as entries change.
@@ -182,6 +230,7 @@ func (r *Refresher) credentialStatsLocked(u *upstream) CredentialStats {
 	}
 	c.Rejected, c.NextProbe = u.gate.rejection(fp)
 	c.PausedUntil, c.PauseReason = u.gate.paused()
+	c.Queued, c.QueuedBy = u.queueStats()
 	if at := u.skewAt.Load(); at != 0 {
 		c.ClockSkew, c.SkewAt = time.Duration(u.skewNanos.Load()), time.Unix(0, at)
 	}

@@ -47,7 +47,7 @@ func newGate(c clock.Clock, inFlight int, r rate.Limit, burst int, probeMin, pro
 	}
 }
 
-// acquire waits for the pause, the rate limit and a free slot, in that
+// acquire waits for the pause, a free slot and the rate limit, in that
 // order, or for ctx. The returned func gives the slot back.
 func (g *gate) acquire(ctx context.Context) (release func(), err error) {
 	for {
@@ -67,18 +67,22 @@ func (g *gate) acquire(ctx context.Context) (release func(), err error) {
 			t.Stop()
 		}
 	}
+	// The slot first, then the rate: a call queued for a slot holds no
+	// reservation of the rate, so calls abandoned in the queue leave the
+	// budget as it was (Wait gives back a reservation it cancels).
+	select {
+	case g.slots <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 	if err := g.rate.Wait(ctx); err != nil {
+		<-g.slots
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
 		return nil, err
 	}
-	select {
-	case g.slots <- struct{}{}:
-		return func() { <-g.slots }, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
+	return func() { <-g.slots }, nil
 }
 
 // pause holds every upstream call until d has passed; why names the hint.

@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -271,6 +272,7 @@ type Refresher struct {
 	evicted              atomic.Uint64 // over capacity
 	droppedIdle          atomic.Uint64
 	missesLimited        atomic.Uint64
+	abandoned            atomic.Uint64 // calls left the gate's queue: every caller had gone
 }
 
 // New returns a Refresher holding the store's records, each scheduled.
@@ -398,14 +400,22 @@ type Options struct {
 	Rejected string
 	// MissLimiter, when set, must allow every miss that starts an upstream
 	// call (joining one in flight is free): a per-caller bound on what one
-	// local process can cost the credential's quota.
-	MissLimiter interface{ Allow() bool }
+	// local process can cost the credential's quota. A miss it does not
+	// allow at once waits for it within the caller's deadline.
+	MissLimiter interface {
+		Allow() bool
+		Wait(context.Context) error
+	}
+	// Caller names who asks, such as "uid 1000", for the queue in status.
+	Caller string
 }
 
 // Errors of Get.
 var (
 	// ErrLifetime: the caller's min_ttl exceeds what Whop issues.
 	ErrLifetime = errors.New("no token Whop issues stays valid that long")
+	// errAbandoned ends a call whose callers all left while it queued.
+	errAbandoned = errors.New("every caller left before the upstream limiter let the call through")
 	// ErrMissRateLimited: the caller's MissLimiter refused a miss.
 	ErrMissRateLimited = errors.New("too many cache misses from this caller; retry later")
 	// ErrKeyRejected is returned without an upstream call while Whop's last
@@ -425,6 +435,26 @@ type PausedError struct {
 
 func (e *PausedError) Error() string {
 	return fmt.Sprintf("Whop rate-limited credential %q (429); its calls are paused until %s (%s)", e.Credential, e.Until.UTC().Format(time.RFC3339), e.Why)
+}
+
+// BusyError: the credential's upstream budget (its rate, burst and calls
+// in flight) cannot take a miss before its callers' deadlines.
+type BusyError struct {
+	Credential string
+	Queued     int
+	QueuedBy   []QueueShare
+}
+
+func (e *BusyError) Error() string {
+	msg := fmt.Sprintf("credential %q: the upstream rate limit cannot fit this call before the caller's deadline", e.Credential)
+	if e.Queued > 0 {
+		by := make([]string, 0, len(e.QueuedBy))
+		for _, q := range e.QueuedBy {
+			by = append(by, fmt.Sprintf("%s: %d", q.By, q.Calls))
+		}
+		msg += fmt.Sprintf("; %d calls queued (%s)", e.Queued, strings.Join(by, ", "))
+	}
+	return msg
 }
 
 // Get returns a token for k valid for at least o.MinTTL. A hit is a
@@ -474,6 +504,7 @@ func (r *Refresher) miss(ctx context.Context, k Key, enc string, up *upstream, o
 		// Ask for enough to cover min_ttl and the call's own latency.
 		w.lifetime = min(need+time.Minute, MaxLifetime)
 	}
+	admitted := false // the caller's MissLimiter let one call through
 	for attempt := 0; ; attempt++ {
 		r.mu.Lock()
 		// SetCredentials swaps the set under mu and then evicts the old
@@ -504,16 +535,28 @@ func (r *Refresher) miss(ctx context.Context, k Key, enc string, up *upstream, o
 		var c *call
 		var gone []*Watcher
 		evicted := 0
-		if e != nil && e.call != nil {
+		if e != nil && e.call != nil && e.call.queue.Err() == nil {
 			c = e.call
 		} else {
+			// No call, or one whose callers all left and that is leaving
+			// the queue: start afresh, if the caller's limiter lets it.
 			// A refused miss must not create an entry: it would take a
 			// slot from everyone under MaxEntries.
-			if o.MissLimiter != nil && !o.MissLimiter.Allow() {
+			if o.MissLimiter != nil && !admitted && !o.MissLimiter.Allow() {
 				r.mu.Unlock()
-				r.missesLimited.Add(1)
-				return Result{}, ErrMissRateLimited
+				// Wait for the caller's share within its deadline, never
+				// under the lock; Wait refuses at once when the deadline
+				// comes first. Then look again: someone may have started
+				// the call meanwhile.
+				if err := o.MissLimiter.Wait(ctx); err != nil {
+					r.missesLimited.Add(1)
+					return Result{}, ErrMissRateLimited
+				}
+				admitted = true
+				attempt--
+				continue
 			}
+			admitted = false
 			if e == nil {
 				e = r.insertLocked(k, enc, up.sched)
 				gone, evicted = r.enforceCapacityLocked(e)
@@ -522,7 +565,7 @@ func (r *Refresher) miss(ctx context.Context, k Key, enc string, up *upstream, o
 			if o.Rejected != "" {
 				source = SourceRefreshed
 			}
-			c = r.startCallLocked(e, w, now)
+			c = r.startCallLocked(e, w, now, o.Caller)
 		}
 		c.joinLocked(ctx)
 		e.touch(now)
@@ -534,6 +577,9 @@ func (r *Refresher) miss(ctx context.Context, k Key, enc string, up *upstream, o
 		select {
 		case <-c.done:
 		case <-ctx.Done():
+			r.mu.Lock()
+			c.leaveLocked()
+			r.mu.Unlock()
 			return Result{}, ctx.Err()
 		}
 		if c.err != nil {
@@ -787,7 +833,7 @@ func (r *Refresher) act(e *entry) {
 			r.scheduleLocked(e, until)
 			break
 		}
-		c := r.startCallLocked(e, want{lifetime: r.cfg.Lifetime, cause: "refresh"}, now)
+		c := r.startCallLocked(e, want{lifetime: r.cfg.Lifetime, cause: causeRefresh}, now, "")
 		r.mu.Unlock()
 		<-c.done // the worker stays busy while its call runs
 		return

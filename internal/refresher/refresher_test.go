@@ -960,6 +960,8 @@ type never struct{}
 
 func (never) Allow() bool { return false }
 
+func (never) Wait(context.Context) error { return errors.New("never") }
+
 // TestRefusedMissCreatesNoEntry: a miss the caller's limiter refuses
 // leaves the cache as it was, so it cannot push out others' entries.
 func TestRefusedMissCreatesNoEntry(t *testing.T) {

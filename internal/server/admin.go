@@ -148,6 +148,7 @@ func (a *adminService) status() (*tokendv1.Status, error) {
 		DroppedIdle:           st.DroppedIdle,
 		MaxEntries:            uint64(st.MaxEntries),
 		MissesRateLimited:     st.MissesRateLimited,
+		AbandonedCalls:        st.Abandoned,
 		CacheSealed:           a.s.cfg.SealedCache,
 		PolicyLoaded:          a.s.cfg.Policy != nil && a.s.cfg.Policy.Load() != nil,
 	}
@@ -162,6 +163,10 @@ func (a *adminService) status() (*tokendv1.Status, error) {
 		}
 		if c.OAuthUser {
 			cs.Kind = "oauth_user"
+		}
+		cs.Queued = uint32(c.Queued)
+		for _, q := range c.QueuedBy {
+			cs.QueuedBy = append(cs.QueuedBy, &tokendv1.QueueShare{By: q.By, Calls: uint32(q.Calls)})
 		}
 		if c.PausedUntil.After(now) {
 			cs.PausedUntil = timestamppb.New(c.PausedUntil)

@@ -6,6 +6,7 @@ import (
 	"github.com/tokend/tokend/internal/policy"
 	"github.com/tokend/tokend/internal/refresher"
 	"net"
+	"strconv"
 	"sync"
 
 	"golang.org/x/time/rate"
@@ -113,6 +114,7 @@ type connState struct {
 	audit  *audit.Conn   // nil without an audit trail
 	caller policy.Caller // the peer as the policy sees it, built once
 	misses *rate.Limiter // the peer uid's miss limiter, shared by its connections
+	label  string        // "uid N", naming the caller in the refresher's queue
 }
 
 // creds reads the peer's credentials once per connection and attaches
@@ -129,7 +131,7 @@ func (c creds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, e
 		return nil, nil, err
 	}
 	p := ai.(*peercred.Info)
-	cs := &connState{peer: p, caller: policy.Caller{UID: p.UID, GID: p.GID, Groups: p.Groups, PID: p.PID, Exe: p.Exe}, misses: c.s.misses.forUID(p.UID)}
+	cs := &connState{peer: p, caller: policy.Caller{UID: p.UID, GID: p.GID, Groups: p.Groups, PID: p.PID, Exe: p.Exe}, misses: c.s.misses.forUID(p.UID), label: "uid " + strconv.FormatUint(uint64(p.UID), 10)}
 	if c.s.cfg.Audit != nil {
 		cs.audit = c.s.cfg.Audit.Open(p)
 	}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"runtime"
 	"slices"
@@ -83,8 +84,8 @@ type Config struct {
 	// Audit records who got which token; nil means no audit trail.
 	Audit *audit.Trail
 	// MissRate and MissBurst bound, per caller uid, the misses that start an
-	// upstream call. Zero means 10/s with a burst of 1000, enough for a
-	// service warming a thousand keys at start.
+	// upstream call. Zero means MissShare of the refresher's default
+	// upstream rate and burst.
 	MissRate  rate.Limit
 	MissBurst int
 	// MaxStreams bounds concurrent calls per connection. Default 128.
@@ -121,10 +122,10 @@ func New(cfg Config) *Server {
 		cfg.StopTimeout = 5 * time.Second
 	}
 	if cfg.MissRate <= 0 {
-		cfg.MissRate = 10
+		cfg.MissRate = rate.Limit(refresher.DefaultRate * MissShare)
 	}
 	if cfg.MissBurst <= 0 {
-		cfg.MissBurst = 1000
+		cfg.MissBurst = int(math.Ceil(refresher.DefaultBurst * MissShare))
 	}
 	if cfg.MaxStreams == 0 {
 		cfg.MaxStreams = 128
@@ -222,6 +223,11 @@ func answer(tok *refresher.Token, keyID string) *tokendv1.Token {
 	return tok.SetMemo(&tokendv1.Token{Token: tok.Value, ExpiresAt: timestamp(tok.ExpiresAt), KeyId: keyID}).(*tokendv1.Token)
 }
 
+// MissShare is the default share of a credential's upstream rate and burst
+// that one local uid's misses may use: any uid filling the queue leaves
+// the rest of the budget to the others.
+const MissShare = 0.5
+
 // got is one answered token request.
 type got struct {
 	k   refresher.Key
@@ -243,7 +249,7 @@ func (s *Server) get(ctx context.Context, req *tokendv1.GetTokenRequest) (got, e
 	}
 	opts := refresher.Options{MinTTL: r.minTTL, Rejected: req.GetRejectedToken()}
 	if cs != nil {
-		opts.MissLimiter = cs.misses
+		opts.MissLimiter, opts.Caller = cs.misses, cs.label
 	}
 	res, err := s.cfg.Tokens.Get(ctx, k, opts)
 	if err != nil {
@@ -393,7 +399,11 @@ func watchEnd(keyID string, err error) error {
 func upstreamStatus(err error) error {
 	var we *whop.Error
 	var pe *refresher.PausedError
+	var be *refresher.BusyError
 	switch {
+	case errors.As(err, &be):
+		// The credential's budget, not Whop: a later call may fit.
+		return status.Error(codes.ResourceExhausted, be.Error())
 	case errors.As(err, &pe):
 		return withDetails(status.New(codes.Unavailable, pe.Error()),
 			&errdetails.ErrorInfo{Reason: "RATE_LIMITED", Domain: whopDomain, Metadata: map[string]string{"http_status": "429", "credential": pe.Credential, "pause_reason": pe.Why}},

@@ -72,7 +72,8 @@ func newSvcRig(t *testing.T) *svcRig {
 		t.Fatal(err)
 	}
 	m := &recordedMetrics{}
-	srv := New(Config{Tokens: ref, SelfUID: uint32(os.Getuid()), Metrics: m})
+	// A uid's default share (MissShare) of the rig's upstream budget.
+	srv := New(Config{Tokens: ref, SelfUID: uint32(os.Getuid()), Metrics: m, MissRate: 1000 * MissShare, MissBurst: 1000 * MissShare})
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Add(2)

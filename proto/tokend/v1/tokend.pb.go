@@ -1363,9 +1363,12 @@ type Status struct {
 	// Whether token strings are sealed in the cache file.
 	CacheSealed bool `protobuf:"varint,27,opt,name=cache_sealed,json=cacheSealed,proto3" json:"cache_sealed,omitempty"`
 	// One line per configured credential.
-	Credentials   []*CredentialStatus `protobuf:"bytes,28,rep,name=credentials,proto3" json:"credentials,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Credentials []*CredentialStatus `protobuf:"bytes,28,rep,name=credentials,proto3" json:"credentials,omitempty"`
+	// Calls that left the upstream queue because every caller had gone
+	// (their deadlines passed) before the limiter let them through.
+	AbandonedCalls uint64 `protobuf:"varint,40,opt,name=abandoned_calls,json=abandonedCalls,proto3" json:"abandoned_calls,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Status) Reset() {
@@ -1594,6 +1597,13 @@ func (x *Status) GetCredentials() []*CredentialStatus {
 	return nil
 }
 
+func (x *Status) GetAbandonedCalls() uint64 {
+	if x != nil {
+		return x.AbandonedCalls
+	}
+	return 0
+}
+
 type CredentialStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1623,8 +1633,12 @@ type CredentialStatus struct {
 	ClockSkew *durationpb.Duration `protobuf:"bytes,13,opt,name=clock_skew,json=clockSkew,proto3" json:"clock_skew,omitempty"`
 	// The skew exceeds 5s: fix the host's time (NTP).
 	ClockSkewWarning bool `protobuf:"varint,14,opt,name=clock_skew_warning,json=clockSkewWarning,proto3" json:"clock_skew_warning,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Calls waiting for the limiter, the in-flight bound or a pause, and
+	// who made the most of them ("uid 1000", "tokend" for refreshes).
+	Queued        uint32        `protobuf:"varint,15,opt,name=queued,proto3" json:"queued,omitempty"`
+	QueuedBy      []*QueueShare `protobuf:"bytes,16,rep,name=queued_by,json=queuedBy,proto3" json:"queued_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CredentialStatus) Reset() {
@@ -1755,6 +1769,72 @@ func (x *CredentialStatus) GetClockSkewWarning() bool {
 	return false
 }
 
+func (x *CredentialStatus) GetQueued() uint32 {
+	if x != nil {
+		return x.Queued
+	}
+	return 0
+}
+
+func (x *CredentialStatus) GetQueuedBy() []*QueueShare {
+	if x != nil {
+		return x.QueuedBy
+	}
+	return nil
+}
+
+type QueueShare struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	By            string                 `protobuf:"bytes,1,opt,name=by,proto3" json:"by,omitempty"`
+	Calls         uint32                 `protobuf:"varint,2,opt,name=calls,proto3" json:"calls,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueueShare) Reset() {
+	*x = QueueShare{}
+	mi := &file_tokend_v1_tokend_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueueShare) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueueShare) ProtoMessage() {}
+
+func (x *QueueShare) ProtoReflect() protoreflect.Message {
+	mi := &file_tokend_v1_tokend_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueueShare.ProtoReflect.Descriptor instead.
+func (*QueueShare) Descriptor() ([]byte, []int) {
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *QueueShare) GetBy() string {
+	if x != nil {
+		return x.By
+	}
+	return ""
+}
+
+func (x *QueueShare) GetCalls() uint32 {
+	if x != nil {
+		return x.Calls
+	}
+	return 0
+}
+
 var File_tokend_v1_tokend_proto protoreflect.FileDescriptor
 
 const file_tokend_v1_tokend_proto_rawDesc = "" +
@@ -1858,7 +1938,7 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x04type\x18\x05 \x01(\tR\x04type\x12\x12\n" +
 	"\x04code\x18\x06 \x01(\tR\x04code\x12\x14\n" +
 	"\x05param\x18\a \x01(\tR\x05param\"\x12\n" +
-	"\x10GetStatusRequest\"\xb7\n" +
+	"\x10GetStatusRequest\"\xe0\n" +
 	"\n" +
 	"\x06Status\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
@@ -1891,10 +1971,11 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x0fmax_connections\x18\x19 \x01(\rR\x0emaxConnections\x12#\n" +
 	"\rpolicy_loaded\x18\x1a \x01(\bR\fpolicyLoaded\x12!\n" +
 	"\fcache_sealed\x18\x1b \x01(\bR\vcacheSealed\x12=\n" +
-	"\vcredentials\x18\x1c \x03(\v2\x1b.tokend.v1.CredentialStatusR\vcredentials\x1aA\n" +
+	"\vcredentials\x18\x1c \x03(\v2\x1b.tokend.v1.CredentialStatusR\vcredentials\x12'\n" +
+	"\x0fabandoned_calls\x18( \x01(\x04R\x0eabandonedCalls\x1aA\n" +
 	"\x13EntriesByStateEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\xcc\x04\n" +
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\x98\x05\n" +
 	"\x10CredentialStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12 \n" +
@@ -1912,7 +1993,13 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\fpause_reason\x18\f \x01(\tR\vpauseReason\x128\n" +
 	"\n" +
 	"clock_skew\x18\r \x01(\v2\x19.google.protobuf.DurationR\tclockSkew\x12,\n" +
-	"\x12clock_skew_warning\x18\x0e \x01(\bR\x10clockSkewWarning*\xbe\x01\n" +
+	"\x12clock_skew_warning\x18\x0e \x01(\bR\x10clockSkewWarning\x12\x16\n" +
+	"\x06queued\x18\x0f \x01(\rR\x06queued\x122\n" +
+	"\tqueued_by\x18\x10 \x03(\v2\x15.tokend.v1.QueueShareR\bqueuedBy\"2\n" +
+	"\n" +
+	"QueueShare\x12\x0e\n" +
+	"\x02by\x18\x01 \x01(\tR\x02by\x12\x14\n" +
+	"\x05calls\x18\x02 \x01(\rR\x05calls*\xbe\x01\n" +
 	"\n" +
 	"EntryState\x12\x1b\n" +
 	"\x17ENTRY_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
@@ -1948,7 +2035,7 @@ func file_tokend_v1_tokend_proto_rawDescGZIP() []byte {
 }
 
 var file_tokend_v1_tokend_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tokend_v1_tokend_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_tokend_v1_tokend_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_tokend_v1_tokend_proto_goTypes = []any{
 	(EntryState)(0),               // 0: tokend.v1.EntryState
 	(*GetTokenRequest)(nil),       // 1: tokend.v1.GetTokenRequest
@@ -1970,58 +2057,60 @@ var file_tokend_v1_tokend_proto_goTypes = []any{
 	(*GetStatusRequest)(nil),      // 17: tokend.v1.GetStatusRequest
 	(*Status)(nil),                // 18: tokend.v1.Status
 	(*CredentialStatus)(nil),      // 19: tokend.v1.CredentialStatus
-	nil,                           // 20: tokend.v1.Status.EntriesByStateEntry
-	(*durationpb.Duration)(nil),   // 21: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 22: google.protobuf.Timestamp
+	(*QueueShare)(nil),            // 20: tokend.v1.QueueShare
+	nil,                           // 21: tokend.v1.Status.EntriesByStateEntry
+	(*durationpb.Duration)(nil),   // 22: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 23: google.protobuf.Timestamp
 }
 var file_tokend_v1_tokend_proto_depIdxs = []int32{
-	21, // 0: tokend.v1.GetTokenRequest.min_ttl:type_name -> google.protobuf.Duration
-	22, // 1: tokend.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	22, // 0: tokend.v1.GetTokenRequest.min_ttl:type_name -> google.protobuf.Duration
+	23, // 1: tokend.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
 	4,  // 2: tokend.v1.WatchTokensRequest.subscribe:type_name -> tokend.v1.WatchSubscribe
 	5,  // 3: tokend.v1.WatchTokensRequest.touch:type_name -> tokend.v1.WatchTouch
 	1,  // 4: tokend.v1.WatchSubscribe.request:type_name -> tokend.v1.GetTokenRequest
 	2,  // 5: tokend.v1.WatchTokensResponse.token:type_name -> tokend.v1.Token
 	15, // 6: tokend.v1.ListEntriesResponse.entries:type_name -> tokend.v1.Entry
 	0,  // 7: tokend.v1.Entry.state:type_name -> tokend.v1.EntryState
-	22, // 8: tokend.v1.Entry.expires_at:type_name -> google.protobuf.Timestamp
-	22, // 9: tokend.v1.Entry.obtained_at:type_name -> google.protobuf.Timestamp
-	22, // 10: tokend.v1.Entry.next_refresh_at:type_name -> google.protobuf.Timestamp
-	22, // 11: tokend.v1.Entry.last_requested_at:type_name -> google.protobuf.Timestamp
+	23, // 8: tokend.v1.Entry.expires_at:type_name -> google.protobuf.Timestamp
+	23, // 9: tokend.v1.Entry.obtained_at:type_name -> google.protobuf.Timestamp
+	23, // 10: tokend.v1.Entry.next_refresh_at:type_name -> google.protobuf.Timestamp
+	23, // 11: tokend.v1.Entry.last_requested_at:type_name -> google.protobuf.Timestamp
 	16, // 12: tokend.v1.Entry.last_error:type_name -> tokend.v1.UpstreamError
-	22, // 13: tokend.v1.UpstreamError.at:type_name -> google.protobuf.Timestamp
-	22, // 14: tokend.v1.Status.started_at:type_name -> google.protobuf.Timestamp
-	21, // 15: tokend.v1.Status.uptime:type_name -> google.protobuf.Duration
-	20, // 16: tokend.v1.Status.entries_by_state:type_name -> tokend.v1.Status.EntriesByStateEntry
+	23, // 13: tokend.v1.UpstreamError.at:type_name -> google.protobuf.Timestamp
+	23, // 14: tokend.v1.Status.started_at:type_name -> google.protobuf.Timestamp
+	22, // 15: tokend.v1.Status.uptime:type_name -> google.protobuf.Duration
+	21, // 16: tokend.v1.Status.entries_by_state:type_name -> tokend.v1.Status.EntriesByStateEntry
 	16, // 17: tokend.v1.Status.last_upstream_error:type_name -> tokend.v1.UpstreamError
-	22, // 18: tokend.v1.Status.upstream_paused_until:type_name -> google.protobuf.Timestamp
+	23, // 18: tokend.v1.Status.upstream_paused_until:type_name -> google.protobuf.Timestamp
 	19, // 19: tokend.v1.Status.credentials:type_name -> tokend.v1.CredentialStatus
-	22, // 20: tokend.v1.CredentialStatus.paused_until:type_name -> google.protobuf.Timestamp
-	22, // 21: tokend.v1.CredentialStatus.secret_expires_at:type_name -> google.protobuf.Timestamp
-	22, // 22: tokend.v1.CredentialStatus.next_probe:type_name -> google.protobuf.Timestamp
-	21, // 23: tokend.v1.CredentialStatus.clock_skew:type_name -> google.protobuf.Duration
-	1,  // 24: tokend.v1.TokenService.GetToken:input_type -> tokend.v1.GetTokenRequest
-	1,  // 25: tokend.v1.TokenService.WatchToken:input_type -> tokend.v1.GetTokenRequest
-	3,  // 26: tokend.v1.TokenService.WatchTokens:input_type -> tokend.v1.WatchTokensRequest
-	9,  // 27: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
-	11, // 28: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
-	12, // 29: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
-	14, // 30: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
-	17, // 31: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
-	7,  // 32: tokend.v1.AdminService.CheckPolicy:input_type -> tokend.v1.CheckPolicyRequest
-	2,  // 33: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
-	2,  // 34: tokend.v1.TokenService.WatchToken:output_type -> tokend.v1.Token
-	6,  // 35: tokend.v1.TokenService.WatchTokens:output_type -> tokend.v1.WatchTokensResponse
-	10, // 36: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
-	15, // 37: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
-	13, // 38: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
-	15, // 39: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
-	18, // 40: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
-	8,  // 41: tokend.v1.AdminService.CheckPolicy:output_type -> tokend.v1.CheckPolicyResponse
-	33, // [33:42] is the sub-list for method output_type
-	24, // [24:33] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	23, // 20: tokend.v1.CredentialStatus.paused_until:type_name -> google.protobuf.Timestamp
+	23, // 21: tokend.v1.CredentialStatus.secret_expires_at:type_name -> google.protobuf.Timestamp
+	23, // 22: tokend.v1.CredentialStatus.next_probe:type_name -> google.protobuf.Timestamp
+	22, // 23: tokend.v1.CredentialStatus.clock_skew:type_name -> google.protobuf.Duration
+	20, // 24: tokend.v1.CredentialStatus.queued_by:type_name -> tokend.v1.QueueShare
+	1,  // 25: tokend.v1.TokenService.GetToken:input_type -> tokend.v1.GetTokenRequest
+	1,  // 26: tokend.v1.TokenService.WatchToken:input_type -> tokend.v1.GetTokenRequest
+	3,  // 27: tokend.v1.TokenService.WatchTokens:input_type -> tokend.v1.WatchTokensRequest
+	9,  // 28: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
+	11, // 29: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
+	12, // 30: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
+	14, // 31: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
+	17, // 32: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
+	7,  // 33: tokend.v1.AdminService.CheckPolicy:input_type -> tokend.v1.CheckPolicyRequest
+	2,  // 34: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
+	2,  // 35: tokend.v1.TokenService.WatchToken:output_type -> tokend.v1.Token
+	6,  // 36: tokend.v1.TokenService.WatchTokens:output_type -> tokend.v1.WatchTokensResponse
+	10, // 37: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
+	15, // 38: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
+	13, // 39: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
+	15, // 40: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
+	18, // 41: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
+	8,  // 42: tokend.v1.AdminService.CheckPolicy:output_type -> tokend.v1.CheckPolicyResponse
+	34, // [34:43] is the sub-list for method output_type
+	25, // [25:34] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_tokend_v1_tokend_proto_init() }
@@ -2045,7 +2134,7 @@ func file_tokend_v1_tokend_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tokend_v1_tokend_proto_rawDesc), len(file_tokend_v1_tokend_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   20,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -1,0 +1,74 @@
+package refresher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+)
+
+// TestAbandonedMissesLeaveTheQueue: misses queued behind a busy credential
+// whose callers all give up leave the queue without an upstream call, so
+// the next caller is not held behind them; status shows the queue and who
+// fills it while it lasts.
+func TestAbandonedMissesLeaveTheQueue(t *testing.T) {
+	g := newRig(t, func(_ *rig, c *Config) { c.MaxInFlight = 1 })
+	g.valve.holdIf(forCompany("biz_hold"))
+	held := g.goGet(NewKey("default", "biz_hold", "", nil))
+	h := g.awaitStart()
+
+	const n = 50
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, n)
+	for i := range n {
+		go func() {
+			_, err := g.r.Get(ctx, NewKey("default", fmt.Sprintf("biz_q%02d", i), "", nil), Options{Caller: "uid 65534"})
+			done <- err
+		}()
+	}
+	g.poll(func() string { return fmt.Sprintf("queued %+v", g.r.Status().Credentials[0].QueuedBy) }, func() bool {
+		c := g.r.Status().Credentials[0]
+		return c.Queued == n && len(c.QueuedBy) == 1 && c.QueuedBy[0] == QueueShare{By: "uid 65534", Calls: n}
+	})
+	cancel()
+	for range n {
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Fatalf("abandoned miss: %v", err)
+		}
+	}
+	g.poll(func() string { return fmt.Sprintf("status %+v", g.r.Status()) }, func() bool {
+		st := g.r.Status()
+		return st.Abandoned == n && st.Credentials[0].Queued == 0
+	})
+	h.Release()
+	if r := g.await(held); r.err != nil {
+		t.Fatal(r.err)
+	}
+	g.mustGet(NewKey("default", "biz_next", "", nil))
+	if calls := g.fake.CallCount(); calls != 2 {
+		t.Fatalf("%d upstream calls; the %d abandoned misses made some", calls, n)
+	}
+}
+
+// TestMissThatCannotFitIsRefusedAtOnce: with the credential's rate spent,
+// a miss whose deadline comes before the limiter's next slot fails at once
+// with BusyError, spending nothing; a caller with time to wait is served.
+func TestMissThatCannotFitIsRefusedAtOnce(t *testing.T) {
+	g := newRig(t, func(_ *rig, c *Config) { c.Rate, c.Burst = 2, 1 })
+	g.mustGet(NewKey("default", "biz_a", "", nil))
+	short, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	_, err := g.r.Get(short, NewKey("default", "biz_b", "", nil), Options{Caller: "uid 1000"})
+	var be *BusyError
+	if !errors.As(err, &be) || be.Credential != "default" {
+		t.Fatalf("miss that cannot fit: %v, want BusyError", err)
+	}
+	if short.Err() != nil {
+		t.Fatal("the refusal waited for the caller's deadline")
+	}
+	g.mustGet(NewKey("default", "biz_b", "", nil)) // 10 s: the limiter's slot comes in 0.5 s
+	if n := g.fake.CallCount(); n != 2 {
+		t.Fatalf("%d upstream calls, want 2", n)
+	}
+}
