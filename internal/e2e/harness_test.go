@@ -28,6 +28,9 @@ var bin struct {
 }
 
 func TestMain(m *testing.M) {
+	if runChild() {
+		return
+	}
 	dir, err := os.MkdirTemp("", "tokend-e2e-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
