@@ -240,6 +240,7 @@ func fullRecord() Record {
 		Refreshes:     7,
 		Failures:      3,
 		LastError:     &RecordError{At: t0.Add(-time.Minute), Status: 503, Message: "upstream unavailable", Type: "service_unavailable", Code: "upstream_down", Param: "company_id", Retryable: true},
+		Owner:         "uid 1000",
 	}
 }
 

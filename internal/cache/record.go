@@ -30,6 +30,8 @@ type Record struct {
 	Refreshes     uint64
 	Failures      uint32
 	LastError     *RecordError // immutable once in a Record
+	// Owner names who first asked for the key, such as "uid 1000".
+	Owner string
 }
 
 // RecordError is the last upstream failure kept with a record. Message is
@@ -74,6 +76,7 @@ func encodeRecord(enc []byte, r *Record, aead cipher.AEAD) ([]byte, error) {
 		Hits:            r.Hits,
 		Refreshes:       r.Refreshes,
 		Failures:        r.Failures,
+		Owner:           r.Owner,
 	}
 	if le := r.LastError; le != nil {
 		p.LastErrorAt = unixNano(le.At)
@@ -139,6 +142,7 @@ func decodeRecord(k, v []byte, aead cipher.AEAD) (r Record, sealed bool, err err
 		Hits:          p.Hits,
 		Refreshes:     p.Refreshes,
 		Failures:      p.Failures,
+		Owner:         p.Owner,
 	}
 	if p.LastErrorAt != 0 {
 		r.LastError = &RecordError{

@@ -181,3 +181,34 @@ func TestNeighbourAbandonedMisses(t *testing.T) {
 		t.Fatalf("%d calls still queued after every caller left", n)
 	}
 }
+
+// TestNeighbourCapacity: with --max-entries 100 and no policy, nobody
+// minting 200 keys evicts its own entries, not root's 20; after a restart
+// the owners are remembered.
+func TestNeighbourCapacity(t *testing.T) {
+	e := newEnv(t)
+	e.openToOthers()
+	flags := append(fast, "--socket-mode", "0666", "--max-entries", "100")
+	d := e.start(flags...)
+	tc := e.tokens()
+	warm(t, tc, 20)
+	res := e.startBurst(nobodyUID, nobodyUID, burstSpec{Prefix: "biz_fill", Calls: 200, Deadline: 10 * time.Second, Spread: time.Second})()
+	if res.Codes["OK"] != 200 {
+		t.Fatalf("nobody's 200 keys: %v", res.Codes)
+	}
+	check := func(when string) {
+		t.Helper()
+		before := e.fake.CallCount()
+		warm(t, tc, 20)
+		st := e.status(t)
+		t.Logf("%s: root's 20 keys cost %d upstream calls; %d entries, %d evicted over capacity", when, e.fake.CallCount()-before, st.Entries, st.EvictedOverCapacity)
+		if n := e.fake.CallCount() - before; n != 0 {
+			t.Fatalf("%s: %d of root's 20 keys had been evicted by nobody's", when, n)
+		}
+	}
+	check("after nobody's 200 keys")
+	d.stop()
+	e.start(flags...)
+	e.startBurst(nobodyUID, nobodyUID, burstSpec{Prefix: "biz_more", Calls: 100, Deadline: 10 * time.Second, Spread: time.Second})()
+	check("after a restart and 100 more of nobody's")
+}

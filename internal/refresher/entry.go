@@ -144,8 +144,11 @@ type entry struct {
 	expiresAt time.Time
 	hidx      int   // position in sched.actions, -1 when not queued
 	xidx      int   // position in sched.expiries, -1 when not queued
-	lidx      int   // position in Refresher.lru, -1 once removed
-	lruAt     int64 // lastRequested as of its place in Refresher.lru
+	lidx      int   // position in its owner's Refresher.lru heap, -1 once removed
+	lruAt     int64 // lastRequested as of its place in that heap
+	// owner is who first asked for the key ("uid 1000"; "" unknown), whose
+	// share of the capacity the entry counts against.
+	owner string
 
 	call *call // the upstream call in flight for this entry, if any
 
@@ -189,6 +192,7 @@ func (e *entry) record() cache.Record {
 		Hits:          e.hits.Load(),
 		Refreshes:     e.refreshes,
 		Failures:      e.failures,
+		Owner:         e.owner,
 	}
 	if e.state == StateFresh {
 		r.NextRefresh = e.next

@@ -72,3 +72,44 @@ func TestMissThatCannotFitIsRefusedAtOnce(t *testing.T) {
 		t.Fatalf("%d upstream calls, want 2", n)
 	}
 }
+
+// TestCapacityEvictionIsFairAcrossUIDs: one uid minting 200 keys into a
+// cache of 100 evicts its own entries, not the 20 of two other uids; with
+// one uid alone, eviction stays least recently requested first.
+func TestCapacityEvictionIsFairAcrossUIDs(t *testing.T) {
+	g := newRig(t, func(_ *rig, c *Config) { c.MaxEntries = 100; c.Rate, c.Burst = 1000, 1000 })
+	ctx := t.Context()
+	get := func(company, caller string) {
+		t.Helper()
+		if _, err := g.r.Get(ctx, NewKey("default", company, "", nil), Options{Caller: caller}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 10 {
+		get(fmt.Sprintf("biz_a%02d", i), "uid 1000")
+		get(fmt.Sprintf("biz_b%02d", i), "uid 1001")
+	}
+	for i := range 200 {
+		g.clock.Advance(time.Millisecond)
+		get(fmt.Sprintf("biz_flood%03d", i), "uid 65534")
+	}
+	for i := range 10 {
+		for _, c := range []string{"biz_a", "biz_b"} {
+			k := NewKey("default", fmt.Sprintf("%s%02d", c, i), "", nil)
+			if _, err := g.r.find(k.ID()); err != nil {
+				t.Fatalf("%s was evicted by another uid's keys: %v", k.Subject(), err)
+			}
+		}
+	}
+	st := g.r.Status()
+	if st.Entries != 100 || st.EvictedOverCapacity != 120 {
+		t.Fatalf("%d entries, %d evicted; want 100 and 120", st.Entries, st.EvictedOverCapacity)
+	}
+	// The flood kept its 80 most recent keys.
+	for i := range 200 {
+		_, err := g.r.find(NewKey("default", fmt.Sprintf("biz_flood%03d", i), "", nil).ID())
+		if kept := err == nil; kept != (i >= 120) {
+			t.Fatalf("flood key %d kept %v, want only the last 80", i, kept)
+		}
+	}
+}

@@ -260,10 +260,11 @@ type Refresher struct {
 
 	imu   sync.RWMutex
 	index map[string]*entry // by encoded key; written with mu and imu held
-	// lru orders live entries by lastRequested as of their last place in
-	// it, which the hit path does not move: a place is never later than
-	// the entry's real last request, and is brought up to date lazily.
-	lru entryHeap
+	// lru orders each owner's live entries by lastRequested as of their
+	// last place in it, which the hit path does not move: a place is never
+	// later than the entry's real last request, and is brought up to date
+	// lazily. Capacity eviction takes from the owner with most entries.
+	lru map[string]*entryHeap
 
 	hits, misses, joined atomic.Uint64
 	upstreamCalls        atomic.Uint64
@@ -290,7 +291,7 @@ func New(cfg Config) (*Refresher, error) {
 		base:         base,
 		cancel:       cancel,
 		index:        make(map[string]*entry),
-		lru:          entryHeap{less: func(a, b *entry) bool { return a.lruAt < b.lruAt }, idx: func(e *entry) *int { return &e.lidx }},
+		lru:          make(map[string]*entryHeap),
 	}
 	r.ups.Store(&upstreamSet{})
 	if err := r.SetCredentials(cfg.Credentials); err != nil {
@@ -329,7 +330,7 @@ func (r *Refresher) load(recs []cache.Record) {
 			r.store.Delete(string(rec.Key.Encode())) // its credential is gone
 			continue
 		}
-		e := r.insertLocked(k, string(rec.Key.Encode()), up.sched)
+		e := r.insertLocked(k, string(rec.Key.Encode()), up.sched, rec.Owner)
 		t := &Token{Value: rec.Token, ExpiresAt: rec.ExpiresAt, ObtainedAt: rec.ObtainedAt, Fingerprint: rec.Fingerprint}
 		e.tok.Store(t)
 		e.lastRequested.Store(unixNano(rec.LastRequested))
@@ -558,7 +559,7 @@ func (r *Refresher) miss(ctx context.Context, k Key, enc string, up *upstream, o
 			}
 			admitted = false
 			if e == nil {
-				e = r.insertLocked(k, enc, up.sched)
+				e = r.insertLocked(k, enc, up.sched, o.Caller)
 				gone, evicted = r.enforceCapacityLocked(e)
 			}
 			source = SourceMinted
@@ -599,15 +600,15 @@ func (r *Refresher) miss(ctx context.Context, k Key, enc string, up *upstream, o
 	}
 }
 
-// insertLocked adds a new entry for k.
-func (r *Refresher) insertLocked(k Key, enc string, s *sched) *entry {
+// insertLocked adds a new entry for k, asked for first by owner.
+func (r *Refresher) insertLocked(k Key, enc string, s *sched, owner string) *entry {
 	e := newEntry(k, enc, s)
-	e.live = true
+	e.live, e.owner = true, owner
 	r.imu.Lock()
 	r.index[enc] = e
 	r.imu.Unlock()
 	e.lruAt = e.lastRequested.Load()
-	heap.Push(&r.lru, e)
+	r.lruPushLocked(e)
 	s.entries++
 	r.counts[e.state]++
 	return e
@@ -624,9 +625,7 @@ func (r *Refresher) removeLocked(e *entry) []*Watcher {
 	r.imu.Lock()
 	delete(r.index, e.enc)
 	r.imu.Unlock()
-	if e.lidx >= 0 {
-		heap.Remove(&r.lru, e.lidx)
-	}
+	r.lruRemoveLocked(e)
 	r.unscheduleLocked(e)
 	r.trackExpiryLocked(e, r.clock.Now())
 	r.counts[e.state]--
@@ -636,25 +635,68 @@ func (r *Refresher) removeLocked(e *entry) []*Watcher {
 	return r.watchersLocked(e)
 }
 
-// enforceCapacityLocked evicts least recently requested entries while the
-// cache holds more than MaxEntries; keep is spared. The LRU heap's top is
-// the victim once its place matches its real last request: every place is
-// at most the real time, so no other entry was requested earlier. A top
-// hit since it was placed moves down instead; at most maxLRUFixes moves are
-// made per eviction, each paid for by a hit, so a burst of hits cannot hold
-// mu for long (past that bound the top is taken as it is).
+// lruPushLocked places e in its owner's LRU heap.
+func (r *Refresher) lruPushLocked(e *entry) {
+	h := r.lru[e.owner]
+	if h == nil {
+		h = &entryHeap{less: func(a, b *entry) bool { return a.lruAt < b.lruAt }, idx: func(e *entry) *int { return &e.lidx }}
+		r.lru[e.owner] = h
+	}
+	heap.Push(h, e)
+}
+
+// lruRemoveLocked takes e out of its owner's LRU heap.
+func (r *Refresher) lruRemoveLocked(e *entry) {
+	h := r.lru[e.owner]
+	if h == nil || e.lidx < 0 {
+		return
+	}
+	heap.Remove(h, e.lidx)
+	if h.Len() == 0 {
+		delete(r.lru, e.owner)
+	}
+}
+
+// heaviestLocked is the LRU heap of the owner with most entries; ties go
+// to the one whose oldest place is oldest.
+func (r *Refresher) heaviestLocked() *entryHeap {
+	var best *entryHeap
+	for _, h := range r.lru {
+		if best == nil || h.Len() > best.Len() || h.Len() == best.Len() && h.es[0].lruAt < best.es[0].lruAt {
+			best = h
+		}
+	}
+	return best
+}
+
+// enforceCapacityLocked evicts entries while the cache holds more than
+// MaxEntries; keep is spared. Each eviction takes the least recently
+// requested entry of the owner (local uid) with most entries, so one uid
+// minting many keys evicts its own before anyone else's, and a cache used
+// by one service is exact LRU. Within an owner's heap the top is the
+// victim once its place matches its real last request: every place is at
+// most the real time, so no other entry of the owner was requested
+// earlier. A top hit since it was placed moves down instead; at most
+// maxLRUFixes moves are made per eviction, each paid for by a hit, so a
+// burst of hits cannot hold mu for long (past that bound the top is taken
+// as it is). The owners are few (local uids): finding the heaviest is a
+// short scan.
 // It returns the evicted entries' watchers and how many entries it evicted.
 func (r *Refresher) enforceCapacityLocked(keep *entry) (gone []*Watcher, evicted int) {
 	if keep != nil && keep.lidx >= 0 {
-		heap.Remove(&r.lru, keep.lidx)
-		defer heap.Push(&r.lru, keep)
+		r.lruRemoveLocked(keep)
+		defer r.lruPushLocked(keep)
 	}
 	fixes := 0
-	for len(r.index) > r.cfg.MaxEntries && r.lru.Len() > 0 {
-		top := r.lru.es[0]
+	for len(r.index) > r.cfg.MaxEntries {
+		h := r.heaviestLocked()
+		if h == nil {
+			break
+		}
+		top := h.es[0]
 		if at := top.lastRequested.Load(); at != top.lruAt && fixes < maxLRUFixes {
 			top.lruAt = at
-			heap.Fix(&r.lru, 0)
+			heap.Fix(h, 0)
 			fixes++
 			continue
 		}

@@ -56,8 +56,11 @@ type Record struct {
 	LastErrorType  string `protobuf:"bytes,19,opt,name=last_error_type,json=lastErrorType,proto3" json:"last_error_type,omitempty"`
 	LastErrorCode  string `protobuf:"bytes,20,opt,name=last_error_code,json=lastErrorCode,proto3" json:"last_error_code,omitempty"`
 	LastErrorParam string `protobuf:"bytes,21,opt,name=last_error_param,json=lastErrorParam,proto3" json:"last_error_param,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Who first asked for the key ("uid 1000"), so that capacity eviction
+	// stays fair across local users after a restart.
+	Owner         string `protobuf:"bytes,22,opt,name=owner,proto3" json:"owner,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Record) Reset() {
@@ -237,11 +240,18 @@ func (x *Record) GetLastErrorParam() string {
 	return ""
 }
 
+func (x *Record) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
 var File_tokend_store_v1_record_proto protoreflect.FileDescriptor
 
 const file_tokend_store_v1_record_proto_rawDesc = "" +
 	"\n" +
-	"\x1ctokend/store/v1/record.proto\x12\x0ftokend.store.v1\"\xf5\x05\n" +
+	"\x1ctokend/store/v1/record.proto\x12\x0ftokend.store.v1\"\x8b\x06\n" +
 	"\x06Record\x12\x1e\n" +
 	"\n" +
 	"credential\x18\x01 \x01(\tR\n" +
@@ -269,7 +279,8 @@ const file_tokend_store_v1_record_proto_rawDesc = "" +
 	"\fsealed_token\x18\x12 \x01(\fR\vsealedToken\x12&\n" +
 	"\x0flast_error_type\x18\x13 \x01(\tR\rlastErrorType\x12&\n" +
 	"\x0flast_error_code\x18\x14 \x01(\tR\rlastErrorCode\x12(\n" +
-	"\x10last_error_param\x18\x15 \x01(\tR\x0elastErrorParamB8Z6github.com/tokend/tokend/proto/tokend/store/v1;storev1b\x06proto3"
+	"\x10last_error_param\x18\x15 \x01(\tR\x0elastErrorParam\x12\x14\n" +
+	"\x05owner\x18\x16 \x01(\tR\x05ownerB8Z6github.com/tokend/tokend/proto/tokend/store/v1;storev1b\x06proto3"
 
 var (
 	file_tokend_store_v1_record_proto_rawDescOnce sync.Once
