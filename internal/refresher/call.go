@@ -54,6 +54,7 @@ func (r *Refresher) startCallLocked(e *entry, w want, now time.Time, by string) 
 	}
 	e.call = c
 	r.settleLocked(e, now)
+	r.running++
 	go r.runCall(c)
 	return c
 }
@@ -414,6 +415,10 @@ func (r *Refresher) finish(c *call, o outcome) {
 	}
 	c.tok, c.err = o.tok, o.err
 	close(c.done)
+	if r.running--; r.running == 0 && r.drained != nil {
+		close(r.drained)
+		r.drained = nil
+	}
 	r.mu.Unlock()
 
 	notifyAll(notify)

@@ -94,6 +94,7 @@ const (
 	DefaultMaxEntries        = 100_000
 	DefaultRateLimitCooldown = time.Minute // Whop's documented cooldown
 	DefaultInCallRetries     = 2           // as Whop's SDKs
+	DefaultDrainTimeout      = 5 * time.Second
 	DefaultKeyProbeInterval  = time.Minute
 	DefaultKeyProbeMax       = 30 * time.Minute
 )
@@ -141,6 +142,10 @@ type Config struct {
 	// InCallRetries is how many times a call someone waits for is retried
 	// within itself, inside the waiters' deadlines. Negative means none.
 	InCallRetries int
+	// DrainTimeout is how long Run, once its context ends, lets upstream
+	// calls in flight finish (their callers get their tokens, and the
+	// tokens are stored) before cancelling the rest. Negative: none.
+	DrainTimeout time.Duration
 	// KeyProbeInterval is the first wait before a secret Whop answered 401
 	// to is tried again; it doubles up to KeyProbeMax.
 	KeyProbeInterval, KeyProbeMax time.Duration
@@ -198,6 +203,9 @@ func (c *Config) setDefaults() error {
 	setDefault(&c.RetryMax, DefaultRetryMax)
 	setDefault(&c.NegativeTTL, DefaultNegativeTTL)
 	setDefault(&c.ExpiryMargin, DefaultExpiryMargin)
+	if c.DrainTimeout == 0 {
+		c.DrainTimeout = DefaultDrainTimeout
+	}
 	setDefault(&c.RestartSpread, DefaultRestartSpread)
 	setDefault(&c.MaxInFlight, DefaultMaxInFlight)
 	setDefault(&c.Rate, DefaultRate)
@@ -274,6 +282,10 @@ type Refresher struct {
 	droppedIdle          atomic.Uint64
 	missesLimited        atomic.Uint64
 	abandoned            atomic.Uint64 // calls left the gate's queue: every caller had gone
+	// running counts upstream calls (runCall) not yet finished, under mu;
+	// drained, set while Run drains, is closed when it reaches zero.
+	running int
+	drained chan struct{}
 }
 
 // New returns a Refresher holding the store's records, each scheduled.
@@ -894,9 +906,36 @@ func (r *Refresher) Run(ctx context.Context) error {
 	}
 	r.mu.Unlock()
 	<-ctx.Done()
-	r.runWG.Wait()
+	r.runWG.Wait() // the schedules start no more refreshes
+	r.drain()
 	r.cancel()
 	return nil
+}
+
+// drain waits up to DrainTimeout for the upstream calls in flight, so a
+// stop does not fail the callers waiting on them.
+func (r *Refresher) drain() {
+	r.mu.Lock()
+	n := r.running
+	if n == 0 || r.cfg.DrainTimeout < 0 {
+		r.mu.Unlock()
+		return
+	}
+	done := make(chan struct{})
+	r.drained = done
+	r.mu.Unlock()
+	t := r.clock.NewTimer(r.cfg.DrainTimeout)
+	defer t.Stop()
+	start := time.Now()
+	select {
+	case <-done:
+		r.log.Info("stopping: upstream calls in flight finished", "calls", n, "took", time.Since(start).Round(time.Millisecond))
+	case <-t.C():
+		r.mu.Lock()
+		left := r.running
+		r.mu.Unlock()
+		r.log.Warn("stopping: upstream calls still in flight after the drain timeout are cancelled", "calls", left, "timeout", r.cfg.DrainTimeout)
+	}
 }
 
 // startSchedLocked runs s's loop if Run is running and it is not yet.

@@ -69,7 +69,8 @@ func newRig(t *testing.T, mod func(*rig, *Config)) *rig {
 	g := &rig{t: t, clock: clk, fake: fake, client: client, valve: newValve(client), path: path, store: store}
 	// In-call retries wait on the fake clock: the tests of them turn them
 	// on; the rest see each upstream answer as it is.
-	cfg := Config{Store: store, Fetcher: g.valve, Clock: clk, InCallRetries: -1}
+	// Stopping drains calls on the fake clock too: the tests of it turn it on.
+	cfg := Config{Store: store, Fetcher: g.valve, Clock: clk, InCallRetries: -1, DrainTimeout: -1}
 	if mod != nil {
 		mod(g, &cfg)
 	}
