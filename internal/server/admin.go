@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/tokend/tokend/internal/cache"
 	"github.com/tokend/tokend/internal/refresher"
 	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
 )
@@ -185,6 +186,7 @@ func (a *adminService) status() (*tokendv1.Status, error) {
 	resp.CachePendingWrites = uint64(st.PendingWrites)
 	if st.WriteError != nil {
 		resp.CacheWriteError = st.WriteError.Error()
+		resp.CacheMemoryOnly = errors.Is(st.WriteError, cache.ErrUnavailable)
 	}
 	resp.Entries = uint64(st.Entries)
 	for name, n := range st.EntriesByState() {

@@ -1363,9 +1363,13 @@ type Status struct {
 	// Whether token strings are sealed in the cache file.
 	CacheSealed bool `protobuf:"varint,27,opt,name=cache_sealed,json=cacheSealed,proto3" json:"cache_sealed,omitempty"`
 	// One line per configured credential.
-	Credentials   []*CredentialStatus `protobuf:"bytes,28,rep,name=credentials,proto3" json:"credentials,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Credentials []*CredentialStatus `protobuf:"bytes,28,rep,name=credentials,proto3" json:"credentials,omitempty"`
+	// The cache file cannot be opened for writing (disk full, read-only or
+	// failing filesystem, permission): tokend serves from memory, keeps
+	// trying to open it, and cache_write_error says why.
+	CacheMemoryOnly bool `protobuf:"varint,29,opt,name=cache_memory_only,json=cacheMemoryOnly,proto3" json:"cache_memory_only,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Status) Reset() {
@@ -1592,6 +1596,13 @@ func (x *Status) GetCredentials() []*CredentialStatus {
 		return x.Credentials
 	}
 	return nil
+}
+
+func (x *Status) GetCacheMemoryOnly() bool {
+	if x != nil {
+		return x.CacheMemoryOnly
+	}
+	return false
 }
 
 type CredentialStatus struct {
@@ -1856,7 +1867,7 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x04type\x18\x05 \x01(\tR\x04type\x12\x12\n" +
 	"\x04code\x18\x06 \x01(\tR\x04code\x12\x14\n" +
 	"\x05param\x18\a \x01(\tR\x05param\"\x12\n" +
-	"\x10GetStatusRequest\"\xb7\n" +
+	"\x10GetStatusRequest\"\xe3\n" +
 	"\n" +
 	"\x06Status\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
@@ -1889,7 +1900,8 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x0fmax_connections\x18\x19 \x01(\rR\x0emaxConnections\x12#\n" +
 	"\rpolicy_loaded\x18\x1a \x01(\bR\fpolicyLoaded\x12!\n" +
 	"\fcache_sealed\x18\x1b \x01(\bR\vcacheSealed\x12=\n" +
-	"\vcredentials\x18\x1c \x03(\v2\x1b.tokend.v1.CredentialStatusR\vcredentials\x1aA\n" +
+	"\vcredentials\x18\x1c \x03(\v2\x1b.tokend.v1.CredentialStatusR\vcredentials\x12*\n" +
+	"\x11cache_memory_only\x18\x1d \x01(\bR\x0fcacheMemoryOnly\x1aA\n" +
 	"\x13EntriesByStateEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\xcc\x04\n" +
