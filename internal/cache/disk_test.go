@@ -2,7 +2,6 @@ package cache
 
 import (
 	"bytes"
-	crand "crypto/rand"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -13,10 +12,10 @@ import (
 	"testing"
 	"time"
 
-	bolt "go.etcd.io/bbolt"
 	berrors "go.etcd.io/bbolt/errors"
 	"golang.org/x/sys/unix"
 
+	"github.com/tokend/tokend/internal/cache/cachetest"
 	"github.com/tokend/tokend/internal/clock"
 )
 
@@ -40,24 +39,12 @@ func mountTmpfs(t *testing.T, size int) string {
 	return dir
 }
 
-// fill writes a file until the filesystem under dir has no room left and
-// returns a function that frees the room again.
+// fill fills the filesystem under dir and returns how to free it.
 func fill(t *testing.T, dir string) (free func()) {
 	t.Helper()
-	p := filepath.Join(dir, "filler")
-	f, err := os.Create(p)
+	p, err := cachetest.FillDisk(dir)
 	if err != nil {
 		t.Fatal(err)
-	}
-	defer f.Close()
-	buf := make([]byte, 4096)
-	for {
-		if _, err := f.Write(buf); err != nil {
-			if !errors.Is(err, unix.ENOSPC) {
-				t.Fatalf("fill %s: %v, want ENOSPC", dir, err)
-			}
-			break
-		}
 	}
 	return func() {
 		if err := os.Remove(p); err != nil {
@@ -237,48 +224,12 @@ func TestEnvironmental(t *testing.T) {
 func TestSalvageDamagedLeaf(t *testing.T) {
 	cfg := testConfig(t, clock.NewFake(t0))
 	seed(t, cfg, 0, 200, 100)
-	db, err := bolt.Open(cfg.Path, 0o600, nil) // tx.Page needs the freelist, which read-only skips
+	onVictim, err := cachetest.DamageLeaf(cfg.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var victim, onVictim, ps int
-	if err := db.View(func(tx *bolt.Tx) error {
-		ps = tx.DB().Info().PageSize
-		// The middle leaf of the entries bucket, which is not inline.
-		var leaves []int
-		for id := 2; ; id++ {
-			p, err := tx.Page(id)
-			if err != nil || p == nil {
-				break
-			}
-			if p.Type == "leaf" && p.Count > 2 {
-				leaves = append(leaves, id)
-			}
-		}
-		if len(leaves) < 3 {
-			return fmt.Errorf("%d leaves, want several", len(leaves))
-		}
-		victim = leaves[len(leaves)/2]
-		p, _ := tx.Page(victim)
-		onVictim = p.Count
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	db.Close()
-	f, err := os.OpenFile(cfg.Path, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	junk := make([]byte, ps)
-	crand.Read(junk)
-	if _, err := f.WriteAt(junk, int64(victim*ps)); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-
 	s, stats, closeS := openStore(t, cfg)
-	t.Logf("page %d held %d records: %+v", victim, onVictim, stats)
+	t.Logf("the damaged page held %d records: %+v", onVictim, stats)
 	if stats.MovedAside == "" {
 		t.Fatalf("a file with a damaged page was not moved aside: %+v", stats)
 	}
