@@ -1,6 +1,7 @@
 // Package cache is the persistent half of tokend's token cache: the bbolt
-// file, the record codec, sealing at rest, write-behind batching and moving
-// a damaged file aside. It keeps no index and knows nothing of refresh
+// file, the record codec, sealing at rest, write-behind batching, salvaging
+// a damaged file before moving it aside, and serving from memory while the
+// disk refuses the file. It keeps no index and knows nothing of refresh
 // states or schedules; the refresher owns every entry in memory and hands
 // the store a Record to keep, or a key to forget.
 //

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	berrors "go.etcd.io/bbolt/errors"
@@ -244,4 +245,44 @@ func TestSalvageDamagedLeaf(t *testing.T) {
 	if n := len(fileValues(t, cfg.Path)); n != 200-onVictim {
 		t.Errorf("fresh file holds %d records, want %d", n, 200-onVictim)
 	}
+}
+
+// TestReopenRetriedWithoutWrites: a store serving from memory keeps trying
+// to open its file on its own, on a doubling delay, so that it becomes
+// persistent again after the disk recovers even if nothing new is written.
+func TestReopenRetriedWithoutWrites(t *testing.T) {
+	dir := mountTmpfs(t, 1<<20)
+	remount(t, dir, unix.MS_RDONLY)
+	synctest.Test(t, func(t *testing.T) {
+		cfg := Config{Path: filepath.Join(dir, "cache.db"), RetryDelay: time.Second, RetryMax: 8 * time.Second}
+		s, stats, err := Open(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		if !errors.Is(stats.Unavailable, unix.EROFS) {
+			t.Fatalf("Open on a read-only tmpfs: Unavailable = %v, want EROFS", stats.Unavailable)
+		}
+		k := NewKey("cred", "biz_retry", "", nil)
+		s.Put(enc(k), record(k, "tok", time.Now().Add(time.Hour)))
+		// Failures at 10ms, then 1s, 2s, 4s, 8s, 8s... later.
+		time.Sleep(20 * time.Second)
+		synctest.Wait()
+		if _, werr := s.WriteStatus(); !errors.Is(werr, ErrUnavailable) || !errors.Is(werr, unix.EROFS) {
+			t.Fatalf("after 20s read-only: WriteStatus error %v, want ErrUnavailable and EROFS", werr)
+		}
+		remount(t, dir, 0)
+		start := time.Now()
+		for {
+			if pending, werr := s.WriteStatus(); pending == 0 && werr == nil {
+				break
+			}
+			if time.Since(start) > cfg.RetryMax {
+				t.Fatalf("not persistent %v after the disk became writable (RetryMax %v)", time.Since(start), cfg.RetryMax)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		t.Logf("persistent again %v after the disk became writable, with no new write", time.Since(start))
+	})
+	checkDB(t, filepath.Join(dir, "cache.db"))
 }
