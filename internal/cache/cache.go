@@ -1,6 +1,7 @@
 // Package cache is the persistent half of tokend's token cache: the bbolt
-// file, the record codec, sealing at rest, write-behind batching and moving
-// a damaged file aside. It keeps no index and knows nothing of refresh
+// file, the record codec, sealing at rest, write-behind batching, salvaging
+// a damaged file before moving it aside, and serving from memory while the
+// disk refuses the file. It keeps no index and knows nothing of refresh
 // states or schedules; the refresher owns every entry in memory and hands
 // the store a Record to keep, or a key to forget.
 //
@@ -15,6 +16,7 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -28,6 +30,7 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 	berrors "go.etcd.io/bbolt/errors"
+	"golang.org/x/sys/unix"
 
 	"github.com/tokend/tokend/internal/clock"
 )
@@ -36,6 +39,9 @@ var (
 	entriesBucket = []byte("entries")
 	metaBucket    = []byte("meta")
 	saltKey       = []byte("fingerprint-salt")
+	// countKey holds how many entries the file holds, big-endian, so a
+	// salvage can say how many records the damage cost.
+	countKey = []byte("entries-count")
 )
 
 // Config configures Open. Zero values mean the defaults.
@@ -47,9 +53,9 @@ type Config struct {
 	// FlushDelay is how long changes gather before one transaction writes
 	// them all. Default 10ms.
 	FlushDelay time.Duration
-	// RetryDelay is how long to wait before retrying a failed write.
-	// Default 1s.
-	RetryDelay time.Duration
+	// RetryDelay is how long to wait before retrying a failed write (or
+	// open); it doubles on each failure up to RetryMax. Defaults 1s, 30s.
+	RetryDelay, RetryMax time.Duration
 	// SealKey, 32 bytes, seals token strings at rest with AES-256-GCM.
 	// Nil stores them plain, protected only by the file's mode.
 	SealKey []byte
@@ -59,15 +65,23 @@ type Config struct {
 }
 
 // Store is the bbolt file and the queue of changes waiting to be written.
+// While the file cannot be used (a full disk, a read-only or failing
+// filesystem) db is nil: the changes wait in memory and every write tries
+// to open the file again.
 type Store struct {
 	cfg  Config
 	log  *slog.Logger
-	db   *bolt.DB
+	db   *bolt.DB // nil while the file is unavailable; changed only under flushMu
 	salt []byte
 	aead cipher.AEAD // nil: tokens stored plain
 
 	// loaded holds what Open read until Loaded takes it.
 	loaded []Record
+
+	// Under flushMu once the flusher runs. saltDirty: the salt is not in
+	// the file yet. wipe: the file's entries are not the ones Loaded handed
+	// over, so the next write replaces them with what memory holds.
+	saltDirty, wipe bool
 
 	flushMu      sync.Mutex // one Flush at a time
 	wmu          sync.Mutex // guards dirty, deletes, writing and the write status; never held across I/O
@@ -89,10 +103,38 @@ type LoadStats struct {
 	Unsealable int
 	// MovedAside is where a damaged file was moved, if it was.
 	MovedAside string
+	// Salvaged counts the records (among Loaded) read back from a damaged
+	// file. Lost counts those the file last held that could not be: -1 if
+	// the damage took the file's count with it.
+	Salvaged, Lost int
+	// Empty: the file was there with 0 bytes, a cache lost before this start.
+	Empty bool
+	// Unavailable is why the file could not be opened for writing, if it
+	// could not: the store serves from memory and keeps trying.
+	Unavailable error
+}
+
+// ErrUnavailable marks WriteStatus's error while the file cannot be opened
+// for writing; tokend serves from memory and keeps trying to open it.
+var ErrUnavailable = errors.New("cache file unavailable, serving from memory")
+
+// environmental reports whether err comes from the disk or the filesystem
+// (full, read-only, failing, not permitted) rather than from the file's
+// content. Such a file is never moved aside: it is fine once the disk is.
+func environmental(err error) bool {
+	for _, e := range []error{unix.ENOSPC, unix.EDQUOT, unix.EFBIG, unix.EROFS, unix.EIO, unix.EACCES, unix.EPERM} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
 
 // Open opens or creates the cache file and reads every unexpired record,
-// which Loaded hands over once.
+// which Loaded hands over once. A damaged file gives up what still decodes
+// and is moved aside; a file the disk will not let it use leaves the store
+// serving from memory until it can. Only a held lock or a configuration
+// error fails Open.
 func Open(cfg Config) (*Store, LoadStats, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -106,76 +148,18 @@ func Open(cfg Config) (*Store, LoadStats, error) {
 	if cfg.RetryDelay <= 0 {
 		cfg.RetryDelay = time.Second
 	}
+	if cfg.RetryMax < cfg.RetryDelay {
+		cfg.RetryMax = max(cfg.RetryDelay, 30*time.Second)
+	}
 	if cfg.OpenTimeout <= 0 {
 		cfg.OpenTimeout = 500 * time.Millisecond
 	}
 	if cfg.SealKey != nil && len(cfg.SealKey) != 32 {
 		return nil, LoadStats{}, fmt.Errorf("cache key: %d bytes, want 32", len(cfg.SealKey))
 	}
-	if err := ensurePrivateDir(filepath.Dir(cfg.Path)); err != nil {
-		return nil, LoadStats{}, err
-	}
-	c, stats, err := openFile(cfg)
-	var corrupt *corruptError
-	if errors.As(err, &corrupt) {
-		// A cache is not worth an outage: keep the file for a post-mortem
-		// and start empty; tokens are fetched again.
-		aside := fmt.Sprintf("%s.corrupt-%s", cfg.Path, cfg.Clock.Now().UTC().Format("20060102T150405.000Z"))
-		if rerr := os.Rename(cfg.Path, aside); rerr != nil {
-			return nil, LoadStats{}, fmt.Errorf("open cache %s: %v; moving it aside failed: %w", cfg.Path, corrupt.err, rerr)
-		}
-		cfg.Logger.Error("cache file is not a usable database; moved it aside and starting empty", "file", cfg.Path, "moved_to", aside, "reason", corrupt.err)
-		c, stats, err = openFile(cfg)
-		stats.MovedAside = aside
-	}
-	if err != nil {
-		return nil, LoadStats{}, err
-	}
-	go c.flusher()
-	c.wake() // records to re-seal, if any
-	return c, stats, nil
-}
-
-// pidPath names the file that records which process holds the cache open.
-func pidPath(dbPath string) string { return dbPath + ".pid" }
-
-// corruptError means the file exists but bbolt cannot use it.
-type corruptError struct{ err error }
-
-func (e *corruptError) Error() string { return e.err.Error() }
-
-// openFile opens the bbolt file and loads it. Damage to the file, including
-// a fault on a truncated mapping or a panic inside bbolt, is a
-// *corruptError; a held lock or a permission problem is not.
-func openFile(cfg Config) (c *Store, stats LoadStats, err error) {
-	db, err := boltOpen(cfg)
-	switch {
-	case errors.Is(err, errDamaged):
-		return nil, stats, &corruptError{err}
-	case errors.Is(err, berrors.ErrTimeout):
-		holder := "another process"
-		if pid, rerr := os.ReadFile(pidPath(cfg.Path)); rerr == nil && len(bytes.TrimSpace(pid)) > 0 {
-			holder = "process " + string(bytes.TrimSpace(pid))
-		}
-		return nil, stats, fmt.Errorf("open cache %s: %s holds its lock (is another tokend using this state directory?); gave up after %v", cfg.Path, holder, cfg.OpenTimeout)
-	case errors.Is(err, berrors.ErrInvalid), errors.Is(err, berrors.ErrVersionMismatch), errors.Is(err, berrors.ErrChecksum):
-		return nil, stats, &corruptError{err}
-	case err != nil && !errors.Is(err, os.ErrPermission) && !errors.Is(err, os.ErrNotExist):
-		if fi, serr := os.Stat(cfg.Path); serr == nil && fi.Mode().IsRegular() {
-			return nil, stats, &corruptError{err} // e.g. a file too short to hold a header
-		}
-		return nil, stats, fmt.Errorf("open cache %s: %w", cfg.Path, err)
-	case err != nil:
-		return nil, stats, fmt.Errorf("open cache %s: %w", cfg.Path, err)
-	}
-	if err := os.Chmod(cfg.Path, 0o600); err != nil {
-		db.Close()
-		return nil, stats, fmt.Errorf("open cache %s: %w", cfg.Path, err)
-	}
-	c = &Store{
+	c := &Store{
 		cfg:     cfg,
 		log:     cfg.Logger,
-		db:      db,
 		dirty:   make(map[string]Record),
 		deletes: make(map[string]struct{}),
 		kick:    make(chan struct{}, 1),
@@ -185,21 +169,245 @@ func openFile(cfg Config) (c *Store, stats LoadStats, err error) {
 	if cfg.SealKey != nil {
 		block, err := aes.NewCipher(cfg.SealKey)
 		if err != nil {
-			closeQuietly(db)
-			return nil, stats, fmt.Errorf("cache key: %w", err)
+			return nil, LoadStats{}, fmt.Errorf("cache key: %w", err)
 		}
 		if c.aead, err = cipher.NewGCM(block); err != nil {
-			closeQuietly(db)
-			return nil, stats, fmt.Errorf("cache key: %w", err)
+			return nil, LoadStats{}, fmt.Errorf("cache key: %w", err)
 		}
 	}
-	if stats, err = c.safeLoad(); err != nil {
+	stats, err := c.openAtStart()
+	if err != nil {
+		return nil, LoadStats{}, err
+	}
+	go c.flusher()
+	c.wake() // the salt, records to re-seal or drop, salvaged records
+	return c, stats, nil
+}
+
+// openAtStart opens the file and loads it, salvaging a damaged file and
+// falling back to memory when the disk refuses.
+func (c *Store) openAtStart() (stats LoadStats, err error) {
+	path := c.cfg.Path
+	if fi, serr := os.Stat(path); serr == nil && fi.Mode().IsRegular() && fi.Size() == 0 {
+		c.log.Warn("cache file is empty (0 bytes): the previous cache was lost; starting empty", "file", path)
+		stats.Empty = true
+	}
+	db, err := c.openDB()
+	if err == nil {
+		var lerr error
+		if stats, lerr = c.safeLoad(db, stats); lerr == nil {
+			c.db = db
+			return stats, nil
+		}
 		closeQuietly(db)
-		return nil, LoadStats{}, &corruptError{fmt.Errorf("load: %w", err)}
+		err = &corruptError{fmt.Errorf("load: %w", lerr)}
+	}
+	var corrupt *corruptError
+	switch {
+	case errors.As(err, &corrupt):
+		return c.salvageAndReplace(corrupt.err, stats)
+	case environmental(err):
+		// Read what the file holds, if the disk lets us, and serve it.
+		if rdb, rerr := boltOpenReadOnly(c.cfg); rerr == nil {
+			var lerr error
+			stats, lerr = c.safeLoad(rdb, stats)
+			closeQuietly(rdb)
+			if lerr != nil {
+				return c.salvageAndReplace(lerr, stats)
+			}
+		} else {
+			c.wipe = true
+		}
+		c.unavailable(err, &stats)
+		return stats, nil
+	default:
+		return LoadStats{}, err
+	}
+}
+
+// unavailable leaves the store serving from memory while the file cannot be
+// opened for writing; the flusher keeps trying.
+func (c *Store) unavailable(err error, stats *LoadStats) {
+	if len(c.salt) != 32 {
+		c.salt = newSalt()
+		c.saltDirty = true
+	}
+	stats.Unavailable = err
+	c.lastWriteErr = fmt.Errorf("%w: %w", ErrUnavailable, err)
+	c.log.Error("cache file unavailable (disk full, read-only or failing?); serving from memory and retrying to open it; nothing was moved aside", "file", c.cfg.Path, "loaded", stats.Loaded, "err", err)
+}
+
+func newSalt() []byte {
+	b := make([]byte, 32)
+	rand.Read(b)
+	return b
+}
+
+// salvageAndReplace reads every record that still decodes from the damaged
+// file, moves the file aside for a post-mortem and queues the records for a
+// fresh file: a cache is not worth an outage, and every record kept is a
+// token not fetched again.
+func (c *Store) salvageAndReplace(reason error, stats LoadStats) (LoadStats, error) {
+	c.loaded, c.dirty, c.deletes = nil, make(map[string]Record), make(map[string]struct{})
+	stats = LoadStats{Empty: stats.Empty, Lost: -1}
+	sv, err := salvageFile(c.cfg.Path)
+	if err != nil {
+		if environmental(err) {
+			c.wipe = true
+			c.unavailable(fmt.Errorf("read damaged cache %s: %w", c.cfg.Path, err), &stats)
+			return stats, nil
+		}
+		sv = &salvaged{count: -1}
+	}
+	c.adopt(sv, &stats)
+	c.wipe, c.saltDirty = true, true
+	aside, err := c.moveAside()
+	if err != nil {
+		if environmental(err) {
+			c.unavailable(err, &stats)
+			return stats, nil
+		}
+		return LoadStats{}, fmt.Errorf("open cache %s: %v; %w", c.cfg.Path, reason, err)
+	}
+	stats.MovedAside = aside
+	c.log.Error("cache file is damaged; salvaged what still decodes, moved it aside and starting a fresh file",
+		"file", c.cfg.Path, "moved_to", aside, "reason", reason, "salvaged", stats.Salvaged, "lost", stats.Lost, "damaged_pages", sv.damaged)
+	db, err := c.openDB()
+	switch {
+	case err == nil:
+		c.db = db
+	case environmental(err):
+		c.unavailable(err, &stats)
+	default:
+		return LoadStats{}, err
+	}
+	return stats, nil
+}
+
+// adopt keeps the salvaged records that decode and have not expired, the
+// newest of each key, and the salvaged salt so their fingerprints still
+// match.
+func (c *Store) adopt(sv *salvaged, stats *LoadStats) {
+	c.salt = sv.salt
+	if len(c.salt) != 32 {
+		c.salt = newSalt()
+	}
+	now := c.cfg.Clock.Now()
+	best := map[string]Record{}
+	for _, e := range sv.entries {
+		r, _, err := decodeRecord(e.k, e.v, c.aead)
+		if err != nil {
+			if !errors.Is(err, errUnsealable) {
+				stats.Undecodable++
+			} else {
+				stats.Unsealable++
+			}
+			continue
+		}
+		if old, ok := best[string(e.k)]; !ok || r.ObtainedAt.After(old.ObtainedAt) {
+			best[string(e.k)] = r
+		}
+	}
+	for k, r := range best {
+		if !now.Before(r.ExpiresAt) {
+			stats.Expired++
+			continue
+		}
+		c.loaded = append(c.loaded, r)
+		c.dirty[k] = r
+	}
+	stats.Loaded = len(c.loaded)
+	stats.Salvaged = len(c.loaded)
+	if sv.count >= 0 {
+		stats.Lost = max(0, int(sv.count)-len(best)-stats.Unsealable)
+	}
+}
+
+// moveAside renames the damaged file to a .corrupt- name kept for a
+// post-mortem.
+func (c *Store) moveAside() (string, error) {
+	aside := fmt.Sprintf("%s.corrupt-%s", c.cfg.Path, c.cfg.Clock.Now().UTC().Format("20060102T150405.000Z"))
+	if err := os.Rename(c.cfg.Path, aside); err != nil {
+		return "", fmt.Errorf("move damaged cache %s aside: %w", c.cfg.Path, err)
+	}
+	return aside, nil
+}
+
+// reopen is a write's attempt to open the file while the store serves from
+// memory. A file found damaged now is moved aside: memory already holds
+// everything, and the next write replaces the file's entries with it.
+func (c *Store) reopen() error {
+	db, err := c.openDB()
+	var corrupt *corruptError
+	if errors.As(err, &corrupt) {
+		aside, merr := c.moveAside()
+		if merr != nil {
+			return merr
+		}
+		c.log.Error("cache file is not a usable database; moved it aside and writing memory's entries to a fresh file", "file", c.cfg.Path, "moved_to", aside, "reason", corrupt.err)
+		c.wipe, c.saltDirty = true, true
+		db, err = c.openDB()
+	}
+	if err != nil {
+		return err
+	}
+	c.db = db
+	return nil
+}
+
+// pidPath names the file that records which process holds the cache open.
+func pidPath(dbPath string) string { return dbPath + ".pid" }
+
+// corruptError means the file exists and can be read but is not a usable
+// bbolt database.
+type corruptError struct{ err error }
+
+func (e *corruptError) Error() string { return e.err.Error() }
+
+// openDB opens the file for writing. Damage to the file, including a fault
+// on a truncated mapping or a panic inside bbolt, is a *corruptError; a
+// held lock, a full disk or a permission problem is not. A file it created
+// (or found empty) and could not initialise is removed again, so that a
+// half-written header is not mistaken for damage on the next try.
+func (c *Store) openDB() (*bolt.DB, error) {
+	cfg := c.cfg
+	if err := ensurePrivateDir(filepath.Dir(cfg.Path)); err != nil {
+		return nil, err
+	}
+	fi, serr := os.Stat(cfg.Path)
+	fresh := errors.Is(serr, os.ErrNotExist) || (serr == nil && fi.Mode().IsRegular() && fi.Size() == 0)
+	db, err := boltOpen(cfg)
+	switch {
+	case err != nil && environmental(err):
+		if fresh {
+			os.Remove(cfg.Path)
+		}
+		return nil, fmt.Errorf("open cache %s: %w", cfg.Path, err)
+	case errors.Is(err, errDamaged):
+		return nil, &corruptError{err}
+	case errors.Is(err, berrors.ErrTimeout):
+		holder := "another process"
+		if pid, rerr := os.ReadFile(pidPath(cfg.Path)); rerr == nil && len(bytes.TrimSpace(pid)) > 0 {
+			holder = "process " + string(bytes.TrimSpace(pid))
+		}
+		return nil, fmt.Errorf("open cache %s: %s holds its lock (is another tokend using this state directory?); gave up after %v", cfg.Path, holder, cfg.OpenTimeout)
+	case errors.Is(err, berrors.ErrInvalid), errors.Is(err, berrors.ErrVersionMismatch), errors.Is(err, berrors.ErrChecksum):
+		return nil, &corruptError{err}
+	case err != nil && !errors.Is(err, os.ErrNotExist):
+		if fi, serr := os.Stat(cfg.Path); serr == nil && fi.Mode().IsRegular() {
+			return nil, &corruptError{err} // e.g. a file too short to hold a header
+		}
+		return nil, fmt.Errorf("open cache %s: %w", cfg.Path, err)
+	case err != nil:
+		return nil, fmt.Errorf("open cache %s: %w", cfg.Path, err)
+	}
+	if err := os.Chmod(cfg.Path, 0o600); err != nil {
+		closeQuietly(db)
+		return nil, fmt.Errorf("open cache %s: %w", cfg.Path, err)
 	}
 	// Only for the message a second tokend prints; the lock is bbolt's.
 	_ = os.WriteFile(pidPath(cfg.Path), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o600)
-	return c, stats, nil
+	return db, nil
 }
 
 var errDamaged = errors.New("damaged database")
@@ -208,25 +416,40 @@ var errDamaged = errors.New("damaged database")
 // turned into errDamaged. A DB abandoned that way keeps its descriptor; the
 // caller moves the file aside and opens a new one.
 func boltOpen(cfg Config) (db *bolt.DB, err error) {
+	return boltOpenWith(cfg, &bolt.Options{Timeout: cfg.OpenTimeout})
+}
+
+// boltOpenReadOnly opens an existing, non-empty file for reading only, to
+// serve what it holds while the disk refuses writes.
+func boltOpenReadOnly(cfg Config) (*bolt.DB, error) {
+	if fi, err := os.Stat(cfg.Path); err != nil || fi.Size() == 0 {
+		return nil, fmt.Errorf("open cache %s read-only: nothing to read", cfg.Path)
+	}
+	return boltOpenWith(cfg, &bolt.Options{Timeout: cfg.OpenTimeout, ReadOnly: true})
+}
+
+func boltOpenWith(cfg Config, opts *bolt.Options) (db *bolt.DB, err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		if p := recover(); p != nil {
 			db, err = nil, fmt.Errorf("%w: %v", errDamaged, p)
 		}
 	}()
-	return bolt.Open(cfg.Path, 0o600, &bolt.Options{Timeout: cfg.OpenTimeout})
+	return bolt.Open(cfg.Path, 0o600, opts)
 }
 
 // safeLoad runs load, turning bbolt's panics on damaged pages and memory
 // faults on a truncated mapping into errors.
-func (c *Store) safeLoad() (stats LoadStats, err error) {
+func (c *Store) safeLoad(db *bolt.DB, in LoadStats) (stats LoadStats, err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		if p := recover(); p != nil {
 			err = fmt.Errorf("%w: %v", errDamaged, p)
 		}
 	}()
-	return c.load()
+	stats, err = c.load(db)
+	stats.Empty = in.Empty
+	return stats, err
 }
 
 func closeQuietly(db *bolt.DB) {
@@ -252,43 +475,41 @@ func ensurePrivateDir(dir string) error {
 	return nil
 }
 
-func (c *Store) load() (LoadStats, error) {
+// load reads the file without writing to it, so that a full disk cannot
+// fail a start: what needs writing (a new salt, records to drop or to
+// re-seal) is queued for the flusher.
+func (c *Store) load(db *bolt.DB) (LoadStats, error) {
 	var stats LoadStats
 	now := c.cfg.Clock.Now()
-	var drop [][]byte
-	c.loaded = nil
-	err := c.db.Update(func(tx *bolt.Tx) error {
-		mb, err := tx.CreateBucketIfNotExists(metaBucket)
-		if err != nil {
-			return err
+	c.loaded, c.dirty, c.deletes = nil, make(map[string]Record), make(map[string]struct{})
+	c.salt, c.saltDirty = nil, false
+	err := db.View(func(tx *bolt.Tx) error {
+		if mb := tx.Bucket(metaBucket); mb != nil {
+			c.salt = bytes.Clone(mb.Get(saltKey))
 		}
-		if c.salt = bytes.Clone(mb.Get(saltKey)); len(c.salt) != 32 {
-			c.salt = make([]byte, 32)
-			rand.Read(c.salt)
-			if err := mb.Put(saltKey, c.salt); err != nil {
-				return err
-			}
+		if len(c.salt) != 32 {
+			c.salt, c.saltDirty = newSalt(), true
 		}
-		b, err := tx.CreateBucketIfNotExists(entriesBucket)
-		if err != nil {
-			return err
+		b := tx.Bucket(entriesBucket)
+		if b == nil {
+			return nil
 		}
-		err = b.ForEach(func(k, v []byte) error {
+		return b.ForEach(func(k, v []byte) error {
 			r, sealed, err := decodeRecord(k, v, c.aead)
 			if errors.Is(err, errUnsealable) {
 				stats.Unsealable++
-				drop = append(drop, bytes.Clone(k))
+				c.deletes[string(k)] = struct{}{}
 				return nil
 			}
 			if err != nil {
 				stats.Undecodable++
 				c.log.Warn("dropping undecodable cache record", "key", fmt.Sprintf("%x", k), "err", err)
-				drop = append(drop, bytes.Clone(k))
+				c.deletes[string(k)] = struct{}{}
 				return nil
 			}
 			if !now.Before(r.ExpiresAt) {
 				stats.Expired++
-				drop = append(drop, bytes.Clone(k))
+				c.deletes[string(k)] = struct{}{}
 				return nil
 			}
 			c.loaded = append(c.loaded, r)
@@ -298,15 +519,6 @@ func (c *Store) load() (LoadStats, error) {
 			}
 			return nil
 		})
-		if err != nil {
-			return err
-		}
-		for _, k := range drop {
-			if err := b.Delete(k); err != nil {
-				return err
-			}
-		}
-		return nil
 	})
 	return stats, err
 }
@@ -366,6 +578,7 @@ func (c *Store) flusher() {
 	defer close(c.done)
 	retry := c.cfg.Clock.NewTimer(time.Hour)
 	retry.Stop()
+	delay := c.cfg.RetryDelay
 	for {
 		select {
 		case <-c.stop:
@@ -382,15 +595,19 @@ func (c *Store) flusher() {
 		case <-retry.C():
 		}
 		if err := c.Flush(); err != nil {
-			retry.Reset(c.cfg.RetryDelay)
+			retry.Reset(delay)
+			delay = min(2*delay, c.cfg.RetryMax)
+		} else {
+			delay = c.cfg.RetryDelay
 		}
 	}
 }
 
-// Flush writes every pending change in one transaction. On failure the
-// changes stay pending, unless a newer change for the same key was queued
-// meanwhile. Encoding, sealing and the write run without c.wmu, so a slow
-// disk never blocks a Put.
+// Flush writes every pending change in one transaction, opening the file
+// first if the store is serving from memory. On failure the changes stay
+// pending, unless a newer change for the same key was queued meanwhile.
+// Encoding, sealing and the write run without c.wmu, so a slow disk never
+// blocks a Put.
 func (c *Store) Flush() error {
 	c.flushMu.Lock()
 	defer c.flushMu.Unlock()
@@ -399,38 +616,18 @@ func (c *Store) Flush() error {
 	c.dirty, c.deletes = make(map[string]Record), make(map[string]struct{})
 	c.writing = len(dirty) + len(deletes)
 	c.wmu.Unlock()
-	if len(dirty) == 0 && len(deletes) == 0 {
+	if len(dirty) == 0 && len(deletes) == 0 && c.db != nil && !c.saltDirty && !c.wipe {
 		return nil
 	}
-	type put struct{ k, v []byte }
-	puts := make([]put, 0, len(dirty))
+	reopened := false
 	var err error
-	for enc, r := range dirty {
-		k := []byte(enc)
-		v, eerr := encodeRecord(k, &r, c.aead)
-		if eerr != nil {
-			err = fmt.Errorf("encode cache record %s: %w", idOf(k), eerr)
-			break
+	if c.db == nil {
+		if err = c.reopen(); err == nil {
+			reopened = true
 		}
-		puts = append(puts, put{k, v})
 	}
 	if err == nil {
-		// Sorted keys make bbolt's page writes sequential.
-		sort.Slice(puts, func(i, j int) bool { return string(puts[i].k) < string(puts[j].k) })
-		err = c.db.Update(func(tx *bolt.Tx) error {
-			b := tx.Bucket(entriesBucket)
-			for k := range deletes {
-				if err := b.Delete([]byte(k)); err != nil {
-					return err
-				}
-			}
-			for _, p := range puts {
-				if err := b.Put(p.k, p.v); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
+		err = c.write(dirty, deletes)
 	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
@@ -449,17 +646,89 @@ func (c *Store) Flush() error {
 				c.dirty[k] = r
 			}
 		}
+		if c.db == nil {
+			c.lastWriteErr = fmt.Errorf("%w: %w", ErrUnavailable, err)
+			return c.lastWriteErr
+		}
 		if c.lastWriteErr == nil {
 			c.log.Error("cache write failed; serving from memory and retrying", "file", c.cfg.Path, "pending", len(c.dirty)+len(c.deletes), "err", err)
 		}
 		c.lastWriteErr = fmt.Errorf("write cache %s: %w", c.cfg.Path, err)
 		return c.lastWriteErr
 	}
-	if c.lastWriteErr != nil {
+	switch {
+	case reopened:
+		c.log.Info("cache file opened again; the cache is persistent again", "file", c.cfg.Path, "written", len(dirty), "deleted", len(deletes))
+	case c.lastWriteErr != nil:
 		c.log.Info("cache writes recovered", "file", c.cfg.Path)
 	}
 	c.lastWriteErr = nil
 	return nil
+}
+
+// write runs one transaction for a batch, keeping the file's entry count
+// with it. Holds flushMu.
+func (c *Store) write(dirty map[string]Record, deletes map[string]struct{}) error {
+	type put struct{ k, v []byte }
+	puts := make([]put, 0, len(dirty))
+	for enc, r := range dirty {
+		k := []byte(enc)
+		v, err := encodeRecord(k, &r, c.aead)
+		if err != nil {
+			return fmt.Errorf("encode cache record %s: %w", idOf(k), err)
+		}
+		puts = append(puts, put{k, v})
+	}
+	// Sorted keys make bbolt's page writes sequential.
+	sort.Slice(puts, func(i, j int) bool { return string(puts[i].k) < string(puts[j].k) })
+	err := c.db.Update(func(tx *bolt.Tx) error {
+		mb, err := tx.CreateBucketIfNotExists(metaBucket)
+		if err != nil {
+			return err
+		}
+		if c.wipe && tx.Bucket(entriesBucket) != nil {
+			if err := tx.DeleteBucket(entriesBucket); err != nil {
+				return err
+			}
+		}
+		b, err := tx.CreateBucketIfNotExists(entriesBucket)
+		if err != nil {
+			return err
+		}
+		if c.saltDirty || c.wipe {
+			if err := mb.Put(saltKey, c.salt); err != nil {
+				return err
+			}
+		}
+		var n uint64
+		if v := mb.Get(countKey); c.wipe || len(v) != 8 {
+			n = uint64(b.Stats().KeyN)
+		} else {
+			n = binary.BigEndian.Uint64(v)
+		}
+		for k := range deletes {
+			if b.Get([]byte(k)) == nil {
+				continue
+			}
+			n--
+			if err := b.Delete([]byte(k)); err != nil {
+				return err
+			}
+		}
+		for _, p := range puts {
+			if b.Get(p.k) == nil {
+				n++
+			}
+			if err := b.Put(p.k, p.v); err != nil {
+				return err
+			}
+		}
+		return mb.Put(countKey, binary.BigEndian.AppendUint64(nil, n))
+	})
+	if err == nil {
+		c.wipe, c.saltDirty = false, false
+	}
+	return err
 }
 
 // Close writes what is pending and closes the file. Later calls return
@@ -469,6 +738,10 @@ func (c *Store) Close() error {
 		close(c.stop)
 		<-c.done
 		ferr := c.Flush()
+		if c.db == nil {
+			c.closeErr = ferr
+			return
+		}
 		os.Remove(pidPath(c.cfg.Path))
 		if err := c.db.Close(); err != nil {
 			c.closeErr = fmt.Errorf("close cache %s: %w", c.cfg.Path, err)

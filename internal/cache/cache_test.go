@@ -409,28 +409,37 @@ func TestUndecodableRecord(t *testing.T) {
 	}
 }
 
-// TestDamagedFileMovedAside: a file bbolt cannot use is kept for a
-// post-mortem under a .corrupt- name and a fresh file takes its place.
+// TestDamagedFileMovedAside: a file bbolt cannot use gives up every record
+// that still decodes, is kept for a post-mortem under a .corrupt- name, and
+// a fresh file takes its place holding the salvaged records. Lost is what
+// the file's own count says is missing, -1 when the count went with the
+// damage.
 func TestDamagedFileMovedAside(t *testing.T) {
 	page := os.Getpagesize()
 	tests := []struct {
 		name      string
 		damage    func(good []byte) []byte
 		movedAway bool
+		// salvaged and lost are the LoadStats expected of a moved-aside file.
+		salvaged, lost int
 	}{
-		{"garbage", func([]byte) []byte { return bytes.Repeat([]byte{0xa5}, 4*page) }, true},
-		{"shorter than a header", func([]byte) []byte { return []byte("bolt") }, true},
-		{"truncated after the meta pages", func(good []byte) []byte { return bytes.Clone(good[:3*page]) }, true},
+		{"garbage", func([]byte) []byte { return bytes.Repeat([]byte{0xa5}, 4*page) }, true, 0, -1},
+		{"shorter than a header", func([]byte) []byte { return []byte("bolt") }, true, 0, -1},
+		{"truncated after the meta pages", func(good []byte) []byte { return bytes.Clone(good[:3*page]) }, true, 0, -1},
 		// The pages the last commit wrote are beyond the end of the file
-		// but inside bbolt's mapping: reading them faults.
-		{"truncated before the root page", func(good []byte) []byte { return bytes.Clone(good[:rootPage(t, good)*page]) }, true},
+		// but inside bbolt's mapping: reading them faults. The leaves survive
+		// (a commit writes its leaves before the root page); the count, in the
+		// root, did not.
+		{"truncated before the root page", func(good []byte) []byte { return bytes.Clone(good[:rootPage(t, good)*page]) }, true, 200, -1},
 		{"data pages overwritten", func(good []byte) []byte {
 			b := bytes.Clone(good)
 			for i := 2 * page; i < len(b); i++ {
 				b[i] = 0xff
 			}
 			return b
-		}, true},
+		}, true, 0, -1},
+		// No meta page to trust: every page is scanned, the count is in
+		// the root's inline meta bucket.
 		{"both meta pages damaged", func(good []byte) []byte {
 			b := bytes.Clone(good)
 			for _, off := range []int{0, page} {
@@ -439,9 +448,9 @@ func TestDamagedFileMovedAside(t *testing.T) {
 				}
 			}
 			return b
-		}, true},
+		}, true, 200, 0},
 		// bbolt initialises an empty file in place: nothing to keep.
-		{"empty", func([]byte) []byte { return nil }, false},
+		{"empty", func([]byte) []byte { return nil }, false, 0, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -466,8 +475,8 @@ func TestDamagedFileMovedAside(t *testing.T) {
 
 			s, stats, closeS := openStore(t, cfg)
 			if !tt.movedAway {
-				if stats != (LoadStats{}) {
-					t.Errorf("LoadStats = %+v, want zero", stats)
+				if stats != (LoadStats{Empty: true}) {
+					t.Errorf("LoadStats = %+v, want only Empty", stats)
 				}
 			} else {
 				if !strings.HasPrefix(stats.MovedAside, cfg.Path+".corrupt-") {
@@ -475,8 +484,8 @@ func TestDamagedFileMovedAside(t *testing.T) {
 				}
 				rest := stats
 				rest.MovedAside = ""
-				if rest != (LoadStats{}) {
-					t.Errorf("LoadStats = %+v, want nothing loaded", stats)
+				if want := (LoadStats{Loaded: tt.salvaged, Salvaged: tt.salvaged, Lost: tt.lost}); rest != want {
+					t.Errorf("LoadStats = %+v, want %+v", stats, want)
 				}
 				kept, err := os.ReadFile(stats.MovedAside)
 				if err != nil {
@@ -486,8 +495,8 @@ func TestDamagedFileMovedAside(t *testing.T) {
 					t.Errorf("moved-aside file is %d bytes, not the damaged file's %d as it was", len(kept), len(damaged))
 				}
 			}
-			if got := s.Loaded(); len(got) != 0 {
-				t.Errorf("Loaded %d records from a damaged file", len(got))
+			if got := s.Loaded(); len(got) != tt.salvaged {
+				t.Errorf("Loaded %d records from a damaged file, want %d", len(got), tt.salvaged)
 			}
 			if len(s.Salt()) != 32 {
 				t.Errorf("fresh file: len(Salt) = %d, want 32", len(s.Salt()))
@@ -503,8 +512,15 @@ func TestDamagedFileMovedAside(t *testing.T) {
 				t.Errorf("fresh file: mode %v, want 0600", fi.Mode().Perm())
 			}
 			s, stats, _ = openStore(t, cfg)
-			if got := s.Loaded(); stats != (LoadStats{Loaded: 1}) || len(got) != 1 || got[0].Token != "tok-after" {
-				t.Errorf("reopen fresh file: LoadStats = %+v, Loaded = %+v; want the one record written after", stats, got)
+			got := s.Loaded()
+			after := 0
+			for _, r := range got {
+				if r.Token == "tok-after" {
+					after++
+				}
+			}
+			if stats != (LoadStats{Loaded: tt.salvaged + 1}) || len(got) != tt.salvaged+1 || after != 1 {
+				t.Errorf("reopen fresh file: LoadStats = %+v, %d records, %d tok-after; want the %d salvaged and the one written after", stats, len(got), after, tt.salvaged)
 			}
 		})
 	}

@@ -162,7 +162,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 			err = cerr
 		}
 	}()
-	log.Info("cache loaded", "file", dbPath, "entries", stats.Loaded, "expired_dropped", stats.Expired, "undecodable_dropped", stats.Undecodable, "moved_aside", stats.MovedAside, "sealed", sealKey != nil)
+	loaded := []any{"file", dbPath, "entries", stats.Loaded, "expired_dropped", stats.Expired, "undecodable_dropped", stats.Undecodable, "moved_aside", stats.MovedAside, "sealed", sealKey != nil, "persistent", stats.Unavailable == nil}
+	if stats.MovedAside != "" {
+		loaded = append(loaded, "salvaged", stats.Salvaged, "lost", stats.Lost)
+	}
+	log.Info("cache loaded", loaded...)
 	if stats.Unsealable > 0 {
 		log.Warn("discarded cache records sealed under another cache key; they will be fetched again", "count", stats.Unsealable)
 	}

@@ -8,6 +8,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/tokend/tokend/internal/cache"
 )
 
 // EntryInfo is an immutable snapshot of one entry, for operators. It
@@ -235,9 +237,11 @@ type Status struct {
 	// EarliestExpiry is the soonest expiry of a valid token; zero if none.
 	EarliestExpiry time.Time
 	Credentials    []CredentialStats
-	// PendingWrites and WriteError are the store's.
+	// PendingWrites and WriteError are the store's; MemoryOnly means its
+	// file cannot be opened for writing, so tokend serves from memory.
 	PendingWrites int
 	WriteError    error
+	MemoryOnly    bool
 }
 
 // EntriesByState names the states as README's table does, all of them.
@@ -268,6 +272,7 @@ func (r *Refresher) Status() Status {
 		MissesRateLimited:   r.missesLimited.Load(),
 	}
 	st.PendingWrites, st.WriteError = r.store.WriteStatus()
+	st.MemoryOnly = errors.Is(st.WriteError, cache.ErrUnavailable)
 	set := r.ups.Load()
 	r.mu.Lock()
 	st.ByState = r.counts

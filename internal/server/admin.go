@@ -190,6 +190,7 @@ func (a *adminService) status() (*tokendv1.Status, error) {
 	resp.CachePendingWrites = uint64(st.PendingWrites)
 	if st.WriteError != nil {
 		resp.CacheWriteError = st.WriteError.Error()
+		resp.CacheMemoryOnly = st.MemoryOnly
 	}
 	resp.Entries = uint64(st.Entries)
 	for name, n := range st.EntriesByState() {

@@ -1364,6 +1364,10 @@ type Status struct {
 	CacheSealed bool `protobuf:"varint,27,opt,name=cache_sealed,json=cacheSealed,proto3" json:"cache_sealed,omitempty"`
 	// One line per configured credential.
 	Credentials []*CredentialStatus `protobuf:"bytes,28,rep,name=credentials,proto3" json:"credentials,omitempty"`
+	// The cache file cannot be opened for writing (disk full, read-only or
+	// failing filesystem, permission): tokend serves from memory, keeps
+	// trying to open it, and cache_write_error says why.
+	CacheMemoryOnly bool `protobuf:"varint,29,opt,name=cache_memory_only,json=cacheMemoryOnly,proto3" json:"cache_memory_only,omitempty"`
 	// Calls that left the upstream queue because every caller had gone
 	// (their deadlines passed) before the limiter let them through.
 	AbandonedCalls uint64 `protobuf:"varint,40,opt,name=abandoned_calls,json=abandonedCalls,proto3" json:"abandoned_calls,omitempty"`
@@ -1595,6 +1599,13 @@ func (x *Status) GetCredentials() []*CredentialStatus {
 		return x.Credentials
 	}
 	return nil
+}
+
+func (x *Status) GetCacheMemoryOnly() bool {
+	if x != nil {
+		return x.CacheMemoryOnly
+	}
+	return false
 }
 
 func (x *Status) GetAbandonedCalls() uint64 {
@@ -1938,8 +1949,7 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x04type\x18\x05 \x01(\tR\x04type\x12\x12\n" +
 	"\x04code\x18\x06 \x01(\tR\x04code\x12\x14\n" +
 	"\x05param\x18\a \x01(\tR\x05param\"\x12\n" +
-	"\x10GetStatusRequest\"\xe0\n" +
-	"\n" +
+	"\x10GetStatusRequest\"\x8c\v\n" +
 	"\x06Status\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
 	"\n" +
@@ -1971,7 +1981,8 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x0fmax_connections\x18\x19 \x01(\rR\x0emaxConnections\x12#\n" +
 	"\rpolicy_loaded\x18\x1a \x01(\bR\fpolicyLoaded\x12!\n" +
 	"\fcache_sealed\x18\x1b \x01(\bR\vcacheSealed\x12=\n" +
-	"\vcredentials\x18\x1c \x03(\v2\x1b.tokend.v1.CredentialStatusR\vcredentials\x12'\n" +
+	"\vcredentials\x18\x1c \x03(\v2\x1b.tokend.v1.CredentialStatusR\vcredentials\x12*\n" +
+	"\x11cache_memory_only\x18\x1d \x01(\bR\x0fcacheMemoryOnly\x12'\n" +
 	"\x0fabandoned_calls\x18( \x01(\x04R\x0eabandonedCalls\x1aA\n" +
 	"\x13EntriesByStateEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
