@@ -131,8 +131,11 @@ func TestFaultDiskFull(t *testing.T) {
 			st := e.waitFailing(t, "no space left on device")
 			t.Logf("disk full, %d entries in the file: tokend serves %d keys (%v); status: memory only %v, %d pending, %q",
 				existing, existing+more, served.Round(time.Millisecond), st.CacheMemoryOnly, st.CachePendingWrites, st.CacheWriteError)
-			if st.Entries != uint64(existing+more) || st.CachePendingWrites < more {
-				t.Errorf("status: %d entries, %d pending; want %d entries, at least %d pending", st.Entries, st.CachePendingWrites, existing+more, more)
+			// With a file, some writes may land in pages bbolt had already
+			// allocated before the disk filled; the restart below checks
+			// that none is lost.
+			if st.Entries != uint64(existing+more) || st.CachePendingWrites == 0 || existing == 0 && st.CachePendingWrites < more {
+				t.Errorf("status: %d entries, %d pending; want %d entries and writes pending (all %d without a file)", st.Entries, st.CachePendingWrites, existing+more, more)
 			}
 			// Without a file to open, the store is memory-only; with one,
 			// bbolt opened it read-write and only its writes fail.

@@ -30,6 +30,10 @@ type call struct {
 
 	// by names who started the call (e.g. "uid 1000"), for status.
 	by string
+	// retries is how many in-call retries the call may make: none for an
+	// entry already failing, whose schedule's backoff paces the calls of
+	// a known outage; in-call retries are for a fault that is news.
+	retries int
 	// queue ends when the last waiter of a call made for callers leaves:
 	// a call still queued at the gate then leaves the queue instead of
 	// spending the credential's budget on a token nobody waits for.
@@ -48,7 +52,10 @@ type call struct {
 // startCallLocked attaches a new call to e and starts it; by is who asked
 // ("" for tokend's own schedule).
 func (r *Refresher) startCallLocked(e *entry, w want, now time.Time, by string) *call {
-	c := &call{e: e, want: w, done: make(chan struct{}), by: by, queue: r.base, cancel: func() {}}
+	c := &call{e: e, want: w, done: make(chan struct{}), by: by, queue: r.base, cancel: func() {}, retries: r.cfg.InCallRetries}
+	if e.failures > 0 {
+		c.retries = 0
+	}
 	if w.cause != causeRefresh {
 		c.queue, c.cancel = context.WithCancel(r.base)
 	}
@@ -165,7 +172,7 @@ func (r *Refresher) runCall(c *call) {
 			continue
 		}
 		// A 401 locked the key out, whatever x-should-retry said.
-		if attempt >= r.cfg.InCallRetries || !whop.IsRetryable(o.err) || status == 401 {
+		if attempt >= c.retries || !whop.IsRetryable(o.err) || status == 401 {
 			break
 		}
 		wait := retryWait(we, attempt)
