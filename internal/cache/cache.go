@@ -22,7 +22,6 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"sort"
-	"strconv"
 	"sync"
 	"time"
 
@@ -63,6 +62,7 @@ type Store struct {
 	cfg  Config
 	log  *slog.Logger
 	db   *bolt.DB
+	dir  *os.File // the state directory, which files are opened relative to
 	salt []byte
 	aead cipher.AEAD // nil: tokens stored plain
 
@@ -112,23 +112,26 @@ func Open(cfg Config) (*Store, LoadStats, error) {
 	if cfg.SealKey != nil && len(cfg.SealKey) != 32 {
 		return nil, LoadStats{}, fmt.Errorf("cache key: %d bytes, want 32", len(cfg.SealKey))
 	}
-	if err := ensurePrivateDir(filepath.Dir(cfg.Path)); err != nil {
+	dir, err := openStateDir(filepath.Dir(cfg.Path))
+	if err != nil {
 		return nil, LoadStats{}, err
 	}
-	c, stats, err := openFile(cfg)
+	c, stats, err := openFile(cfg, dir)
 	var corrupt *corruptError
 	if errors.As(err, &corrupt) {
 		// A cache is not worth an outage: keep the file for a post-mortem
 		// and start empty; tokens are fetched again.
 		aside := fmt.Sprintf("%s.corrupt-%s", cfg.Path, cfg.Clock.Now().UTC().Format("20060102T150405.000Z"))
 		if rerr := os.Rename(cfg.Path, aside); rerr != nil {
+			dir.Close()
 			return nil, LoadStats{}, fmt.Errorf("open cache %s: %v; moving it aside failed: %w", cfg.Path, corrupt.err, rerr)
 		}
 		cfg.Logger.Error("cache file is not a usable database; moved it aside and starting empty", "file", cfg.Path, "moved_to", aside, "reason", corrupt.err)
-		c, stats, err = openFile(cfg)
+		c, stats, err = openFile(cfg, dir)
 		stats.MovedAside = aside
 	}
 	if err != nil {
+		dir.Close()
 		return nil, LoadStats{}, err
 	}
 	go c.flusher()
@@ -147,33 +150,30 @@ func (e *corruptError) Error() string { return e.err.Error() }
 // openFile opens the bbolt file and loads it. Damage to the file, including
 // a fault on a truncated mapping or a panic inside bbolt, is a
 // *corruptError; a held lock or a permission problem is not.
-func openFile(cfg Config) (c *Store, stats LoadStats, err error) {
-	db, err := boltOpen(cfg)
+func openFile(cfg Config, dir *os.File) (c *Store, stats LoadStats, err error) {
+	db, err := boltOpen(cfg, dir)
 	switch {
 	case errors.Is(err, errDamaged):
 		return nil, stats, &corruptError{err}
 	case errors.Is(err, berrors.ErrTimeout):
 		holder := "another process"
-		if pid, rerr := os.ReadFile(pidPath(cfg.Path)); rerr == nil && len(bytes.TrimSpace(pid)) > 0 {
-			holder = "process " + string(bytes.TrimSpace(pid))
+		if pid := readPID(dir, cfg.Path); pid != "" {
+			holder = "process " + pid
 		}
 		return nil, stats, fmt.Errorf("open cache %s: %s holds its lock (is another tokend using this state directory?); gave up after %v", cfg.Path, holder, cfg.OpenTimeout)
 	case errors.Is(err, berrors.ErrInvalid), errors.Is(err, berrors.ErrVersionMismatch), errors.Is(err, berrors.ErrChecksum):
 		return nil, stats, &corruptError{err}
 	case err != nil && !errors.Is(err, os.ErrPermission) && !errors.Is(err, os.ErrNotExist):
-		if fi, serr := os.Stat(cfg.Path); serr == nil && fi.Mode().IsRegular() {
+		if fi, serr := os.Lstat(cfg.Path); serr == nil && fi.Mode().IsRegular() {
 			return nil, stats, &corruptError{err} // e.g. a file too short to hold a header
 		}
 		return nil, stats, fmt.Errorf("open cache %s: %w", cfg.Path, err)
 	case err != nil:
 		return nil, stats, fmt.Errorf("open cache %s: %w", cfg.Path, err)
 	}
-	if err := os.Chmod(cfg.Path, 0o600); err != nil {
-		db.Close()
-		return nil, stats, fmt.Errorf("open cache %s: %w", cfg.Path, err)
-	}
 	c = &Store{
 		cfg:     cfg,
+		dir:     dir,
 		log:     cfg.Logger,
 		db:      db,
 		dirty:   make(map[string]Record),
@@ -198,7 +198,9 @@ func openFile(cfg Config) (c *Store, stats LoadStats, err error) {
 		return nil, LoadStats{}, &corruptError{fmt.Errorf("load: %w", err)}
 	}
 	// Only for the message a second tokend prints; the lock is bbolt's.
-	_ = os.WriteFile(pidPath(cfg.Path), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o600)
+	if err := writePID(dir, cfg.Path); err != nil {
+		cfg.Logger.Warn("cannot write the pid file; a second tokend will not name this process", "file", pidPath(cfg.Path), "err", err)
+	}
 	return c, stats, nil
 }
 
@@ -207,14 +209,14 @@ var errDamaged = errors.New("damaged database")
 // boltOpen is bolt.Open with its panics on a damaged or truncated file
 // turned into errDamaged. A DB abandoned that way keeps its descriptor; the
 // caller moves the file aside and opens a new one.
-func boltOpen(cfg Config) (db *bolt.DB, err error) {
+func boltOpen(cfg Config, dir *os.File) (db *bolt.DB, err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		if p := recover(); p != nil {
 			db, err = nil, fmt.Errorf("%w: %v", errDamaged, p)
 		}
 	}()
-	return bolt.Open(cfg.Path, 0o600, &bolt.Options{Timeout: cfg.OpenTimeout})
+	return bolt.Open(cfg.Path, 0o600, &bolt.Options{Timeout: cfg.OpenTimeout, OpenFile: dbOpener(dir)})
 }
 
 // safeLoad runs load, turning bbolt's panics on damaged pages and memory
@@ -232,24 +234,6 @@ func (c *Store) safeLoad() (stats LoadStats, err error) {
 func closeQuietly(db *bolt.DB) {
 	defer func() { _ = recover() }()
 	db.Close()
-}
-
-// ensurePrivateDir creates dir 0700, or narrows an existing one to 0700,
-// because the file below it holds bearer tokens.
-func ensurePrivateDir(dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create state directory %s: %w", dir, err)
-	}
-	fi, err := os.Stat(dir)
-	if err != nil {
-		return fmt.Errorf("state directory %s: %w", dir, err)
-	}
-	if fi.Mode().Perm()&0o077 != 0 {
-		if err := os.Chmod(dir, 0o700); err != nil {
-			return fmt.Errorf("state directory %s is mode %v and cannot be made 0700: %w", dir, fi.Mode().Perm(), err)
-		}
-	}
-	return nil
 }
 
 func (c *Store) load() (LoadStats, error) {
@@ -469,7 +453,8 @@ func (c *Store) Close() error {
 		close(c.stop)
 		<-c.done
 		ferr := c.Flush()
-		os.Remove(pidPath(c.cfg.Path))
+		removePID(c.dir, c.cfg.Path)
+		defer c.dir.Close()
 		if err := c.db.Close(); err != nil {
 			c.closeErr = fmt.Errorf("close cache %s: %w", c.cfg.Path, err)
 			return

@@ -75,7 +75,7 @@ func CheckFile(path string, fi os.FileInfo, r Rules) error {
 		return fmt.Errorf("%s %s is owned by uid %d (mode %04o); want a file owned by root or tokend's uid %d, since its owner could change it: chown %d %s",
 			r.What, path, uid, mode, self, self, path)
 	case mode&0o022 != 0:
-		return fmt.Errorf("%s %s is mode %04o, writable by %s; want a file only root or uid %d can write: chmod go-w %s",
+		return fmt.Errorf("%s %s is mode %04o: writable by others (%s); want a file only root or uid %d can write: chmod go-w %s",
 			r.What, path, mode, whoWrites(mode), self, path)
 	case r.Secret && mode&0o077 != 0:
 		return fmt.Errorf("%s %s is mode %04o, readable by group or others; run chmod 600 %s", r.What, path, mode, path)
@@ -102,7 +102,7 @@ func CheckDir(path string, fi os.FileInfo, what string) error {
 		return fmt.Errorf("%s %s is owned by uid %d (mode %04o); want a directory owned by root or tokend's uid %d, since its owner could replace what tokend creates in it",
 			what, path, uid, mode.Perm(), self)
 	case mode.Perm()&0o022 != 0 && mode&os.ModeSticky == 0:
-		return fmt.Errorf("%s %s is mode %04o, writable by %s without the sticky bit, so they could replace what tokend creates in it; want chmod go-w %s (or chmod +t)",
+		return fmt.Errorf("%s %s is mode %04o: writable by others (%s) without the sticky bit, so they could replace what tokend creates in it; want chmod go-w %s (or chmod +t)",
 			what, path, mode.Perm(), whoWrites(mode.Perm()), path)
 	}
 	return nil
@@ -122,9 +122,9 @@ func owner(fi os.FileInfo) (uint32, error) {
 func whoWrites(mode os.FileMode) string {
 	switch {
 	case mode&0o022 == 0o022:
-		return "group and others"
+		return "its group and everyone"
 	case mode&0o020 != 0:
 		return "its group"
 	}
-	return "others"
+	return "everyone"
 }

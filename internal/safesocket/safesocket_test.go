@@ -118,11 +118,11 @@ func TestListenRefuses(t *testing.T) {
 		{"world-writable directory", func(t *testing.T, dir, path string) func() {
 			must(t, os.Chmod(dir, 0o777))
 			return func() {}
-		}, "writable by group and others without the sticky bit"},
+		}, "writable by others (its group and everyone) without the sticky bit"},
 		{"group-writable directory", func(t *testing.T, dir, path string) func() {
 			must(t, os.Chmod(dir, 0o770))
 			return func() {}
-		}, "writable by its group"},
+		}, "writable by others (its group)"},
 		{"directory of another user", func(t *testing.T, dir, path string) func() {
 			if os.Geteuid() != 0 {
 				t.Skip("needs root to give the directory to another uid")
