@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -62,6 +63,9 @@ func openAudit(path string, log *slog.Logger) (*audit.Trail, func(), error) {
 	// O_NOFOLLOW: a link planted at the path must not aim root's appends
 	// at another file.
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND|syscall.O_NOFOLLOW, 0o600)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, nil, fmt.Errorf("audit log %s is a symbolic link; tokend does not follow it: give the file's own path", path)
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("open audit log: %w", err)
 	}
