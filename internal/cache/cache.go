@@ -24,7 +24,6 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"sort"
-	"strconv"
 	"sync"
 	"time"
 
@@ -69,9 +68,12 @@ type Config struct {
 // filesystem) db is nil: the changes wait in memory and every write tries
 // to open the file again.
 type Store struct {
-	cfg  Config
-	log  *slog.Logger
-	db   *bolt.DB // nil while the file is unavailable; changed only under flushMu
+	cfg Config
+	log *slog.Logger
+	db  *bolt.DB // nil while the file is unavailable; changed only under flushMu
+	// dir is the state directory, which files are opened relative to; nil
+	// until it could be created and opened (a disk may refuse at first).
+	dir  *os.File
 	salt []byte
 	aead cipher.AEAD // nil: tokens stored plain
 
@@ -188,7 +190,7 @@ func Open(cfg Config) (*Store, LoadStats, error) {
 // falling back to memory when the disk refuses.
 func (c *Store) openAtStart() (stats LoadStats, err error) {
 	path := c.cfg.Path
-	if fi, serr := os.Stat(path); serr == nil && fi.Mode().IsRegular() && fi.Size() == 0 {
+	if fi, serr := os.Lstat(path); serr == nil && fi.Mode().IsRegular() && fi.Size() == 0 {
 		c.log.Warn("cache file is empty (0 bytes): the previous cache was lost; starting empty", "file", path)
 		stats.Empty = true
 	}
@@ -208,7 +210,7 @@ func (c *Store) openAtStart() (stats LoadStats, err error) {
 		return c.salvageAndReplace(corrupt.err, stats)
 	case environmental(err):
 		// Read what the file holds, if the disk lets us, and serve it.
-		if rdb, rerr := boltOpenReadOnly(c.cfg); rerr == nil {
+		if rdb, rerr := boltOpenReadOnly(c.cfg, c.dir); rerr == nil {
 			var lerr error
 			stats, lerr = c.safeLoad(rdb, stats)
 			closeQuietly(rdb)
@@ -250,7 +252,7 @@ func newSalt() []byte {
 func (c *Store) salvageAndReplace(reason error, stats LoadStats) (LoadStats, error) {
 	c.loaded, c.dirty, c.deletes = nil, make(map[string]Record), make(map[string]struct{})
 	stats = LoadStats{Empty: stats.Empty, Lost: -1}
-	sv, err := salvageFile(c.cfg.Path)
+	sv, err := salvageFile(c.dir, c.cfg.Path)
 	if err != nil {
 		if environmental(err) {
 			c.wipe = true
@@ -327,7 +329,8 @@ func (c *Store) adopt(sv *salvaged, stats *LoadStats) {
 // post-mortem.
 func (c *Store) moveAside() (string, error) {
 	aside := fmt.Sprintf("%s.corrupt-%s", c.cfg.Path, c.cfg.Clock.Now().UTC().Format("20060102T150405.000Z"))
-	if err := os.Rename(c.cfg.Path, aside); err != nil {
+	dfd := int(c.dir.Fd())
+	if err := unix.Renameat(dfd, filepath.Base(c.cfg.Path), dfd, filepath.Base(aside)); err != nil {
 		return "", fmt.Errorf("move damaged cache %s aside: %w", c.cfg.Path, err)
 	}
 	return aside, nil
@@ -371,42 +374,44 @@ func (e *corruptError) Error() string { return e.err.Error() }
 // half-written header is not mistaken for damage on the next try.
 func (c *Store) openDB() (*bolt.DB, error) {
 	cfg := c.cfg
-	if err := ensurePrivateDir(filepath.Dir(cfg.Path)); err != nil {
-		return nil, err
+	if c.dir == nil {
+		dir, err := openStateDir(filepath.Dir(cfg.Path))
+		if err != nil {
+			return nil, err
+		}
+		c.dir = dir
 	}
-	fi, serr := os.Stat(cfg.Path)
+	fi, serr := os.Lstat(cfg.Path)
 	fresh := errors.Is(serr, os.ErrNotExist) || (serr == nil && fi.Mode().IsRegular() && fi.Size() == 0)
-	db, err := boltOpen(cfg)
+	db, err := boltOpen(cfg, c.dir)
 	switch {
 	case err != nil && environmental(err):
 		if fresh {
-			os.Remove(cfg.Path)
+			unix.Unlinkat(int(c.dir.Fd()), filepath.Base(cfg.Path), 0)
 		}
 		return nil, fmt.Errorf("open cache %s: %w", cfg.Path, err)
 	case errors.Is(err, errDamaged):
 		return nil, &corruptError{err}
 	case errors.Is(err, berrors.ErrTimeout):
 		holder := "another process"
-		if pid, rerr := os.ReadFile(pidPath(cfg.Path)); rerr == nil && len(bytes.TrimSpace(pid)) > 0 {
-			holder = "process " + string(bytes.TrimSpace(pid))
+		if pid := readPID(c.dir, cfg.Path); pid != "" {
+			holder = "process " + pid
 		}
 		return nil, fmt.Errorf("open cache %s: %s holds its lock (is another tokend using this state directory?); gave up after %v", cfg.Path, holder, cfg.OpenTimeout)
 	case errors.Is(err, berrors.ErrInvalid), errors.Is(err, berrors.ErrVersionMismatch), errors.Is(err, berrors.ErrChecksum):
 		return nil, &corruptError{err}
 	case err != nil && !errors.Is(err, os.ErrNotExist):
-		if fi, serr := os.Stat(cfg.Path); serr == nil && fi.Mode().IsRegular() {
+		if fi, serr := os.Lstat(cfg.Path); serr == nil && fi.Mode().IsRegular() {
 			return nil, &corruptError{err} // e.g. a file too short to hold a header
 		}
 		return nil, fmt.Errorf("open cache %s: %w", cfg.Path, err)
 	case err != nil:
 		return nil, fmt.Errorf("open cache %s: %w", cfg.Path, err)
 	}
-	if err := os.Chmod(cfg.Path, 0o600); err != nil {
-		closeQuietly(db)
-		return nil, fmt.Errorf("open cache %s: %w", cfg.Path, err)
-	}
 	// Only for the message a second tokend prints; the lock is bbolt's.
-	_ = os.WriteFile(pidPath(cfg.Path), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o600)
+	if err := writePID(c.dir, cfg.Path); err != nil {
+		c.log.Warn("cannot write the pid file; a second tokend will not name this process", "file", pidPath(cfg.Path), "err", err)
+	}
 	return db, nil
 }
 
@@ -415,17 +420,21 @@ var errDamaged = errors.New("damaged database")
 // boltOpen is bolt.Open with its panics on a damaged or truncated file
 // turned into errDamaged. A DB abandoned that way keeps its descriptor; the
 // caller moves the file aside and opens a new one.
-func boltOpen(cfg Config) (db *bolt.DB, err error) {
-	return boltOpenWith(cfg, &bolt.Options{Timeout: cfg.OpenTimeout})
+// The file is opened in dir, without following a link (dbOpener).
+func boltOpen(cfg Config, dir *os.File) (db *bolt.DB, err error) {
+	return boltOpenWith(cfg, &bolt.Options{Timeout: cfg.OpenTimeout, OpenFile: dbOpener(dir)})
 }
 
 // boltOpenReadOnly opens an existing, non-empty file for reading only, to
 // serve what it holds while the disk refuses writes.
-func boltOpenReadOnly(cfg Config) (*bolt.DB, error) {
-	if fi, err := os.Stat(cfg.Path); err != nil || fi.Size() == 0 {
+func boltOpenReadOnly(cfg Config, dir *os.File) (*bolt.DB, error) {
+	if dir == nil {
+		return nil, fmt.Errorf("open cache %s read-only: its directory could not be opened", cfg.Path)
+	}
+	if fi, err := os.Lstat(cfg.Path); err != nil || !fi.Mode().IsRegular() || fi.Size() == 0 {
 		return nil, fmt.Errorf("open cache %s read-only: nothing to read", cfg.Path)
 	}
-	return boltOpenWith(cfg, &bolt.Options{Timeout: cfg.OpenTimeout, ReadOnly: true})
+	return boltOpenWith(cfg, &bolt.Options{Timeout: cfg.OpenTimeout, ReadOnly: true, OpenFile: dbOpener(dir)})
 }
 
 func boltOpenWith(cfg Config, opts *bolt.Options) (db *bolt.DB, err error) {
@@ -455,24 +464,6 @@ func (c *Store) safeLoad(db *bolt.DB, in LoadStats) (stats LoadStats, err error)
 func closeQuietly(db *bolt.DB) {
 	defer func() { _ = recover() }()
 	db.Close()
-}
-
-// ensurePrivateDir creates dir 0700, or narrows an existing one to 0700,
-// because the file below it holds bearer tokens.
-func ensurePrivateDir(dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create state directory %s: %w", dir, err)
-	}
-	fi, err := os.Stat(dir)
-	if err != nil {
-		return fmt.Errorf("state directory %s: %w", dir, err)
-	}
-	if fi.Mode().Perm()&0o077 != 0 {
-		if err := os.Chmod(dir, 0o700); err != nil {
-			return fmt.Errorf("state directory %s is mode %v and cannot be made 0700: %w", dir, fi.Mode().Perm(), err)
-		}
-	}
-	return nil
 }
 
 // load reads the file without writing to it, so that a full disk cannot
@@ -738,11 +729,14 @@ func (c *Store) Close() error {
 		close(c.stop)
 		<-c.done
 		ferr := c.Flush()
+		if c.dir != nil {
+			defer c.dir.Close()
+		}
 		if c.db == nil {
 			c.closeErr = ferr
 			return
 		}
-		os.Remove(pidPath(c.cfg.Path))
+		removePID(c.dir, c.cfg.Path)
 		if err := c.db.Close(); err != nil {
 			c.closeErr = fmt.Errorf("close cache %s: %w", c.cfg.Path, err)
 			return

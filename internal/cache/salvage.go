@@ -2,8 +2,11 @@ package cache
 
 import (
 	"encoding/binary"
+	"golang.org/x/sys/unix"
 	"hash/fnv"
+	"io"
 	"os"
+	"path/filepath"
 )
 
 // Salvage reads a damaged bbolt file by its on-disk layout, without bbolt,
@@ -55,11 +58,17 @@ type pageFile struct {
 	out      *salvaged
 }
 
-// salvageFile reads every record that still decodes from the file at path.
-// A read error is returned as it is, for the caller to tell an
-// environmental error from damage.
-func salvageFile(path string) (*salvaged, error) {
-	b, err := os.ReadFile(path)
+// salvageFile reads every record that still decodes from the file at path,
+// opened in dir without following a link. A read error is returned as it
+// is, for the caller to tell an environmental error from damage.
+func salvageFile(dir *os.File, path string) (*salvaged, error) {
+	fd, err := unix.Openat(int(dir.Fd()), filepath.Base(path), unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	f := os.NewFile(uintptr(fd), path)
+	defer f.Close()
+	b, err := io.ReadAll(f)
 	if err != nil {
 		return nil, err
 	}

@@ -3,10 +3,15 @@ package daemon
 import (
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/tokend/tokend/internal/safefile"
 )
+
+// maxSecretSize bounds a key file: an API key or OAuth token is well under
+// a kilobyte, and a larger file is not one.
+const maxSecretSize = 64 << 10
 
 // KeySource says where LoadAPIKey looks, in order.
 type KeySource struct {
@@ -20,8 +25,9 @@ type KeySource struct {
 }
 
 // LoadAPIKey returns the API key from the first source that is set. A key
-// file readable by group or others is refused. Errors name where the key
-// was looked for, never the key.
+// file readable by group or others, writable by group or others, or owned
+// by a user other than root and tokend's is refused (see safefile). Errors
+// name where the key was looked for, never the key.
 func LoadAPIKey(src KeySource) (key, from string, err error) {
 	switch {
 	case src.File != "":
@@ -38,16 +44,9 @@ func LoadAPIKey(src KeySource) (key, from string, err error) {
 }
 
 func readKeyFile(path string) (string, string, error) {
-	fi, err := os.Stat(path)
+	b, err := safefile.Read(path, safefile.Rules{What: "API key file", Secret: true, MaxSize: maxSecretSize})
 	if err != nil {
-		return "", "", fmt.Errorf("read API key file: %w", err)
-	}
-	if fi.Mode().Perm()&0o077 != 0 {
-		return "", "", fmt.Errorf("API key file %s is mode %04o, readable by group or others; run chmod 600 %s", path, fi.Mode().Perm(), path)
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "", "", fmt.Errorf("read API key file: %w", err)
+		return "", "", err
 	}
 	k := strings.TrimSpace(string(b))
 	if k == "" {

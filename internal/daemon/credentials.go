@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -12,6 +11,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/tokend/tokend/internal/refresher"
+	"github.com/tokend/tokend/internal/safefile"
 	"github.com/tokend/tokend/internal/whop"
 )
 
@@ -43,11 +43,13 @@ type config struct {
 
 var credentialName = regexp.MustCompile(`^[a-z0-9][a-z0-9_.-]{0,62}$`)
 
-// parseConfig reads a configuration file. Errors name the file and line.
+// parseConfig reads a configuration file, which must be owned by root or
+// tokend's user and writable by no one else: it names the secrets. Errors
+// name the file and line.
 func parseConfig(path string) (config, error) {
-	data, err := os.ReadFile(path)
+	data, err := safefile.Read(path, safefile.Rules{What: "config file"})
 	if err != nil {
-		return config{}, fmt.Errorf("read config: %w", err)
+		return config{}, err
 	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)

@@ -196,12 +196,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 	var srv *server.Server
 	var met *metrics.Metrics
-	var metricsLn net.Listener
 	if cfg.MetricsAddr != "" {
-		if metricsLn, err = metrics.Listen(cfg.MetricsAddr); err != nil {
-			return err
-		}
-		defer metricsLn.Close()
 		met = metrics.New(func() metrics.Snapshot { return srv.MetricsSnapshot() })
 	}
 	ref, err := refresher.New(refresher.Config{
@@ -233,6 +228,16 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	ln, err := listen(&cfg, log)
 	if err != nil {
 		return err
+	}
+	// After the cache lock and the gRPC socket, both of which refuse a
+	// second tokend: one that is refused never reaches the metrics path.
+	var metricsLn net.Listener
+	if met != nil {
+		if metricsLn, err = metrics.Listen(cfg.MetricsAddr); err != nil {
+			ln.Close()
+			return err
+		}
+		defer metricsLn.Close()
 	}
 	ln, conns := server.LimitConns(ln, cfg.MaxConnections)
 	srv = server.New(server.Config{

@@ -2,33 +2,30 @@ package daemon
 
 import (
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/user"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/tokend/tokend/internal/audit"
+	"github.com/tokend/tokend/internal/safefile"
 )
 
 // loadCacheKey reads the key that seals tokens at rest: 32 raw bytes, or 64
-// hex digits (a trailing newline is ignored). The file must not be readable
-// by group or others. Errors never show the key.
+// hex digits (a trailing newline is ignored). The file must be owned by root
+// or tokend's user and not readable or writable by group or others. Errors
+// never show the key.
 func loadCacheKey(path string) ([]byte, error) {
 	if path == "" {
 		return nil, nil
 	}
-	fi, err := os.Stat(path)
+	b, err := safefile.Read(path, safefile.Rules{What: "cache key file", Secret: true, MaxSize: maxSecretSize})
 	if err != nil {
-		return nil, fmt.Errorf("read cache key file: %w", err)
-	}
-	if fi.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("cache key file %s is mode %04o, readable by group or others; run chmod 600 %s", path, fi.Mode().Perm(), path)
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("read cache key file: %w", err)
+		return nil, err
 	}
 	if len(b) == 32 {
 		return b, nil
@@ -63,7 +60,12 @@ func openAudit(path string, log *slog.Logger) (*audit.Trail, func(), error) {
 	if path == "" {
 		return audit.New(audit.Config{Logger: log.With("logger", "audit")}), func() {}, nil
 	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	// O_NOFOLLOW: a link planted at the path must not aim root's appends
+	// at another file.
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND|syscall.O_NOFOLLOW, 0o600)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, nil, fmt.Errorf("audit log %s is a symbolic link; tokend does not follow it: give the file's own path", path)
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("open audit log: %w", err)
 	}

@@ -13,7 +13,7 @@ import (
 	sd "github.com/coreos/go-systemd/v22/daemon"
 
 	"github.com/tokend/tokend/internal/refresher"
-	"github.com/tokend/tokend/internal/server"
+	"github.com/tokend/tokend/internal/safesocket"
 )
 
 // listen returns the socket systemd passed (socket activation, LISTEN_FDS)
@@ -26,7 +26,7 @@ func listen(cfg *Config, log *slog.Logger) (net.Listener, error) {
 		return nil, fmt.Errorf("socket activation: %w", err)
 	}
 	if len(lns) == 0 {
-		return server.Listen(cfg.Socket, cfg.SocketMode)
+		return safesocket.Listen(cfg.Socket, cfg.SocketMode)
 	}
 	closeAll := func() {
 		for _, ln := range lns {

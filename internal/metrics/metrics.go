@@ -18,6 +18,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc/codes"
+
+	"github.com/tokend/tokend/internal/safesocket"
 )
 
 // Snapshot is what a scrape reads from the daemon's current state.
@@ -173,13 +175,18 @@ func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
 }
 
+// SocketMode is the mode of a unix: metrics socket: tokend's user and root
+// may scrape it.
+const SocketMode os.FileMode = 0o600
+
 // Listen opens addr for the metrics endpoint: a loopback TCP address such
 // as 127.0.0.1:9464, or unix:/path. Anything else is refused: metrics
-// describe the host's use of Whop and stay on the host.
+// describe the host's use of Whop and stay on the host. A unix: path is
+// listened on like the gRPC socket (safesocket.Listen): a live socket or
+// any other file in the way is refused, never removed.
 func Listen(addr string) (net.Listener, error) {
 	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
-		os.Remove(path)
-		ln, err := net.Listen("unix", path)
+		ln, err := safesocket.Listen(path, SocketMode)
 		if err != nil {
 			return nil, fmt.Errorf("--metrics-addr %s: %w", addr, err)
 		}

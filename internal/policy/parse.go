@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path"
 	"regexp"
 	"slices"
@@ -14,6 +13,8 @@ import (
 	"unicode/utf8"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/tokend/tokend/internal/safefile"
 )
 
 // MaxFileSize bounds what Load reads; a policy is a few kilobytes.
@@ -24,30 +25,13 @@ const MaxFileSize = 1 << 20
 const maxNodes = 1 << 20
 
 // Load reads and parses the policy file at path, resolving names with
-// SystemIDs. It refuses a file that others may write, since whoever can edit
-// the policy can grant themselves tokens.
+// SystemIDs. It refuses a file that anyone but root or tokend's user may
+// write or owns, since whoever can edit the policy can grant themselves
+// tokens.
 func Load(path string) (*Policy, error) {
-	f, err := os.Open(path)
+	data, err := safefile.Read(path, safefile.Rules{What: "policy", MaxSize: MaxFileSize})
 	if err != nil {
-		return nil, fmt.Errorf("open policy: %w", err)
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("open policy: %w", err)
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("policy %s: not a regular file", path)
-	}
-	if fi.Mode().Perm()&0o002 != 0 {
-		return nil, fmt.Errorf("policy %s: writable by others (mode %#o), so anyone could grant themselves tokens; run chmod o-w %s", path, fi.Mode().Perm(), path)
-	}
-	data, err := io.ReadAll(io.LimitReader(f, MaxFileSize+1))
-	if err != nil {
-		return nil, fmt.Errorf("read policy %s: %w", path, err)
-	}
-	if len(data) > MaxFileSize {
-		return nil, fmt.Errorf("policy %s: larger than %d bytes", path, MaxFileSize)
+		return nil, err
 	}
 	return Parse(path, data, SystemIDs())
 }

@@ -150,61 +150,6 @@ func TestUpstreamStatusDetails(t *testing.T) {
 	}
 }
 
-func TestListen(t *testing.T) {
-	dir, err := os.MkdirTemp("", "tdl")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	path := filepath.Join(dir, "sub", "t.sock")
-
-	ln, err := Listen(path, 0o660)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fi, err := os.Stat(path)
-	if err != nil || fi.Mode().Perm() != 0o660 {
-		t.Fatalf("socket mode = %v, %v; want 0660", fi.Mode().Perm(), err)
-	}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	if _, err := Listen(path, 0o660); err == nil || !strings.Contains(err.Error(), "already in use") {
-		t.Fatalf("second Listen on a live socket: %v, want address already in use", err)
-	}
-
-	// A stale socket (nobody answering) is replaced.
-	stale := filepath.Join(dir, "stale.sock")
-	l2, err := net.Listen("unix", stale)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l2.(*net.UnixListener).SetUnlinkOnClose(false)
-	l2.Close()
-	ln3, err := Listen(stale, 0o600)
-	if err != nil {
-		t.Fatalf("stale socket not replaced: %v", err)
-	}
-	ln3.Close()
-	if _, err := os.Stat(stale); !os.IsNotExist(err) {
-		t.Fatal("socket file left after Close")
-	}
-
-	// A regular file is never removed.
-	regular := filepath.Join(dir, "file")
-	os.WriteFile(regular, []byte("x"), 0o600)
-	if _, err := Listen(regular, 0o600); err == nil || !strings.Contains(err.Error(), "not a socket") {
-		t.Fatalf("Listen over a regular file: %v", err)
-	}
-	ln.Close()
-}
-
 // TestLimitConnsCloseWakesAccept: with every slot taken, closing the
 // listener ends a waiting Accept, so shutdown cannot hang on it.
 func TestLimitConnsCloseWakesAccept(t *testing.T) {

@@ -18,6 +18,7 @@ import (
 	"github.com/tokend/tokend/internal/cache"
 	"github.com/tokend/tokend/internal/peercred"
 	"github.com/tokend/tokend/internal/refresher"
+	"github.com/tokend/tokend/internal/safesocket"
 	"github.com/tokend/tokend/internal/whop"
 	"github.com/tokend/tokend/internal/whop/whoptest"
 	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
@@ -67,7 +68,7 @@ func newSvcRig(t *testing.T) *svcRig {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	sock := filepath.Join(dir, "s.sock")
-	ln, err := Listen(sock, 0o600)
+	ln, err := safesocket.Listen(sock, 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}
