@@ -28,6 +28,9 @@ var bin struct {
 }
 
 func TestMain(m *testing.M) {
+	if spec := os.Getenv(connsHelperEnv); spec != "" {
+		os.Exit(connsHelper(spec)) // a client process of TestSecurityConnectionFlood
+	}
 	dir, err := os.MkdirTemp("", "tokend-e2e-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

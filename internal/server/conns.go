@@ -79,10 +79,11 @@ type connCounts struct {
 	admins admins
 	log    *slog.Logger
 
-	mu      sync.Mutex
-	open    int
-	byUID   map[uint32]int
-	refused map[uint32]*refusals // uids refused in the current log interval
+	mu         sync.Mutex
+	open       int
+	privileged int // of open, administrators' connections
+	byUID      map[uint32]int
+	refused    map[uint32]*refusals // uids refused in the current log interval
 
 	refusedTotal atomic.Uint64
 	openNow      atomic.Int64
@@ -105,37 +106,45 @@ func (cc *connCounts) limit(ln net.Listener) net.Listener {
 	return &capListener{Listener: ln, cc: cc}
 }
 
-// admit counts a connection from cred, or says why it is refused. Groups
-// are read from /proc only when a refusal depends on them.
-func (cc *connCounts) admit(cred peercred.Ucred) (refusal string) {
+// admit counts a connection from cred, or says why it is refused, and
+// whether it came from an administrator. Non-administrators share
+// Total-Reserve slots; an administrator's connections are not counted in
+// them, so the reserve stays free for administrators whatever others hold.
+// Groups are read from /proc only when a refusal depends on them.
+func (cc *connCounts) admit(cred peercred.Ucred) (privileged bool, refusal string) {
+	privileged = cc.admins.isAdmin(cred.UID, cred.GID, func() []uint32 { return nil })
 	cc.mu.Lock()
-	uidOpen := cc.byUID[cred.UID]
+	uidOpen, shared := cc.byUID[cred.UID], cc.open-cc.privileged
 	why := ""
 	switch {
 	case cc.open >= cc.lim.Total:
 		why = fmt.Sprintf("max connections: %d open of --max-connections %d", cc.open, cc.lim.Total)
+	case privileged:
 	case uidOpen >= cc.lim.PerUID:
 		why = fmt.Sprintf("per-uid cap: uid %d holds %d connections of --max-connections-per-uid %d", cred.UID, uidOpen, cc.lim.PerUID)
-	case cc.open >= cc.lim.Total-cc.lim.Reserve:
-		why = fmt.Sprintf("max connections: %d open of --max-connections %d, of which the last %d are kept for administrators (--admin-connection-reserve)", cc.open, cc.lim.Total, cc.lim.Reserve)
+	case shared >= cc.lim.Total-cc.lim.Reserve:
+		why = fmt.Sprintf("max connections: %d open, %d of them by non-administrators, of --max-connections %d, of which %d are kept for administrators (--admin-connection-reserve)", cc.open, shared, cc.lim.Total, cc.lim.Reserve)
 	}
 	if why != "" && cc.open < cc.lim.Total {
-		// Only the total binds an administrator. Reading its groups
-		// (a /proc read) is left to here, off the common path; the lock
-		// is dropped for it.
+		// A member of the admin group by a supplementary group: reading
+		// them (a /proc read) is left to here, off the common path, and
+		// the lock is dropped for it.
 		cc.mu.Unlock()
-		admin := cc.admins.isAdmin(cred.UID, cred.GID, func() []uint32 { g, _ := peercred.Groups(cred.PID); return g })
+		privileged = cc.admins.isAdmin(cred.UID, cred.GID, func() []uint32 { g, _ := peercred.Groups(cred.PID); return g })
 		cc.mu.Lock()
-		if admin && cc.open < cc.lim.Total {
+		if privileged && cc.open < cc.lim.Total {
 			why = ""
 		}
 	}
 	if why == "" {
 		cc.open++
 		cc.byUID[cred.UID]++
+		if privileged {
+			cc.privileged++
+		}
 		cc.openNow.Store(int64(cc.open))
 		cc.mu.Unlock()
-		return ""
+		return privileged, ""
 	}
 	cc.refusedTotal.Add(1)
 	r := cc.refused[cred.UID]
@@ -154,7 +163,7 @@ func (cc *connCounts) admit(cred peercred.Ucred) (refusal string) {
 	if first {
 		cc.logRefused(cred.UID, 1, why)
 	}
-	return why
+	return false, why
 }
 
 // flush logs uid's refusals of the interval that just ended, and keeps
@@ -204,9 +213,12 @@ func (cc *connCounts) logRefused(uid uint32, n int, why string) {
 	cc.log.Warn("connections refused: a connection cap was reached", "uid", uid, "refused", n, "interval", cc.lim.LogEvery, "reason", why)
 }
 
-func (cc *connCounts) release(uid uint32) {
+func (cc *connCounts) release(uid uint32, privileged bool) {
 	cc.mu.Lock()
 	cc.open--
+	if privileged {
+		cc.privileged--
+	}
 	if cc.byUID[uid]--; cc.byUID[uid] <= 0 {
 		delete(cc.byUID, uid)
 	}
@@ -246,11 +258,12 @@ func (l *capListener) Accept() (net.Conn, error) {
 			c.Close()
 			continue
 		}
-		if why := l.cc.admit(cred); why != "" {
+		privileged, why := l.cc.admit(cred)
+		if why != "" {
 			c.Close()
 			continue
 		}
-		return &countedConn{Conn: c, uid: cred.UID, cc: l.cc}, nil
+		return &countedConn{Conn: c, uid: cred.UID, privileged: privileged, cc: l.cc}, nil
 	}
 }
 
@@ -264,9 +277,10 @@ func (l *capListener) Close() error {
 // called.
 type countedConn struct {
 	net.Conn
-	uid  uint32
-	cc   *connCounts
-	once sync.Once
+	uid        uint32
+	privileged bool
+	cc         *connCounts
+	once       sync.Once
 }
 
 // SyscallConn exposes the socket so gRPC's handshake can read the peer's
@@ -281,6 +295,6 @@ func (c *countedConn) SyscallConn() (syscall.RawConn, error) {
 
 func (c *countedConn) Close() error {
 	err := c.Conn.Close()
-	c.once.Do(func() { c.cc.release(c.uid) })
+	c.once.Do(func() { c.cc.release(c.uid, c.privileged) })
 	return err
 }

@@ -234,14 +234,14 @@ func TestConnCapsAdmit(t *testing.T) {
 			{"uid 1000 over its cap", peercred.Ucred{UID: 1000, GID: 1000}, "per-uid cap: uid 1000 holds 2 connections of --max-connections-per-uid 2"},
 			{"uid 1001", peercred.Ucred{UID: 1001, GID: 1001}, ""},
 			{"uid 1002 fills the shared slots", peercred.Ucred{UID: 1002, GID: 1002}, ""},
-			{"uid 1003 meets the reserve", peercred.Ucred{UID: 1003, GID: 1003}, "last 2 are kept for administrators"},
+			{"uid 1003 meets the reserve", peercred.Ucred{UID: 1003, GID: 1003}, "of which 2 are kept for administrators"},
 			{"root takes the reserve", peercred.Ucred{UID: 0, GID: 0}, ""},
 			{"admin group by primary gid", peercred.Ucred{UID: 1004, GID: 50}, ""},
 			{"root over the total", peercred.Ucred{UID: 0, GID: 0}, "max connections: 6 open of --max-connections 6"},
 			{"uid 1000 at the total", peercred.Ucred{UID: 1000, GID: 1000}, "max connections: 6 open"},
 		}
 		for _, s := range steps {
-			if got := cc.admit(s.cred); s.want == "" && got != "" || !strings.Contains(got, s.want) {
+			if _, got := cc.admit(s.cred); s.want == "" && got != "" || !strings.Contains(got, s.want) {
 				t.Errorf("%s: refusal %q, want %q", s.name, got, s.want)
 			}
 		}
@@ -261,7 +261,9 @@ func TestConnCapsAdmit(t *testing.T) {
 			t.Fatalf("uid 1000's lines before the interval ends: %q", l)
 		}
 		for range 50 {
-			cc.admit(peercred.Ucred{UID: 1000, GID: 1000})
+			if _, why := cc.admit(peercred.Ucred{UID: 1000, GID: 1000}); why == "" {
+				t.Fatal("uid 1000 admitted at the total")
+			}
 		}
 		time.Sleep(refusalLogEvery)
 		synctest.Wait()
@@ -280,18 +282,18 @@ func TestConnCapsAdmit(t *testing.T) {
 		if left != 0 {
 			t.Errorf("%d uids still tracked after quiet intervals", left)
 		}
-		// Released slots are shared again once below the reserve.
-		cc.release(1000)
-		if got := cc.admit(peercred.Ucred{UID: 1000, GID: 1000}); !strings.Contains(got, "kept for administrators") {
-			t.Errorf("uid 1000 with 5 of 6 open: refusal %q, want the reserve's", got)
+		// A released slot is shared again; the reserve stays the
+		// administrators'.
+		cc.release(1000, false)
+		if _, got := cc.admit(peercred.Ucred{UID: 1003, GID: 1003}); got != "" {
+			t.Errorf("uid 1003 after uid 1000 closed one: refused %q", got)
 		}
-		cc.release(1001)
-		cc.release(1002)
-		if got := cc.admit(peercred.Ucred{UID: 1000, GID: 1000}); got != "" {
-			t.Errorf("uid 1000 with 3 of 6 open: refused %q", got)
-		}
-		if got := fmt.Sprint(cc.openByUID()); got != "map[0:1 1000:2 1004:1]" {
+		if got := fmt.Sprint(cc.openByUID()); got != "map[0:1 1000:1 1001:1 1002:1 1003:1 1004:1]" {
 			t.Errorf("open by uid %s", got)
+		}
+		cc.release(0, true)
+		if _, got := cc.admit(peercred.Ucred{UID: 1005, GID: 1005}); !strings.Contains(got, "4 of them by non-administrators") {
+			t.Errorf("uid 1005 with a reserved slot free: refusal %q, want the reserve's", got)
 		}
 	})
 }
