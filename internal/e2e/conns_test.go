@@ -407,3 +407,26 @@ func TestSecurityIdleConnectionClosed(t *testing.T) {
 	must(t, err)
 	t.Logf("idle connection closed %v after its last call (--idle-timeout 1s); the watching one stayed READY; the next call reconnected", closedAfter.Round(time.Millisecond))
 }
+
+// TestSocketActivationConnectionCaps: the caps apply to a socket passed by
+// the service manager as they do to tokend's own.
+func TestSocketActivationConnectionCaps(t *testing.T) {
+	activate := requireTool(t, "systemd-socket-activate")
+	e := newEnv(t)
+	d := e.startCmd(nil, activate, "--listen="+e.socket, bin.tokend,
+		"--state-dir", e.stateDir, "--whop-url", e.fake.URL(), "--api-key-file", e.keyFile,
+		"--max-connections", "3", "--admin-connection-reserve", "0")
+	e.waitActivationSocket(d)
+	req := &tokendv1.GetTokenRequest{CompanyId: "biz_activated"}
+	for i := range 3 {
+		if _, err := e.tokens().GetToken(ctx(t), req); err != nil {
+			t.Fatalf("connection %d of 3 through the activated socket: %v", i+1, err)
+		}
+	}
+	_, err := e.tokens().GetToken(ctx(t), req)
+	if err == nil {
+		t.Fatal("a 4th connection with --max-connections 3 was served")
+	}
+	d.waitOutput(`uid=0 refused=1 interval=10s reason="max connections: 3 open of --max-connections 3"`)
+	t.Logf("4th connection to the activated socket: %v", err)
+}
