@@ -32,9 +32,11 @@ import (
 // stdin calls again on those that did, until stdin closes.
 const connsHelperEnv = "TOKEND_E2E_CONNS"
 
-// rawReport is what "raw" prints: per connection, milliseconds from its
-// dial until tokend closed it (-1: still open after 30s).
+// rawReport is what "raw" prints: per connection, when it was dialled
+// (milliseconds from the first dial) and how long after its dial tokend
+// closed it (-1: still open after 30s).
 type rawReport struct {
+	DialMs   []int64 `json:"dial_ms"`
 	ClosedMs []int64 `json:"closed_ms"`
 }
 
@@ -54,10 +56,12 @@ func connsHelper(spec string) int {
 	out := json.NewEncoder(os.Stdout)
 	switch f[0] {
 	case "raw":
-		rep := rawReport{ClosedMs: make([]int64, n)}
+		rep := rawReport{DialMs: make([]int64, n), ClosedMs: make([]int64, n)}
 		var wg sync.WaitGroup
+		first := time.Now()
 		for i := range n {
 			start := time.Now()
+			rep.DialMs[i] = start.Sub(first).Milliseconds()
 			c, err := net.Dial("unix", f[1])
 			if err != nil {
 				fmt.Fprintln(os.Stderr, err)
@@ -265,19 +269,36 @@ func TestSecurityConnectionFlood(t *testing.T) {
 	var rr rawReport
 	flood.read(&rr)
 	t.Logf("raw flood of %d took %v to be answered", raw, time.Since(rawStart).Round(time.Millisecond))
+	// Admitted connections are closed at the timeout; the rest at once.
+	// Should the dials take over 1s (a race build), slots freed by the
+	// timeout admit more, but never over 8 at a time.
 	var refusedFast, atTimeout []int64
-	for _, ms := range rr.ClosedMs {
+	var admitted [][2]int64 // open from, to (ms from the first dial)
+	for i, ms := range rr.ClosedMs {
 		switch {
 		case ms >= 0 && ms < 500:
 			refusedFast = append(refusedFast, ms)
 		case ms >= 900 && ms < 3000:
 			atTimeout = append(atTimeout, ms)
+			admitted = append(admitted, [2]int64{rr.DialMs[i], rr.DialMs[i] + ms})
 		default:
 			t.Errorf("a raw connection closed after %d ms: neither refused at once nor at the 1s handshake timeout", ms)
 		}
 	}
-	if len(atTimeout) != perUID || len(refusedFast) != raw-perUID {
-		t.Errorf("raw connections: %d closed at the handshake timeout, %d refused at once; want %d and %d", len(atTimeout), len(refusedFast), perUID, raw-perUID)
+	for _, a := range admitted {
+		open := 0
+		for _, b := range admitted {
+			// Dial and close times are read by the client: 50 ms of slack.
+			if b[0] <= a[0] && a[0] < b[1]-50 {
+				open++
+			}
+		}
+		if open > perUID {
+			t.Errorf("%d of nobody's raw connections open at once at %d ms, over its cap of %d", open, a[0], perUID)
+		}
+	}
+	if len(atTimeout) < perUID || len(refusedFast)+len(atTimeout) != raw {
+		t.Errorf("raw connections: %d closed at the handshake timeout, %d refused at once; want %d (more if the dials outlast the timeout) and the rest", len(atTimeout), len(refusedFast), perUID)
 	}
 	t.Logf("while the raw flood arrived, root's GetToken on new connections took %v", getArriving)
 	t.Logf("during the raw flood: root's GetToken on a new connection %v, tokenctl status %v; %d raw connections refused within %d ms, %d closed at the handshake timeout after %v ms",
@@ -309,8 +330,8 @@ func TestSecurityConnectionFlood(t *testing.T) {
 	}
 	t.Logf("with %d of %d slots held by other uids: root's GetToken on a new connection %v, tokenctl status %v", total-reserve, total, getFull, statusFull)
 	for _, d := range append(getArriving, getDuring, statusDuring, getFull, statusFull) {
-		if d > time.Second {
-			t.Errorf("root waited %v under the flood, want under 1s", d)
+		if d > promptBound {
+			t.Errorf("root waited %v under the flood, want under %v", d, promptBound)
 		}
 	}
 
@@ -322,10 +343,10 @@ func TestSecurityConnectionFlood(t *testing.T) {
 		t.Errorf("nobody's %d held connections after the flood: %d answered (%s)", perUID, again.OK, again.Error)
 	}
 
-	// 4,992 raw + 4 gRPC for nobody, 0 for 65533, 4 for 65532, 1 for
+	// 4,992 raw (without a race build) + 4 gRPC for nobody, 0 for 65533, 4 for 65532, 1 for
 	// 65531: each uid's first refusal is logged at once, the rest within
 	// 10s in one line with their count.
-	want := map[string]int{"65534": raw - perUID + 4, "65532": perUID - lastShared, "65531": 1}
+	want := map[string]int{"65534": len(refusedFast) + 4, "65532": perUID - lastShared, "65531": 1}
 	var lines map[string][]string
 	var refused map[string]int
 	deadline := time.Now().Add(15 * time.Second)
@@ -365,6 +386,12 @@ func TestSecurityConnectionFlood(t *testing.T) {
 	}
 	t.Logf("metrics: %s", strings.ReplaceAll(grepLines(text, "tokend_connections_"), "\n", "; "))
 }
+
+// promptBound is how long root may wait for an answer under the flood.
+// A race build of tokenctl takes over 1s to start and answer, flood or
+// not (1.27s before the flood in one run); the issue's was a 2s timeout
+// and a hang.
+var promptBound = map[bool]time.Duration{false: time.Second, true: 3 * time.Second}[raceEnabled]
 
 func maxOf(v []int64) int64 {
 	var m int64
