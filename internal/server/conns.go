@@ -47,8 +47,6 @@ type ConnLimits struct {
 	// means DefaultAdminReserve, negative means none. It must be below
 	// Total.
 	Reserve int
-	// LogEvery spaces the refusal lines of one uid. Default 10s.
-	LogEvery time.Duration
 }
 
 func (l ConnLimits) withDefaults() ConnLimits {
@@ -65,9 +63,6 @@ func (l ConnLimits) withDefaults() ConnLimits {
 		l.Reserve = 0
 	}
 	l.Reserve = min(l.Reserve, l.Total-1)
-	if l.LogEvery <= 0 {
-		l.LogEvery = refusalLogEvery
-	}
 	return l
 }
 
@@ -154,7 +149,7 @@ func (cc *connCounts) admit(cred peercred.Ucred) (privileged bool, refusal strin
 		// counted and logged together when it ends.
 		r = &refusals{}
 		cc.refused[cred.UID] = r
-		r.timer = time.AfterFunc(cc.lim.LogEvery, func() { cc.flush(cred.UID) })
+		r.timer = time.AfterFunc(refusalLogEvery, func() { cc.flush(cred.UID) })
 	} else {
 		r.n++
 		r.why = why
@@ -180,7 +175,7 @@ func (cc *connCounts) flush(uid uint32) {
 		delete(cc.refused, uid)
 	} else {
 		r.n = 0
-		r.timer.Reset(cc.lim.LogEvery)
+		r.timer.Reset(refusalLogEvery)
 	}
 	cc.mu.Unlock()
 	if n > 0 {
@@ -210,7 +205,7 @@ func (cc *connCounts) stop() {
 }
 
 func (cc *connCounts) logRefused(uid uint32, n int, why string) {
-	cc.log.Warn("connections refused: a connection cap was reached", "uid", uid, "refused", n, "interval", cc.lim.LogEvery, "reason", why)
+	cc.log.Warn("connections refused: a connection cap was reached", "uid", uid, "refused", n, "interval", refusalLogEvery, "reason", why)
 }
 
 func (cc *connCounts) release(uid uint32, privileged bool) {
@@ -224,17 +219,6 @@ func (cc *connCounts) release(uid uint32, privileged bool) {
 	}
 	cc.openNow.Store(int64(cc.open))
 	cc.mu.Unlock()
-}
-
-// openByUID is a copy of the open connections by uid.
-func (cc *connCounts) openByUID() map[uint32]int {
-	cc.mu.Lock()
-	defer cc.mu.Unlock()
-	m := make(map[uint32]int, len(cc.byUID))
-	for uid, n := range cc.byUID {
-		m[uid] = n
-	}
-	return m
 }
 
 // capListener refuses, by closing them, the connections over a cap. Accept

@@ -297,3 +297,14 @@ func TestConnCapsAdmit(t *testing.T) {
 		}
 	})
 }
+
+// openByUID is a copy of the open connections by uid.
+func (cc *connCounts) openByUID() map[uint32]int {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	m := make(map[uint32]int, len(cc.byUID))
+	for uid, n := range cc.byUID {
+		m[uid] = n
+	}
+	return m
+}
