@@ -237,25 +237,25 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return err
 	}
+	conns := server.ConnLimits{Total: cfg.MaxConnections, PerUID: cfg.MaxConnectionsPerUID, Reserve: cfg.AdminConnReserve,
+		HandshakeTimeout: cfg.HandshakeTimeout, IdleTimeout: cfg.IdleTimeout}
 	srv = server.New(server.Config{
-		Metrics:          serverMetrics(met),
-		Tokens:           ref,
-		Logger:           log.With("component", "server"),
-		Version:          cfg.Version,
-		Socket:           cfg.Socket,
-		StateDir:         cfg.StateDir,
-		SelfUID:          uint32(os.Getuid()),
-		AdminGID:         adminGID,
-		AdminGroupName:   cfg.AdminGroup,
-		Audit:            trail,
-		MissRate:         rate.Limit(cfg.MissRatePerUID),
-		MissBurst:        cfg.MissBurstPerUID,
-		MaxStreams:       uint32(cfg.MaxStreams),
-		Conns:            server.ConnLimits{Total: cfg.MaxConnections, PerUID: cfg.MaxConnectionsPerUID, Reserve: cfg.AdminConnReserve},
-		HandshakeTimeout: cfg.HandshakeTimeout,
-		IdleTimeout:      cfg.IdleTimeout,
-		SealedCache:      sealKey != nil,
-		Policy:           &pol,
+		Metrics:        serverMetrics(met),
+		Tokens:         ref,
+		Logger:         log.With("component", "server"),
+		Version:        cfg.Version,
+		Socket:         cfg.Socket,
+		StateDir:       cfg.StateDir,
+		SelfUID:        uint32(os.Getuid()),
+		AdminGID:       adminGID,
+		AdminGroupName: cfg.AdminGroup,
+		Audit:          trail,
+		MissRate:       rate.Limit(cfg.MissRatePerUID),
+		MissBurst:      cfg.MissBurstPerUID,
+		MaxStreams:     uint32(cfg.MaxStreams),
+		Conns:          conns,
+		SealedCache:    sealKey != nil,
+		Policy:         &pol,
 	})
 	if cfg.PolicyFile == "" {
 		log.Warn("no policy loaded: any process that can open the socket may get any token; the socket's mode and group are the boundary", "socket", cfg.Socket)

@@ -47,6 +47,12 @@ type ConnLimits struct {
 	// means DefaultAdminReserve, negative means none. It must be below
 	// Total.
 	Reserve int
+	// HandshakeTimeout closes a connection that has not finished the
+	// HTTP/2 handshake by then. Default DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
+	// IdleTimeout closes a connection that has had no call for that long.
+	// Default DefaultIdleTimeout.
+	IdleTimeout time.Duration
 }
 
 func (l ConnLimits) withDefaults() ConnLimits {
@@ -63,6 +69,12 @@ func (l ConnLimits) withDefaults() ConnLimits {
 		l.Reserve = 0
 	}
 	l.Reserve = min(l.Reserve, l.Total-1)
+	if l.HandshakeTimeout <= 0 {
+		l.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	if l.IdleTimeout <= 0 {
+		l.IdleTimeout = DefaultIdleTimeout
+	}
 	return l
 }
 

@@ -90,15 +90,9 @@ type Config struct {
 	MissBurst int
 	// MaxStreams bounds concurrent calls per connection. Default 128.
 	MaxStreams uint32
-	// Conns caps the connections per uid and in all, on every listener
-	// Serve is given; zero values mean the defaults.
+	// Conns caps and times out the connections of every listener Serve is
+	// given; zero values mean the defaults.
 	Conns ConnLimits
-	// HandshakeTimeout closes a connection that has not finished the
-	// HTTP/2 handshake by then. Default DefaultHandshakeTimeout.
-	HandshakeTimeout time.Duration
-	// IdleTimeout closes a connection that has had no call for that long.
-	// Default DefaultIdleTimeout.
-	IdleTimeout time.Duration
 	// SealedCache says whether tokens are sealed at rest, for status.
 	SealedCache bool
 	// Metrics counts GetToken calls; nil counts nothing.
@@ -139,12 +133,7 @@ func New(cfg Config) *Server {
 	if cfg.MaxStreams == 0 {
 		cfg.MaxStreams = 128
 	}
-	if cfg.HandshakeTimeout <= 0 {
-		cfg.HandshakeTimeout = DefaultHandshakeTimeout
-	}
-	if cfg.IdleTimeout <= 0 {
-		cfg.IdleTimeout = DefaultIdleTimeout
-	}
+	cfg.Conns = cfg.Conns.withDefaults()
 	s := &Server{
 		cfg:     cfg,
 		health:  health.NewServer(),
@@ -162,9 +151,9 @@ func New(cfg Config) *Server {
 		// idle timeout, by a GOAWAY that a gRPC client follows by
 		// reconnecting on its next call. A peer that stops answering
 		// pings on a long watch is closed too.
-		grpc.ConnectionTimeout(cfg.HandshakeTimeout),
+		grpc.ConnectionTimeout(cfg.Conns.HandshakeTimeout),
 		grpc.KeepaliveParams(keepalive.ServerParameters{
-			MaxConnectionIdle: cfg.IdleTimeout,
+			MaxConnectionIdle: cfg.Conns.IdleTimeout,
 			Time:              2 * time.Minute,
 			Timeout:           20 * time.Second,
 		}),
