@@ -40,6 +40,8 @@ type options struct {
 	adminGroup, auditLog, cacheKeyFile, policyFile, metricsAddr, configFile string
 	missRate                                                                float64
 	missBurst, maxConns, maxStreams                                         int
+	maxConnsPerUID, adminConnReserve                                        int
+	handshakeTimeout, idleTimeout                                           time.Duration
 	gcHeadroomMiB                                                           int
 }
 
@@ -115,7 +117,11 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (op
 	fs.StringVar(&o.cacheKeyFile, "cache-key-file", env("TOKEND_CACHE_KEY_FILE", ""), "file with 32 random bytes that seal tokens at rest with AES-256-GCM (env TOKEND_CACHE_KEY_FILE; else $CREDENTIALS_DIRECTORY/tokend-cache-key if present)")
 	fs.Float64Var(&o.missRate, "miss-rate-per-uid", ev.float("TOKEND_MISS_RATE_PER_UID", 0), "cache misses per second one local uid may send upstream; 0 means half of --upstream-rate, so no uid can take a credential's whole budget (env TOKEND_MISS_RATE_PER_UID)")
 	fs.IntVar(&o.missBurst, "miss-burst-per-uid", ev.int("TOKEND_MISS_BURST_PER_UID", 0), "burst of upstream-bound misses one uid may make; 0 means half of --upstream-burst, rounded up (env TOKEND_MISS_BURST_PER_UID)")
-	fs.IntVar(&o.maxConns, "max-connections", ev.int("TOKEND_MAX_CONNECTIONS", 1024), "most client connections open at once; more wait (env TOKEND_MAX_CONNECTIONS)")
+	fs.IntVar(&o.maxConns, "max-connections", ev.int("TOKEND_MAX_CONNECTIONS", server.DefaultMaxConnections), "most client connections open at once; more are closed as they arrive (env TOKEND_MAX_CONNECTIONS)")
+	fs.IntVar(&o.maxConnsPerUID, "max-connections-per-uid", ev.int("TOKEND_MAX_CONNECTIONS_PER_UID", server.DefaultMaxConnsPerUID), "most connections one local uid may hold; root, tokend's uid and --admin-group are exempt (env TOKEND_MAX_CONNECTIONS_PER_UID)")
+	fs.IntVar(&o.adminConnReserve, "admin-connection-reserve", ev.int("TOKEND_ADMIN_CONNECTION_RESERVE", server.DefaultAdminReserve), "of --max-connections, how many only root, tokend's uid and --admin-group may take, so tokenctl status answers; 0 keeps none (env TOKEND_ADMIN_CONNECTION_RESERVE)")
+	fs.DurationVar(&o.handshakeTimeout, "handshake-timeout", ev.duration("TOKEND_HANDSHAKE_TIMEOUT", server.DefaultHandshakeTimeout), "close a connection that has not completed the HTTP/2 handshake by then (env TOKEND_HANDSHAKE_TIMEOUT)")
+	fs.DurationVar(&o.idleTimeout, "idle-timeout", ev.duration("TOKEND_IDLE_TIMEOUT", server.DefaultIdleTimeout), "close a connection that has had no call for that long; an open watch is a call (env TOKEND_IDLE_TIMEOUT)")
 	fs.IntVar(&o.maxStreams, "max-streams", ev.int("TOKEND_MAX_STREAMS", 128), "most concurrent calls per connection (env TOKEND_MAX_STREAMS)")
 	fs.IntVar(&o.gcHeadroomMiB, "gc-headroom-mib", ev.int("TOKEND_GC_HEADROOM_MIB", 16), "heap growth, in MiB (at most 1024), allowed between garbage collections: a small heap under load is otherwise collected every few MiB; 0 leaves Go's default (env TOKEND_GC_HEADROOM_MIB)")
 	fs.StringVar(&o.logLevel, "log-level", env("TOKEND_LOG_LEVEL", "info"), "debug, info, warn or error (env TOKEND_LOG_LEVEL)")
@@ -155,6 +161,7 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 		{"--upstream-rate", o.rate > 0, o.rate},
 		{"--upstream-burst", o.burst >= 1, o.burst},
 		{"--max-connections", o.maxConns >= 1, o.maxConns},
+		{"--max-connections-per-uid", o.maxConnsPerUID >= 1, o.maxConnsPerUID},
 		{"--max-streams", o.maxStreams >= 1, o.maxStreams},
 	} {
 		if !c.ok {
@@ -164,13 +171,16 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 	if o.missRate < 0 || o.missBurst < 0 {
 		return daemon.Config{}, fmt.Errorf("--miss-rate-per-uid %v, --miss-burst-per-uid %v: must not be negative (0: half of the credential's --upstream-rate and --upstream-burst)", o.missRate, o.missBurst)
 	}
+	if o.adminConnReserve < 0 || o.adminConnReserve >= o.maxConns {
+		return daemon.Config{}, fmt.Errorf("--admin-connection-reserve %d: must be at least 0 and below --max-connections %d", o.adminConnReserve, o.maxConns)
+	}
 	if o.refreshAt <= 0.1 || o.refreshAt >= 1 {
 		return daemon.Config{}, fmt.Errorf("--refresh-at %v: must be above 0.1 (the jitter) and below 1", o.refreshAt)
 	}
 	for _, d := range []struct {
 		name string
 		v    time.Duration
-	}{{"--retry-initial", o.retryInitial}, {"--retry-max", o.retryMax}, {"--negative-ttl", o.negativeTTL}, {"--restart-spread", o.restartSpread}, {"--upstream-timeout", o.upstreamTTO}, {"--rate-limit-cooldown", o.rateLimitCooldown}, {"--key-probe-interval", o.keyProbeInterval}} {
+	}{{"--retry-initial", o.retryInitial}, {"--retry-max", o.retryMax}, {"--negative-ttl", o.negativeTTL}, {"--restart-spread", o.restartSpread}, {"--upstream-timeout", o.upstreamTTO}, {"--rate-limit-cooldown", o.rateLimitCooldown}, {"--key-probe-interval", o.keyProbeInterval}, {"--handshake-timeout", o.handshakeTimeout}, {"--idle-timeout", o.idleTimeout}} {
 		if d.v <= 0 {
 			return daemon.Config{}, fmt.Errorf("%s %v: must be positive", d.name, d.v)
 		}
@@ -226,8 +236,13 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 		CacheKeyFile:    o.cacheKeyFile,
 		MissRatePerUID:  cmp.Or(o.missRate, o.rate*server.MissShare),
 		MissBurstPerUID: cmp.Or(o.missBurst, int(math.Ceil(float64(o.burst)*server.MissShare))),
-		MaxConnections:  o.maxConns,
 		MaxStreams:      o.maxStreams,
+
+		MaxConnections:       o.maxConns,
+		MaxConnectionsPerUID: o.maxConnsPerUID,
+		AdminConnReserve:     noneIfZero(o.adminConnReserve),
+		HandshakeTimeout:     o.handshakeTimeout,
+		IdleTimeout:          o.idleTimeout,
 	}
 	if o.dev {
 		if !setSocket {
@@ -305,6 +320,15 @@ func (ev *envDefaults) float(name string, def float64) float64 {
 		return def
 	}
 	return f
+}
+
+// noneIfZero turns a flag's 0, "none", into the -1 by which a Config says
+// none where 0 means the default.
+func noneIfZero(n int) int {
+	if n == 0 {
+		return -1
+	}
+	return n
 }
 
 func fileExists(path string) bool {

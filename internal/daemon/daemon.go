@@ -92,8 +92,15 @@ type Config struct {
 	CacheKeyFile    string
 	MissRatePerUID  float64
 	MissBurstPerUID int
-	MaxConnections  int
 	MaxStreams      int
+	// Connection caps and timeouts; zero values mean server's defaults.
+	MaxConnections       int
+	MaxConnectionsPerUID int
+	// AdminConnReserve: of MaxConnections, how many only administrators
+	// may take; zero means the default, negative means none.
+	AdminConnReserve int
+	HandshakeTimeout time.Duration
+	IdleTimeout      time.Duration
 
 	// Dev starts the fake Whop upstream on loopback and needs no API key.
 	Dev     bool
@@ -239,7 +246,8 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		}
 		defer metricsLn.Close()
 	}
-	ln, conns := server.LimitConns(ln, cfg.MaxConnections)
+	conns := server.ConnLimits{Total: cfg.MaxConnections, PerUID: cfg.MaxConnectionsPerUID, Reserve: cfg.AdminConnReserve,
+		HandshakeTimeout: cfg.HandshakeTimeout, IdleTimeout: cfg.IdleTimeout}
 	srv = server.New(server.Config{
 		Metrics:        serverMetrics(met),
 		Tokens:         ref,

@@ -31,6 +31,9 @@ func TestMain(m *testing.M) {
 	if runChild() {
 		return
 	}
+	if spec := os.Getenv(connsHelperEnv); spec != "" {
+		os.Exit(connsHelper(spec)) // a client process of TestSecurityConnectionFlood
+	}
 	dir, err := os.MkdirTemp("", "tokend-e2e-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -32,16 +32,7 @@ func TestSocketActivation(t *testing.T) {
 		"--socket", notMine, "--state-dir", e.stateDir, "--whop-url", e.fake.URL(), "--api-key-file", e.keyFile, "--log-level", "debug")
 
 	// The socket exists before tokend runs.
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if fi, err := os.Lstat(e.socket); err == nil && fi.Mode().Type() == os.ModeSocket {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("systemd-socket-activate did not create %s within 20s:\n%s", e.socket, d.Out.String())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	e.waitActivationSocket(d)
 	if exe := procExe(t, d); exe != resolve(t, activate) {
 		t.Fatalf("before any connection the process is %s, want systemd-socket-activate still waiting", exe)
 	}
@@ -75,6 +66,22 @@ func TestSocketActivation(t *testing.T) {
 		t.Fatalf("tokend listened on --socket %s despite socket activation: %v", notMine, err)
 	}
 	d.noSecrets(testKey, tok.Token)
+}
+
+// waitActivationSocket waits until systemd-socket-activate has created the
+// env's socket.
+func (e *env) waitActivationSocket(d *daemon) {
+	e.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if fi, err := os.Lstat(e.socket); err == nil && fi.Mode().Type() == os.ModeSocket {
+			break
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("systemd-socket-activate did not create %s within 20s:\n%s", e.socket, d.Out.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 func procExe(t *testing.T, d *daemon) string {

@@ -27,6 +27,10 @@ type Snapshot struct {
 	EntriesByState   map[string]int
 	EarliestExpiry   time.Duration // until the earliest token expiry; <0 none
 	UpstreamInFlight int
+	// OpenConnections are the client connections open now;
+	// ConnectionsRefused those closed at accept time by a cap, since start.
+	OpenConnections    int
+	ConnectionsRefused uint64
 }
 
 // Metrics holds every metric of one daemon, in its own registry.
@@ -84,7 +88,11 @@ func New(snapshot func() Snapshot) *Metrics {
 		Buckets: []float64{.001, .01, .1, 1, 10, 60, 300, 900},
 	}, []string{"credential"})
 	state := func(name, help string, labels []string, f func(Snapshot, func(float64, ...string))) prometheus.Collector {
-		return &gaugeFunc{desc: prometheus.NewDesc(name, help, labels, nil), snapshot: snapshot, collect: f}
+		return &gaugeFunc{desc: prometheus.NewDesc(name, help, labels, nil), snapshot: snapshot, collect: f, typ: prometheus.GaugeValue}
+	}
+	counted := func(name, help string, f func(Snapshot) float64) prometheus.Collector {
+		return &gaugeFunc{desc: prometheus.NewDesc(name, help, nil, nil), snapshot: snapshot, typ: prometheus.CounterValue,
+			collect: func(s Snapshot, emit func(float64, ...string)) { emit(f(s)) }}
 	}
 	m.reg.MustRegister(
 		m.getToken, m.upstream, m.upstreamTime, m.refreshes, m.limiterWaits, m.limiterWaited, m.refreshLag,
@@ -100,6 +108,12 @@ func New(snapshot func() Snapshot) *Metrics {
 		}),
 		state("tokend_upstream_in_flight", "Upstream calls in flight.", nil, func(s Snapshot, emit func(float64, ...string)) {
 			emit(float64(s.UpstreamInFlight))
+		}),
+		state("tokend_connections_open", "Client connections open on the socket.", nil, func(s Snapshot, emit func(float64, ...string)) {
+			emit(float64(s.OpenConnections))
+		}),
+		counted("tokend_connections_refused_total", "Client connections closed as they were accepted because a cap (per uid, or --max-connections) was reached; the log names the uid.", func(s Snapshot) float64 {
+			return float64(s.ConnectionsRefused)
 		}),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
@@ -221,17 +235,19 @@ func (m *Metrics) Serve(ctx context.Context, ln net.Listener) error {
 	return nil
 }
 
-// gaugeFunc is a collector whose values come from a Snapshot at scrape time.
+// gaugeFunc is a collector whose values come from a Snapshot at scrape
+// time: gauges, or counters kept by the daemon.
 type gaugeFunc struct {
 	desc     *prometheus.Desc
 	snapshot func() Snapshot
 	collect  func(Snapshot, func(float64, ...string))
+	typ      prometheus.ValueType
 }
 
 func (g *gaugeFunc) Describe(ch chan<- *prometheus.Desc) { ch <- g.desc }
 
 func (g *gaugeFunc) Collect(ch chan<- prometheus.Metric) {
 	g.collect(g.snapshot(), func(v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(g.desc, prometheus.GaugeValue, v, labels...)
+		ch <- prometheus.MustNewConstMetric(g.desc, g.typ, v, labels...)
 	})
 }

@@ -99,37 +99,53 @@ type Credentials struct{}
 
 var _ credentials.TransportCredentials = Credentials{}
 
-// ServerHandshake reads the peer's credentials. A connection that is not a
-// Unix socket, or whose credentials cannot be read, is refused.
-func (Credentials) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
+// Ucred is what SO_PEERCRED says of the peer.
+type Ucred struct {
+	UID, GID uint32
+	PID      int32
+}
+
+// Read reads SO_PEERCRED of a Unix socket connection: one syscall on its
+// file descriptor, with no I/O on the connection.
+func Read(conn net.Conn) (Ucred, error) {
 	sc, ok := conn.(syscall.Conn)
 	if _, unix := conn.LocalAddr().(*net.UnixAddr); !ok || !unix {
-		return nil, nil, fmt.Errorf("peercred: connection from %v is not a Unix socket", conn.RemoteAddr())
+		return Ucred{}, fmt.Errorf("peercred: connection from %v is not a Unix socket", conn.RemoteAddr())
 	}
 	raw, err := sc.SyscallConn()
 	if err != nil {
-		return nil, nil, fmt.Errorf("peercred: %w", err)
+		return Ucred{}, fmt.Errorf("peercred: %w", err)
 	}
 	var cred *unix.Ucred
 	var serr error
 	if err := raw.Control(func(fd uintptr) {
 		cred, serr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	}); err != nil {
-		return nil, nil, fmt.Errorf("peercred: %w", err)
+		return Ucred{}, fmt.Errorf("peercred: %w", err)
 	}
 	if serr != nil {
-		return nil, nil, fmt.Errorf("peercred: read SO_PEERCRED: %w", serr)
+		return Ucred{}, fmt.Errorf("peercred: read SO_PEERCRED: %w", serr)
+	}
+	return Ucred{UID: cred.Uid, GID: cred.Gid, PID: cred.Pid}, nil
+}
+
+// ServerHandshake reads the peer's credentials. A connection that is not a
+// Unix socket, or whose credentials cannot be read, is refused.
+func (Credentials) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	cred, err := Read(conn)
+	if err != nil {
+		return nil, nil, err
 	}
 	info := &Info{
 		CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity},
-		UID:            cred.Uid,
-		GID:            cred.Gid,
-		PID:            cred.Pid,
+		UID:            cred.UID,
+		GID:            cred.GID,
+		PID:            cred.PID,
 	}
-	if cred.Pid > 0 {
-		info.startTime, _ = startTime(cred.Pid)
-		info.Groups, _ = groups(cred.Pid)
-		info.exe, _ = os.Readlink(fmt.Sprintf("/proc/%d/exe", cred.Pid))
+	if cred.PID > 0 {
+		info.startTime, _ = startTime(cred.PID)
+		info.Groups, _ = Groups(cred.PID)
+		info.exe, _ = os.Readlink(fmt.Sprintf("/proc/%d/exe", cred.PID))
 	}
 	return conn, info, nil
 }
@@ -167,8 +183,8 @@ func startTime(pid int32) (uint64, error) {
 	return strconv.ParseUint(f[19], 10, 64)
 }
 
-// groups reads the supplementary groups from /proc/PID/status.
-func groups(pid int32) ([]uint32, error) {
+// Groups reads the supplementary groups of pid from /proc/PID/status.
+func Groups(pid int32) ([]uint32, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return nil, err

@@ -151,10 +151,8 @@ func (a *adminService) status() (*tokendv1.Status, error) {
 		AbandonedCalls:        st.Abandoned,
 		CacheSealed:           a.s.cfg.SealedCache,
 		PolicyLoaded:          a.s.cfg.Policy != nil && a.s.cfg.Policy.Load() != nil,
-	}
-	if cl := a.s.cfg.Conns; cl != nil {
-		resp.MaxConnections = uint32(cl.max)
-		resp.ConnectionsAtLimit = cl.waits.Load()
+		MaxConnections:        uint32(a.s.conns.lim.Total),
+		ConnectionsAtLimit:    a.s.conns.refusedTotal.Load(),
 	}
 	for _, c := range st.Credentials {
 		cs := &tokendv1.CredentialStatus{
@@ -277,7 +275,8 @@ func (a *adminService) CheckPolicy(_ context.Context, req *tokendv1.CheckPolicyR
 func (s *Server) MetricsSnapshot() metrics.Snapshot {
 	now := s.cfg.Now()
 	st := s.cfg.Tokens.Status()
-	snap := metrics.Snapshot{EntriesByState: st.EntriesByState(), EarliestExpiry: -1, UpstreamInFlight: st.UpstreamInFlight}
+	snap := metrics.Snapshot{EntriesByState: st.EntriesByState(), EarliestExpiry: -1, UpstreamInFlight: st.UpstreamInFlight,
+		OpenConnections: int(s.conns.openNow.Load()), ConnectionsRefused: s.conns.refusedTotal.Load()}
 	if !st.EarliestExpiry.IsZero() {
 		snap.EarliestExpiry = st.EarliestExpiry.Sub(now)
 	}

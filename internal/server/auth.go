@@ -93,10 +93,7 @@ func (s *Server) checkAdmin(ctx context.Context) error {
 	if !ok {
 		return status.Error(codes.PermissionDenied, "admin: caller's credentials unknown (not a Unix socket connection)")
 	}
-	if p.UID == 0 || p.UID == s.cfg.SelfUID {
-		return nil
-	}
-	if s.cfg.AdminGID != nil && p.InGroup(*s.cfg.AdminGID) {
+	if s.admins.isAdmin(p.UID, p.GID, func() []uint32 { return p.Groups }) {
 		return nil
 	}
 	why := fmt.Sprintf("AdminService answers only uid 0 and tokend's uid %d", s.cfg.SelfUID)
@@ -106,6 +103,30 @@ func (s *Server) checkAdmin(ctx context.Context) error {
 		why += " (no --admin-group is set)"
 	}
 	return status.Errorf(codes.PermissionDenied, "admin: uid %d refused: %s", p.UID, why)
+}
+
+// admins says who administers tokend: uid 0, tokend's own uid and the
+// members of the admin group. They may call AdminService and take the
+// connections kept in reserve.
+type admins struct {
+	self uint32
+	gid  *uint32 // nil: no admin group
+}
+
+// isAdmin decides for a peer; groups (its supplementary groups) is called
+// only when the uid and primary gid do not decide.
+func (a admins) isAdmin(uid, gid uint32, groups func() []uint32) bool {
+	if uid == 0 || uid == a.self {
+		return true
+	}
+	if a.gid == nil {
+		return false
+	}
+	p := peercred.Info{GID: gid}
+	if !p.InGroup(*a.gid) {
+		p.Groups = groups()
+	}
+	return p.InGroup(*a.gid)
 }
 
 // connState is what tokend keeps per client connection.

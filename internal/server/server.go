@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/protoadapt"
@@ -90,8 +91,9 @@ type Config struct {
 	MissBurst int
 	// MaxStreams bounds concurrent calls per connection. Default 128.
 	MaxStreams uint32
-	// Conns reports the connection limit, when the listener has one.
-	Conns *ConnLimit
+	// Conns caps and times out the connections of every listener Serve is
+	// given; zero values mean the defaults.
+	Conns ConnLimits
 	// SealedCache says whether tokens are sealed at rest, for status.
 	SealedCache bool
 	// Metrics counts GetToken calls; nil counts nothing.
@@ -108,6 +110,8 @@ type Server struct {
 	health  *health.Server
 	started time.Time
 	misses  *missLimits
+	admins  admins
+	conns   *connCounts
 }
 
 // New builds the server and registers every service.
@@ -130,16 +134,33 @@ func New(cfg Config) *Server {
 	if cfg.MaxStreams == 0 {
 		cfg.MaxStreams = 128
 	}
+	cfg.Conns = cfg.Conns.withDefaults()
 	s := &Server{
 		cfg:     cfg,
 		health:  health.NewServer(),
 		started: cfg.Now(),
 		misses:  &missLimits{limit: cfg.MissRate, burst: cfg.MissBurst, byUID: make(map[uint32]*rate.Limiter)},
+		admins:  admins{self: cfg.SelfUID, gid: cfg.AdminGID},
 	}
+	s.conns = newConnCounts(cfg.Conns, s.admins, cfg.Logger)
 	s.grpc = grpc.NewServer(
 		grpc.Creds(creds{s: s}),
 		grpc.MaxRecvMsgSize(MaxMessageBytes),
 		grpc.MaxConcurrentStreams(cfg.MaxStreams),
+		// A connection that never speaks HTTP/2 is closed after the
+		// timeout (gRPC's default is 120s); one without calls after the
+		// idle timeout, by a GOAWAY that a gRPC client follows by
+		// reconnecting on its next call. A peer that stops answering
+		// pings on a long watch is closed too.
+		grpc.ConnectionTimeout(cfg.Conns.HandshakeTimeout),
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			MaxConnectionIdle: cfg.Conns.IdleTimeout,
+			Time:              2 * time.Minute,
+			Timeout:           20 * time.Second,
+		}),
+		// Clients may ping every 10s, with or without calls; more often
+		// is a flood and ends the connection.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		// Reuse handler goroutines: their stacks are already grown, which
 		// a fresh goroutine per call pays for again.
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
@@ -154,8 +175,10 @@ func New(cfg Config) *Server {
 }
 
 // Serve answers on ln until ctx ends, then stops accepting, lets in-flight
-// calls finish for at most StopTimeout, and returns nil.
+// calls finish for at most StopTimeout, and returns nil. Connections over
+// the caps of Config.Conns are closed as they are accepted.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	ln = s.conns.limit(ln)
 	for _, name := range []string{"", tokendv1.TokenService_ServiceDesc.ServiceName, tokendv1.AdminService_ServiceDesc.ServiceName} {
 		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
 	}

@@ -2,10 +2,7 @@ package server
 
 import (
 	"context"
-	"errors"
-	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -147,44 +144,5 @@ func TestUpstreamStatusDetails(t *testing.T) {
 	}
 	if msg := status.Convert(upstreamStatus(context.DeadlineExceeded)).Message(); strings.Contains(msg, "will be cached") {
 		t.Fatalf("deadline message promises a cached token: %q", msg)
-	}
-}
-
-// TestLimitConnsCloseWakesAccept: with every slot taken, closing the
-// listener ends a waiting Accept, so shutdown cannot hang on it.
-func TestLimitConnsCloseWakesAccept(t *testing.T) {
-	dir, err := os.MkdirTemp("", "tlc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	raw, err := net.Listen("unix", filepath.Join(dir, "s.sock"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, cl := LimitConns(raw, 1)
-	c, err := net.Dial("unix", filepath.Join(dir, "s.sock"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	held, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer held.Close()
-	done := make(chan error, 1)
-	go func() { _, err := ln.Accept(); done <- err }()
-	for cl.waits.Load() == 0 {
-		time.Sleep(time.Millisecond)
-	}
-	ln.Close()
-	select {
-	case err := <-done:
-		if !errors.Is(err, net.ErrClosed) {
-			t.Fatalf("Accept after Close: %v, want net.ErrClosed", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Accept still waiting 5s after Close")
 	}
 }

@@ -1355,7 +1355,8 @@ type Status struct {
 	CachePendingWrites uint64 `protobuf:"varint,22,opt,name=cache_pending_writes,json=cachePendingWrites,proto3" json:"cache_pending_writes,omitempty"`
 	// Cache misses refused by the per-uid miss rate limit.
 	MissesRateLimited uint64 `protobuf:"varint,23,opt,name=misses_rate_limited,json=missesRateLimited,proto3" json:"misses_rate_limited,omitempty"`
-	// Times a new connection waited because max_connections were open.
+	// Connections closed as they were accepted because a cap was reached:
+	// a uid's --max-connections-per-uid, or max_connections.
 	ConnectionsAtLimit uint64 `protobuf:"varint,24,opt,name=connections_at_limit,json=connectionsAtLimit,proto3" json:"connections_at_limit,omitempty"`
 	MaxConnections     uint32 `protobuf:"varint,25,opt,name=max_connections,json=maxConnections,proto3" json:"max_connections,omitempty"`
 	// A policy file restricts who may ask for which token.
