@@ -4,10 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"syscall"
@@ -89,26 +87,14 @@ func burst(spec burstSpec) (burstResult, error) {
 	return res, nil
 }
 
-var childBin struct {
-	once sync.Once
-	path string
-	err  error
-}
-
 // startBurst starts a burst child as uid/gid and returns a func that waits
 // for its result.
 func (e *env) startBurst(uid, gid uint32, spec burstSpec) func() burstResult {
 	e.t.Helper()
-	childBin.once.Do(func() {
-		// A copy readable by all: the go build cache is not.
-		childBin.path = filepath.Join(filepath.Dir(bin.tokend), "e2e-child")
-		childBin.err = copyExecutable(childBin.path)
-	})
-	must(e.t, childBin.err)
 	spec.Socket = e.socket
 	js, err := json.Marshal(spec)
 	must(e.t, err)
-	cmd := exec.Command(childBin.path, "-test.run=^$")
+	cmd := exec.Command(helperBinary(e.t), "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"=burst", childEnv+"_SPEC="+string(js))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid}}
 	cmd.Stderr = os.Stderr
@@ -124,27 +110,6 @@ func (e *env) startBurst(uid, gid uint32, spec burstSpec) func() burstResult {
 		must(e.t, cmd.Wait())
 		return res
 	}
-}
-
-func copyExecutable(dst string) error {
-	self, err := os.Executable()
-	if err != nil {
-		return err
-	}
-	in, err := os.Open(self)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
 }
 
 // TestNeighbourAbandonedMisses: one uid's 3-second burst of 1,000 cold
