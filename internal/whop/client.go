@@ -238,6 +238,14 @@ func (c *Client) newKey(key string) *apiKey {
 	return &apiKey{value: key, fingerprint: Fingerprint(c.salt, key)}
 }
 
+// FingerprintWith is the current key's fingerprint under another salt:
+// hosts of a fleet fingerprint with the fleet's salt, so that the same key
+// has the same fingerprint on every host (KeyFingerprint's salt is the
+// host's own).
+func (c *Client) FingerprintWith(salt []byte) []byte {
+	return Fingerprint(salt, c.key.Load().value)
+}
+
 // KeyFingerprint identifies the current key in logs and metrics without
 // revealing it. Callers must not modify the returned slice.
 func (c *Client) KeyFingerprint() []byte {

@@ -445,6 +445,10 @@ func TestSetAPIKey(t *testing.T) {
 	if bytes.Equal(whop.Fingerprint(nil, otherKey), whop.Fingerprint(salt, otherKey)) {
 		t.Error("salt does not affect the fingerprint")
 	}
+	fleetSalt := []byte("fleet")
+	if got := c.FingerprintWith(fleetSalt); !bytes.Equal(got, whop.Fingerprint(fleetSalt, otherKey)) || bytes.Equal(got, c.KeyFingerprint()) {
+		t.Errorf("FingerprintWith = %x, want Fingerprint(fleet salt, key)", got)
+	}
 
 	for _, bad := range []string{"", "has space", "new\nline"} {
 		if err := c.SetAPIKey(bad); err == nil || !strings.Contains(err.Error(), "api key") {
