@@ -28,7 +28,10 @@ var fanOutBound = map[bool]time.Duration{false: 100 * time.Millisecond, true: 2 
 // (a GetToken every 500 ms): watchers alone do not keep it refreshed.
 func TestWatchTokenFanOut(t *testing.T) {
 	e := newEnv(t)
-	e.start("--token-lifetime", "3s")
+	// Refreshes come at 0.57-0.67 of the lifetime: long enough under -race
+	// that the wait for delivery ends before a third refresh.
+	lifetime := map[bool]time.Duration{false: 3 * time.Second, true: 8 * time.Second}[raceEnabled]
+	e.start("--token-lifetime", lifetime.String())
 	req := &tokendv1.GetTokenRequest{CompanyId: "biz_watch", MinTtl: noMinTTL}
 	const conns, perConn = 10, 100
 	type got struct {
@@ -96,11 +99,11 @@ func TestWatchTokenFanOut(t *testing.T) {
 		}
 	}()
 	start := time.Now()
-	// Two refreshes: each comes 1.7-2 s after the token before it.
-	deadline := time.Now().Add(15 * time.Second)
+	// Two refreshes, each 0.57-0.67 of the lifetime after the token before.
+	deadline := time.Now().Add(5 * lifetime)
 	for e.fake.CallsFor("biz_watch") < 3 {
 		if time.Now().After(deadline) {
-			t.Fatalf("no second refresh within 15s (calls %d)", e.fake.CallsFor("biz_watch"))
+			t.Fatalf("no second refresh within %v (calls %d)", 5*lifetime, e.fake.CallsFor("biz_watch"))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
