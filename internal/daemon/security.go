@@ -15,15 +15,17 @@ import (
 	"github.com/tokend/tokend/internal/safefile"
 )
 
-// loadCacheKey reads the key that seals tokens at rest: 32 raw bytes, or 64
-// hex digits (a trailing newline is ignored). The file must be owned by root
-// or tokend's user and not readable or writable by group or others. Errors
-// never show the key.
-func loadCacheKey(path string) ([]byte, error) {
+// loadCacheKey reads the key that seals tokens at rest.
+func loadCacheKey(path string) ([]byte, error) { return loadKey(path, "cache key file") }
+
+// loadKey reads a 32-byte key: 32 raw bytes, or 64 hex digits (a trailing
+// newline is ignored). The file must be owned by root or tokend's user and
+// not readable or writable by group or others. Errors never show the key.
+func loadKey(path, what string) ([]byte, error) {
 	if path == "" {
 		return nil, nil
 	}
-	b, err := safefile.Read(path, safefile.Rules{What: "cache key file", Secret: true, MaxSize: maxSecretSize})
+	b, err := safefile.Read(path, safefile.Rules{What: what, Secret: true, MaxSize: maxSecretSize})
 	if err != nil {
 		return nil, err
 	}
@@ -35,7 +37,7 @@ func loadCacheKey(path string) ([]byte, error) {
 			return k, nil
 		}
 	}
-	return nil, fmt.Errorf("cache key file %s: want 32 random bytes (head -c32 /dev/urandom > %s) or 64 hex digits, found %d bytes", path, path, len(b))
+	return nil, fmt.Errorf("%s %s: want 32 random bytes (head -c32 /dev/urandom > %s) or 64 hex digits, found %d bytes", what, path, path, len(b))
 }
 
 // lookupGroup resolves a group name or numeric gid.

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tokend/tokend/internal/cache"
+	"github.com/tokend/tokend/internal/fleet"
 )
 
 // EntryInfo is an immutable snapshot of one entry, for operators. It
@@ -242,6 +243,10 @@ type Status struct {
 	PendingWrites int
 	WriteError    error
 	MemoryOnly    bool
+	// Fleet is the fleet tier's state; nil without one. FleetAdopted
+	// counts calls answered by a token another host minted.
+	Fleet        *fleet.Status
+	FleetAdopted uint64
 }
 
 // EntriesByState names the states as README's table does, all of them.
@@ -273,6 +278,10 @@ func (r *Refresher) Status() Status {
 	}
 	st.PendingWrites, st.WriteError = r.store.WriteStatus()
 	st.MemoryOnly = errors.Is(st.WriteError, cache.ErrUnavailable)
+	if r.cfg.Fleet != nil {
+		fs := r.cfg.Fleet.Status()
+		st.Fleet, st.FleetAdopted = &fs, r.fleetAdopted.Load()
+	}
 	set := r.ups.Load()
 	r.mu.Lock()
 	st.ByState = r.counts

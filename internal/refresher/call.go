@@ -148,6 +148,21 @@ func (r *Refresher) runCall(c *call) {
 		r.finish(c, outcome{err: ErrKeyRejected, fp: fp, notTried: true})
 		return
 	}
+	cred := r.fleetCred(up)
+	if cred != nil {
+		tok, lease := r.fromFleet(c, up, cred, fp)
+		if tok != nil {
+			r.fleetAdopted.Add(1)
+			if probe {
+				up.gate.probed(fp, 0)
+			}
+			r.finish(c, outcome{tok: tok, fp: fp})
+			return
+		}
+		// After the Put below: a waiter that sees the lock gone sees the
+		// token too.
+		defer lease.Release()
+	}
 	lifetime := min(c.want.lifetime, MaxLifetime-lifetimeMargin)
 	var o outcome
 	status := 0
@@ -192,6 +207,9 @@ func (r *Refresher) runCall(c *call) {
 	if probe {
 		up.gate.probed(fp, status)
 	}
+	if cred != nil && o.tok != nil {
+		r.toFleet(c, cred, o.tok)
+	}
 	r.finish(c, o)
 }
 
@@ -213,13 +231,20 @@ func retryWait(we *whop.Error, attempt int) time.Duration {
 func (r *Refresher) through(c *call, up *upstream) (release func(), err error) {
 	up.queued(c.by, 1)
 	defer up.queued(c.by, -1)
+	var shared sharedLimit
+	if cred := r.fleetCred(up); cred != nil {
+		r.fleetPaused(up, cred)
+		shared = func(ctx context.Context) (time.Duration, bool) {
+			return r.cfg.Fleet.Allow(ctx, cred, float64(r.cfg.Rate), r.cfg.Burst)
+		}
+	}
 	for {
 		ctx, cancel := c.queue, context.CancelFunc(func() {})
 		dl, bounded := r.callDeadline(c)
 		if bounded {
 			ctx, cancel = context.WithDeadline(c.queue, dl)
 		}
-		release, err = up.gate.acquire(ctx)
+		release, err = up.gate.acquire(ctx, shared)
 		cancel()
 		switch {
 		case err == nil:
@@ -380,6 +405,9 @@ func (r *Refresher) upstreamRefused(up *upstream, we *whop.Error, fp []byte) {
 			d, why = limit, why+", cut short by the earliest token expiry"
 		}
 		up.gate.pause(d, why)
+		if cred := r.fleetCred(up); cred != nil {
+			r.cfg.Fleet.Pause(r.base, cred, r.clock.Now().Add(d), why)
+		}
 	case 401:
 		up.gate.rejectKey(fp)
 	}

@@ -3,6 +3,7 @@ package refresher
 import (
 	"bytes"
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -47,9 +48,15 @@ func newGate(c clock.Clock, inFlight int, r rate.Limit, burst int, probeMin, pro
 	}
 }
 
-// acquire waits for the pause, a free slot and the rate limit, in that
-// order, or for ctx. The returned func gives the slot back.
-func (g *gate) acquire(ctx context.Context) (release func(), err error) {
+// sharedLimit takes one unit of a budget shared with other hosts (the
+// fleet's): retryAfter 0 means taken, else wait that long and ask again;
+// ok false means it is unavailable and the local limiter applies.
+type sharedLimit func(ctx context.Context) (retryAfter time.Duration, ok bool)
+
+// acquire waits for the pause, a free slot and the rate limit (shared, when
+// given and available, else local), in that order, or for ctx. The
+// returned func gives the slot back.
+func (g *gate) acquire(ctx context.Context, shared sharedLimit) (release func(), err error) {
 	for {
 		g.mu.Lock()
 		wait, lifted := g.pausedUntil.Sub(g.clock.Now()), g.lifted
@@ -75,14 +82,48 @@ func (g *gate) acquire(ctx context.Context) (release func(), err error) {
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	if err := g.rate.Wait(ctx); err != nil {
-		<-g.slots
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
+	release = func() { <-g.slots }
+	if err := g.waitRate(ctx, shared); err != nil {
+		release()
 		return nil, err
 	}
-	return func() { <-g.slots }, nil
+	return release, nil
+}
+
+// errRateDeadline: the rate limit cannot let the call through before ctx's
+// deadline (what x/time/rate's Wait says of its own limit).
+var errRateDeadline = errors.New("rate limit: the next slot comes after the deadline")
+
+// waitRate takes one unit of the shared budget, or of the local one while
+// the shared one is unavailable.
+func (g *gate) waitRate(ctx context.Context, shared sharedLimit) error {
+	for shared != nil {
+		retry, ok := shared(ctx)
+		switch {
+		case !ok:
+			shared = nil // the local limiter, below
+			continue
+		case retry == 0:
+			return nil
+		}
+		if dl, has := ctx.Deadline(); has && time.Until(dl) < retry {
+			return errRateDeadline
+		}
+		t := g.clock.NewTimer(retry)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C():
+		}
+	}
+	if err := g.rate.Wait(ctx); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return err
+	}
+	return nil
 }
 
 // pause holds every upstream call until d has passed; why names the hint.

@@ -142,6 +142,10 @@ type Config struct {
 	// InCallRetries is how many times a call someone waits for is retried
 	// within itself, inside the waiters' deadlines. Negative means none.
 	InCallRetries int
+	// Fleet, when set, is shared with the other hosts of a fleet: a miss or
+	// a due refresh looks there before it mints, one host mints per key at
+	// a time, and the upstream budget and 429 pauses are fleet-wide.
+	Fleet Fleet
 	// DrainTimeout is how long Run, once its context ends, lets upstream
 	// calls in flight finish (their callers get their tokens, and the
 	// tokens are stored) before cancelling the rest. Negative: none.
@@ -251,6 +255,10 @@ type Refresher struct {
 	clock clock.Clock
 	log   *slog.Logger
 	ups   atomic.Pointer[upstreamSet]
+	// fleetSalt is Fleet's salt, fetched once.
+	fleetSalt []byte
+	// fleetAdopted counts calls answered by a token another host minted.
+	fleetAdopted atomic.Uint64
 	// expiryCutLog keeps an upstream that always answers a too-late
 	// expires_at to one warning a minute.
 	expiryCutLog rate.Sometimes
@@ -304,6 +312,9 @@ func New(cfg Config) (*Refresher, error) {
 		cancel:       cancel,
 		index:        make(map[string]*entry),
 		lru:          make(map[string]*entryHeap),
+	}
+	if cfg.Fleet != nil {
+		r.fleetSalt = cfg.Fleet.Salt()
 	}
 	r.ups.Store(&upstreamSet{})
 	if err := r.SetCredentials(cfg.Credentials); err != nil {

@@ -186,6 +186,16 @@ func (a *adminService) status() (*tokendv1.Status, error) {
 		resp.UpstreamPausedUntil = timestamppb.New(st.UpstreamPausedUntil)
 	}
 	resp.CachePendingWrites = uint64(st.PendingWrites)
+	if f := st.Fleet; f != nil {
+		resp.Fleet = &tokendv1.FleetStatus{
+			Connected: f.Connected, Reason: f.Reason, KeyId: f.KeyID, Degraded: f.Degraded,
+			Adopted: st.FleetAdopted, Published: f.Published, LockWaits: f.LockWaits, LockTakeovers: f.LockTakeovers,
+			Tampered: f.Tampered, RedisErrors: f.Errors, RateLimited: f.RateLimited, PausesSeen: f.PausesSeen,
+		}
+		if !f.Since.IsZero() {
+			resp.Fleet.Since = timestamppb.New(f.Since)
+		}
+	}
 	if st.WriteError != nil {
 		resp.CacheWriteError = st.WriteError.Error()
 		resp.CacheMemoryOnly = st.MemoryOnly

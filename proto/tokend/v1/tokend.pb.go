@@ -1372,8 +1372,10 @@ type Status struct {
 	// Calls that left the upstream queue because every caller had gone
 	// (their deadlines passed) before the limiter let them through.
 	AbandonedCalls uint64 `protobuf:"varint,40,opt,name=abandoned_calls,json=abandonedCalls,proto3" json:"abandoned_calls,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The fleet tier (--fleet-redis); unset without one.
+	Fleet         *FleetStatus `protobuf:"bytes,41,opt,name=fleet,proto3" json:"fleet,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Status) Reset() {
@@ -1616,6 +1618,166 @@ func (x *Status) GetAbandonedCalls() uint64 {
 	return 0
 }
 
+func (x *Status) GetFleet() *FleetStatus {
+	if x != nil {
+		return x.Fleet
+	}
+	return nil
+}
+
+// FleetStatus is the state of the tier shared with other hosts through
+// Redis. While it is degraded each host carries on alone.
+type FleetStatus struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Connected bool                   `protobuf:"varint,1,opt,name=connected,proto3" json:"connected,omitempty"`
+	// When the current state (connected or degraded) began.
+	Since *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=since,proto3" json:"since,omitempty"`
+	// While degraded: the last Redis error (never a secret).
+	Reason string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	// A keyed fingerprint of the fleet key: equal on hosts that share.
+	KeyId string `protobuf:"bytes,4,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// Times the tier became degraded.
+	Degraded uint64 `protobuf:"varint,5,opt,name=degraded,proto3" json:"degraded,omitempty"`
+	// Calls answered by a token another host minted: mints avoided.
+	Adopted   uint64 `protobuf:"varint,6,opt,name=adopted,proto3" json:"adopted,omitempty"`
+	Published uint64 `protobuf:"varint,7,opt,name=published,proto3" json:"published,omitempty"`
+	// Waits for another host's mint of the same key.
+	LockWaits uint64 `protobuf:"varint,8,opt,name=lock_waits,json=lockWaits,proto3" json:"lock_waits,omitempty"`
+	// Waits that ended with the other host gone: this host minted.
+	LockTakeovers uint64 `protobuf:"varint,9,opt,name=lock_takeovers,json=lockTakeovers,proto3" json:"lock_takeovers,omitempty"`
+	// Values in Redis that failed to open or were another credential's:
+	// ignored, never served.
+	Tampered    uint64 `protobuf:"varint,10,opt,name=tampered,proto3" json:"tampered,omitempty"`
+	RedisErrors uint64 `protobuf:"varint,11,opt,name=redis_errors,json=redisErrors,proto3" json:"redis_errors,omitempty"`
+	// Upstream calls the fleet-wide rate limit made wait.
+	RateLimited uint64 `protobuf:"varint,12,opt,name=rate_limited,json=rateLimited,proto3" json:"rate_limited,omitempty"`
+	// 429 pauses set by another host and honoured here.
+	PausesSeen    uint64 `protobuf:"varint,13,opt,name=pauses_seen,json=pausesSeen,proto3" json:"pauses_seen,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FleetStatus) Reset() {
+	*x = FleetStatus{}
+	mi := &file_tokend_v1_tokend_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FleetStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FleetStatus) ProtoMessage() {}
+
+func (x *FleetStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_tokend_v1_tokend_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FleetStatus.ProtoReflect.Descriptor instead.
+func (*FleetStatus) Descriptor() ([]byte, []int) {
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *FleetStatus) GetConnected() bool {
+	if x != nil {
+		return x.Connected
+	}
+	return false
+}
+
+func (x *FleetStatus) GetSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Since
+	}
+	return nil
+}
+
+func (x *FleetStatus) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *FleetStatus) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *FleetStatus) GetDegraded() uint64 {
+	if x != nil {
+		return x.Degraded
+	}
+	return 0
+}
+
+func (x *FleetStatus) GetAdopted() uint64 {
+	if x != nil {
+		return x.Adopted
+	}
+	return 0
+}
+
+func (x *FleetStatus) GetPublished() uint64 {
+	if x != nil {
+		return x.Published
+	}
+	return 0
+}
+
+func (x *FleetStatus) GetLockWaits() uint64 {
+	if x != nil {
+		return x.LockWaits
+	}
+	return 0
+}
+
+func (x *FleetStatus) GetLockTakeovers() uint64 {
+	if x != nil {
+		return x.LockTakeovers
+	}
+	return 0
+}
+
+func (x *FleetStatus) GetTampered() uint64 {
+	if x != nil {
+		return x.Tampered
+	}
+	return 0
+}
+
+func (x *FleetStatus) GetRedisErrors() uint64 {
+	if x != nil {
+		return x.RedisErrors
+	}
+	return 0
+}
+
+func (x *FleetStatus) GetRateLimited() uint64 {
+	if x != nil {
+		return x.RateLimited
+	}
+	return 0
+}
+
+func (x *FleetStatus) GetPausesSeen() uint64 {
+	if x != nil {
+		return x.PausesSeen
+	}
+	return 0
+}
+
 type CredentialStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1655,7 +1817,7 @@ type CredentialStatus struct {
 
 func (x *CredentialStatus) Reset() {
 	*x = CredentialStatus{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[18]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1667,7 +1829,7 @@ func (x *CredentialStatus) String() string {
 func (*CredentialStatus) ProtoMessage() {}
 
 func (x *CredentialStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[18]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1680,7 +1842,7 @@ func (x *CredentialStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CredentialStatus.ProtoReflect.Descriptor instead.
 func (*CredentialStatus) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{18}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CredentialStatus) GetName() string {
@@ -1805,7 +1967,7 @@ type QueueShare struct {
 
 func (x *QueueShare) Reset() {
 	*x = QueueShare{}
-	mi := &file_tokend_v1_tokend_proto_msgTypes[19]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1817,7 +1979,7 @@ func (x *QueueShare) String() string {
 func (*QueueShare) ProtoMessage() {}
 
 func (x *QueueShare) ProtoReflect() protoreflect.Message {
-	mi := &file_tokend_v1_tokend_proto_msgTypes[19]
+	mi := &file_tokend_v1_tokend_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1830,7 +1992,7 @@ func (x *QueueShare) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueueShare.ProtoReflect.Descriptor instead.
 func (*QueueShare) Descriptor() ([]byte, []int) {
-	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{19}
+	return file_tokend_v1_tokend_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *QueueShare) GetBy() string {
@@ -1950,7 +2112,7 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\x04type\x18\x05 \x01(\tR\x04type\x12\x12\n" +
 	"\x04code\x18\x06 \x01(\tR\x04code\x12\x14\n" +
 	"\x05param\x18\a \x01(\tR\x05param\"\x12\n" +
-	"\x10GetStatusRequest\"\x8c\v\n" +
+	"\x10GetStatusRequest\"\xba\v\n" +
 	"\x06Status\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
 	"\n" +
@@ -1984,10 +2146,28 @@ const file_tokend_v1_tokend_proto_rawDesc = "" +
 	"\fcache_sealed\x18\x1b \x01(\bR\vcacheSealed\x12=\n" +
 	"\vcredentials\x18\x1c \x03(\v2\x1b.tokend.v1.CredentialStatusR\vcredentials\x12*\n" +
 	"\x11cache_memory_only\x18\x1d \x01(\bR\x0fcacheMemoryOnly\x12'\n" +
-	"\x0fabandoned_calls\x18( \x01(\x04R\x0eabandonedCalls\x1aA\n" +
+	"\x0fabandoned_calls\x18( \x01(\x04R\x0eabandonedCalls\x12,\n" +
+	"\x05fleet\x18) \x01(\v2\x16.tokend.v1.FleetStatusR\x05fleet\x1aA\n" +
 	"\x13EntriesByStateEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\x98\x05\n" +
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\xa9\x03\n" +
+	"\vFleetStatus\x12\x1c\n" +
+	"\tconnected\x18\x01 \x01(\bR\tconnected\x120\n" +
+	"\x05since\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x15\n" +
+	"\x06key_id\x18\x04 \x01(\tR\x05keyId\x12\x1a\n" +
+	"\bdegraded\x18\x05 \x01(\x04R\bdegraded\x12\x18\n" +
+	"\aadopted\x18\x06 \x01(\x04R\aadopted\x12\x1c\n" +
+	"\tpublished\x18\a \x01(\x04R\tpublished\x12\x1d\n" +
+	"\n" +
+	"lock_waits\x18\b \x01(\x04R\tlockWaits\x12%\n" +
+	"\x0elock_takeovers\x18\t \x01(\x04R\rlockTakeovers\x12\x1a\n" +
+	"\btampered\x18\n" +
+	" \x01(\x04R\btampered\x12!\n" +
+	"\fredis_errors\x18\v \x01(\x04R\vredisErrors\x12!\n" +
+	"\frate_limited\x18\f \x01(\x04R\vrateLimited\x12\x1f\n" +
+	"\vpauses_seen\x18\r \x01(\x04R\n" +
+	"pausesSeen\"\x98\x05\n" +
 	"\x10CredentialStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12 \n" +
@@ -2047,7 +2227,7 @@ func file_tokend_v1_tokend_proto_rawDescGZIP() []byte {
 }
 
 var file_tokend_v1_tokend_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tokend_v1_tokend_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_tokend_v1_tokend_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_tokend_v1_tokend_proto_goTypes = []any{
 	(EntryState)(0),               // 0: tokend.v1.EntryState
 	(*GetTokenRequest)(nil),       // 1: tokend.v1.GetTokenRequest
@@ -2068,61 +2248,64 @@ var file_tokend_v1_tokend_proto_goTypes = []any{
 	(*UpstreamError)(nil),         // 16: tokend.v1.UpstreamError
 	(*GetStatusRequest)(nil),      // 17: tokend.v1.GetStatusRequest
 	(*Status)(nil),                // 18: tokend.v1.Status
-	(*CredentialStatus)(nil),      // 19: tokend.v1.CredentialStatus
-	(*QueueShare)(nil),            // 20: tokend.v1.QueueShare
-	nil,                           // 21: tokend.v1.Status.EntriesByStateEntry
-	(*durationpb.Duration)(nil),   // 22: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 23: google.protobuf.Timestamp
+	(*FleetStatus)(nil),           // 19: tokend.v1.FleetStatus
+	(*CredentialStatus)(nil),      // 20: tokend.v1.CredentialStatus
+	(*QueueShare)(nil),            // 21: tokend.v1.QueueShare
+	nil,                           // 22: tokend.v1.Status.EntriesByStateEntry
+	(*durationpb.Duration)(nil),   // 23: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 24: google.protobuf.Timestamp
 }
 var file_tokend_v1_tokend_proto_depIdxs = []int32{
-	22, // 0: tokend.v1.GetTokenRequest.min_ttl:type_name -> google.protobuf.Duration
-	23, // 1: tokend.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	23, // 0: tokend.v1.GetTokenRequest.min_ttl:type_name -> google.protobuf.Duration
+	24, // 1: tokend.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
 	4,  // 2: tokend.v1.WatchTokensRequest.subscribe:type_name -> tokend.v1.WatchSubscribe
 	5,  // 3: tokend.v1.WatchTokensRequest.touch:type_name -> tokend.v1.WatchTouch
 	1,  // 4: tokend.v1.WatchSubscribe.request:type_name -> tokend.v1.GetTokenRequest
 	2,  // 5: tokend.v1.WatchTokensResponse.token:type_name -> tokend.v1.Token
 	15, // 6: tokend.v1.ListEntriesResponse.entries:type_name -> tokend.v1.Entry
 	0,  // 7: tokend.v1.Entry.state:type_name -> tokend.v1.EntryState
-	23, // 8: tokend.v1.Entry.expires_at:type_name -> google.protobuf.Timestamp
-	23, // 9: tokend.v1.Entry.obtained_at:type_name -> google.protobuf.Timestamp
-	23, // 10: tokend.v1.Entry.next_refresh_at:type_name -> google.protobuf.Timestamp
-	23, // 11: tokend.v1.Entry.last_requested_at:type_name -> google.protobuf.Timestamp
+	24, // 8: tokend.v1.Entry.expires_at:type_name -> google.protobuf.Timestamp
+	24, // 9: tokend.v1.Entry.obtained_at:type_name -> google.protobuf.Timestamp
+	24, // 10: tokend.v1.Entry.next_refresh_at:type_name -> google.protobuf.Timestamp
+	24, // 11: tokend.v1.Entry.last_requested_at:type_name -> google.protobuf.Timestamp
 	16, // 12: tokend.v1.Entry.last_error:type_name -> tokend.v1.UpstreamError
-	23, // 13: tokend.v1.UpstreamError.at:type_name -> google.protobuf.Timestamp
-	23, // 14: tokend.v1.Status.started_at:type_name -> google.protobuf.Timestamp
-	22, // 15: tokend.v1.Status.uptime:type_name -> google.protobuf.Duration
-	21, // 16: tokend.v1.Status.entries_by_state:type_name -> tokend.v1.Status.EntriesByStateEntry
+	24, // 13: tokend.v1.UpstreamError.at:type_name -> google.protobuf.Timestamp
+	24, // 14: tokend.v1.Status.started_at:type_name -> google.protobuf.Timestamp
+	23, // 15: tokend.v1.Status.uptime:type_name -> google.protobuf.Duration
+	22, // 16: tokend.v1.Status.entries_by_state:type_name -> tokend.v1.Status.EntriesByStateEntry
 	16, // 17: tokend.v1.Status.last_upstream_error:type_name -> tokend.v1.UpstreamError
-	23, // 18: tokend.v1.Status.upstream_paused_until:type_name -> google.protobuf.Timestamp
-	19, // 19: tokend.v1.Status.credentials:type_name -> tokend.v1.CredentialStatus
-	23, // 20: tokend.v1.CredentialStatus.paused_until:type_name -> google.protobuf.Timestamp
-	23, // 21: tokend.v1.CredentialStatus.secret_expires_at:type_name -> google.protobuf.Timestamp
-	23, // 22: tokend.v1.CredentialStatus.next_probe:type_name -> google.protobuf.Timestamp
-	22, // 23: tokend.v1.CredentialStatus.clock_skew:type_name -> google.protobuf.Duration
-	20, // 24: tokend.v1.CredentialStatus.queued_by:type_name -> tokend.v1.QueueShare
-	1,  // 25: tokend.v1.TokenService.GetToken:input_type -> tokend.v1.GetTokenRequest
-	1,  // 26: tokend.v1.TokenService.WatchToken:input_type -> tokend.v1.GetTokenRequest
-	3,  // 27: tokend.v1.TokenService.WatchTokens:input_type -> tokend.v1.WatchTokensRequest
-	9,  // 28: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
-	11, // 29: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
-	12, // 30: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
-	14, // 31: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
-	17, // 32: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
-	7,  // 33: tokend.v1.AdminService.CheckPolicy:input_type -> tokend.v1.CheckPolicyRequest
-	2,  // 34: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
-	2,  // 35: tokend.v1.TokenService.WatchToken:output_type -> tokend.v1.Token
-	6,  // 36: tokend.v1.TokenService.WatchTokens:output_type -> tokend.v1.WatchTokensResponse
-	10, // 37: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
-	15, // 38: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
-	13, // 39: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
-	15, // 40: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
-	18, // 41: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
-	8,  // 42: tokend.v1.AdminService.CheckPolicy:output_type -> tokend.v1.CheckPolicyResponse
-	34, // [34:43] is the sub-list for method output_type
-	25, // [25:34] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	24, // 18: tokend.v1.Status.upstream_paused_until:type_name -> google.protobuf.Timestamp
+	20, // 19: tokend.v1.Status.credentials:type_name -> tokend.v1.CredentialStatus
+	19, // 20: tokend.v1.Status.fleet:type_name -> tokend.v1.FleetStatus
+	24, // 21: tokend.v1.FleetStatus.since:type_name -> google.protobuf.Timestamp
+	24, // 22: tokend.v1.CredentialStatus.paused_until:type_name -> google.protobuf.Timestamp
+	24, // 23: tokend.v1.CredentialStatus.secret_expires_at:type_name -> google.protobuf.Timestamp
+	24, // 24: tokend.v1.CredentialStatus.next_probe:type_name -> google.protobuf.Timestamp
+	23, // 25: tokend.v1.CredentialStatus.clock_skew:type_name -> google.protobuf.Duration
+	21, // 26: tokend.v1.CredentialStatus.queued_by:type_name -> tokend.v1.QueueShare
+	1,  // 27: tokend.v1.TokenService.GetToken:input_type -> tokend.v1.GetTokenRequest
+	1,  // 28: tokend.v1.TokenService.WatchToken:input_type -> tokend.v1.GetTokenRequest
+	3,  // 29: tokend.v1.TokenService.WatchTokens:input_type -> tokend.v1.WatchTokensRequest
+	9,  // 30: tokend.v1.AdminService.ListEntries:input_type -> tokend.v1.ListEntriesRequest
+	11, // 31: tokend.v1.AdminService.GetEntry:input_type -> tokend.v1.GetEntryRequest
+	12, // 32: tokend.v1.AdminService.EvictEntries:input_type -> tokend.v1.EvictEntriesRequest
+	14, // 33: tokend.v1.AdminService.RefreshEntry:input_type -> tokend.v1.RefreshEntryRequest
+	17, // 34: tokend.v1.AdminService.GetStatus:input_type -> tokend.v1.GetStatusRequest
+	7,  // 35: tokend.v1.AdminService.CheckPolicy:input_type -> tokend.v1.CheckPolicyRequest
+	2,  // 36: tokend.v1.TokenService.GetToken:output_type -> tokend.v1.Token
+	2,  // 37: tokend.v1.TokenService.WatchToken:output_type -> tokend.v1.Token
+	6,  // 38: tokend.v1.TokenService.WatchTokens:output_type -> tokend.v1.WatchTokensResponse
+	10, // 39: tokend.v1.AdminService.ListEntries:output_type -> tokend.v1.ListEntriesResponse
+	15, // 40: tokend.v1.AdminService.GetEntry:output_type -> tokend.v1.Entry
+	13, // 41: tokend.v1.AdminService.EvictEntries:output_type -> tokend.v1.EvictEntriesResponse
+	15, // 42: tokend.v1.AdminService.RefreshEntry:output_type -> tokend.v1.Entry
+	18, // 43: tokend.v1.AdminService.GetStatus:output_type -> tokend.v1.Status
+	8,  // 44: tokend.v1.AdminService.CheckPolicy:output_type -> tokend.v1.CheckPolicyResponse
+	36, // [36:45] is the sub-list for method output_type
+	27, // [27:36] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_tokend_v1_tokend_proto_init() }
@@ -2146,7 +2329,7 @@ func file_tokend_v1_tokend_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tokend_v1_tokend_proto_rawDesc), len(file_tokend_v1_tokend_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   21,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
