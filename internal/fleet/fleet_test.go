@@ -105,6 +105,7 @@ func TestNewRefusesBadConfig(t *testing.T) {
 		{"password in URL", fleet.Config{URL: "redis://u:hunter2@localhost:6379", Key: fleetKey}, "carries a password"},
 		{"negative timeout", fleet.Config{URL: "unix:///x.sock", Key: fleetKey, Timeout: -1}, "fleet timeout"},
 		{"negative lease", fleet.Config{URL: "unix:///x.sock", Key: fleetKey, LockLease: -1}, "fleet lock lease"},
+		{"lease under 10ms", fleet.Config{URL: "unix:///x.sock", Key: fleetKey, LockLease: time.Millisecond}, "fleet lock lease: 1ms, want at least 10ms"},
 		{"bad db", fleet.Config{URL: "redis://localhost:6379/notanumber", Key: fleetKey}, "fleet redis URL redis://localhost:6379/notanumber"},
 	}
 	for _, c := range cases {
