@@ -153,6 +153,9 @@ func TestAwaitDuringRefresh(t *testing.T) {
 	if tok := <-got; tok.Value != "tok_new" {
 		t.Fatalf("Await after the refresh: %d-byte value, want the new token", len(tok.Value))
 	}
+	if s := b.Status(); s.Adopted != 1 || s.Tampered != 0 || s.Stale != 0 {
+		t.Fatalf("status: adopted %d tampered %d stale %d, want 1 0 0", s.Adopted, s.Tampered, s.Stale)
+	}
 }
 
 func TestHolderDiesOthersTakeOver(t *testing.T) {

@@ -163,6 +163,19 @@ func TestRoundTrip(t *testing.T) {
 	}
 }
 
+func TestURLForms(t *testing.T) {
+	srv := redistest.Start(t)
+	for _, u := range []string{srv.URL(), srv.URL() + "?db=2", srv.Socket} {
+		t.Run(u, func(t *testing.T) {
+			f, _ := host(t, srv, func(c *fleet.Config) { c.URL = u })
+			f.Put(context.Background(), credA, "k", token("tok_url", time.Hour))
+			if _, ok := f.Get(context.Background(), credA, "k"); !ok || !f.Status().Connected {
+				t.Fatalf("no round trip through %s", u)
+			}
+		})
+	}
+}
+
 // TestNothingReadableInRedis stores a token, a lock, a pause and a rate
 // state whose inputs carry recognisable strings, then reads every key and
 // value with a raw client.

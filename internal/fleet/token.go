@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
@@ -157,6 +158,7 @@ func (f *Fleet) Await(ctx context.Context, cred []byte, key string, newer time.T
 	defer f.unwatch(n.tok, wake)
 	timer := time.NewTimer(awaitPoll)
 	defer timer.Stop()
+	var seen []byte
 	for {
 		var pttl *redis.DurationCmd
 		var get *redis.StringCmd
@@ -173,7 +175,10 @@ func (f *Fleet) Await(ctx context.Context, cred []byte, key string, newer time.T
 		if err != nil && !errors.Is(err, redis.Nil) {
 			return Token{}, false
 		}
-		if raw, err := get.Bytes(); err == nil {
+		// A value looked at already (the old token, or a tampered one) is
+		// neither opened nor counted again.
+		if raw, err := get.Bytes(); err == nil && !bytes.Equal(raw, seen) {
+			seen = raw
 			if t, ok := f.openToken(n.tok, cred, raw); ok && t.ExpiresAt.After(newer) {
 				f.n.adopted.Add(1)
 				return t, true
