@@ -53,64 +53,108 @@ func TestPutExpiresWithTheToken(t *testing.T) {
 	}
 }
 
+// TestLockOneMintsOthersAwait: one of three hosts holds the mint lock, the
+// other two wait and get its token. Over several rounds the median wake-up
+// shows pub/sub at work: with only the 100ms poll it would be about 50ms.
 func TestLockOneMintsOthersAwait(t *testing.T) {
 	srv := redistest.Start(t)
 	a, _ := host(t, srv)
 	b, _ := host(t, srv)
 	c, _ := host(t, srv)
 	ctx := context.Background()
-	lease, held := a.Lock(ctx, credA, "k")
-	if !held || lease.Local() {
-		t.Fatalf("first Lock: held %v, want a Redis lock", held)
-	}
-	for _, f := range []*fleet.Fleet{b, c} {
-		if l, held := f.Lock(ctx, credA, "k"); held {
-			t.Fatalf("second Lock held too (local %v)", l.Local())
+	const rounds = 5
+	var tooks []time.Duration
+	for round := range rounds {
+		key := fmt.Sprint("k-", round)
+		lease, held := a.Lock(ctx, credA, key)
+		if !held || lease.Local() {
+			t.Fatalf("first Lock: held %v, want a Redis lock", held)
+		}
+		for _, f := range []*fleet.Fleet{b, c} {
+			if l, held := f.Lock(ctx, credA, key); held {
+				t.Fatalf("second Lock held too (local %v)", l.Local())
+			}
+		}
+		if l, held := b.Lock(ctx, credB, key); !held {
+			t.Fatal("another credential's lock for the same key was busy")
+		} else {
+			l.Release()
+		}
+		type result struct {
+			tok  fleet.Token
+			ok   bool
+			when time.Time
+		}
+		results := make(chan result, 2)
+		for _, f := range []*fleet.Fleet{b, c} {
+			go func() {
+				tok, ok := f.Await(ctx, credA, key, time.Time{})
+				results <- result{tok, ok, time.Now()}
+			}()
+		}
+		for b.Status().LockWaits+c.Status().LockWaits < uint64(2*(round+1)) { // both waiting (Redis is a process: poll)
+			time.Sleep(time.Millisecond)
+		}
+		put := time.Now()
+		a.Put(ctx, credA, key, token("tok_minted_once", time.Hour))
+		lease.Release()
+		for range 2 {
+			r := <-results
+			if !r.ok || r.tok.Value != "tok_minted_once" {
+				t.Fatalf("Await: ok %v, want the holder's token", r.ok)
+			}
+			tooks = append(tooks, r.when.Sub(put))
+		}
+		if l, held := b.Lock(ctx, credA, key); !held {
+			t.Fatal("Lock after Release: still busy")
+		} else {
+			l.Release()
 		}
 	}
-	if _, held := b.Lock(ctx, credB, "k"); !held {
-		t.Fatal("another credential's lock for the same key was busy")
+	slices.Sort(tooks)
+	median := tooks[len(tooks)/2]
+	t.Logf("%d waits: median %v, slowest %v from Put to Await's return", len(tooks), median.Round(10*time.Microsecond), tooks[len(tooks)-1].Round(10*time.Microsecond))
+	if median > 30*time.Millisecond {
+		t.Errorf("median wake-up %v after the Put, want the pub/sub wake-up (the poll alone gives about 50ms)", median)
 	}
-	type result struct {
-		tok  fleet.Token
-		ok   bool
-		took time.Duration
+	if s := b.Status(); s.LockWaits != rounds || s.LockBusy != rounds || s.Adopted != rounds {
+		t.Fatalf("waiter status: waits %d busy %d adopted %d, want %d each", s.LockWaits, s.LockBusy, s.Adopted, rounds)
 	}
-	results := make(chan result, 2)
-	var put time.Time
-	var mu sync.Mutex
-	for _, f := range []*fleet.Fleet{b, c} {
-		go func() {
-			tok, ok := f.Await(ctx, credA, "k")
-			mu.Lock()
-			took := time.Since(put)
-			mu.Unlock()
-			results <- result{tok, ok, took}
-		}()
+}
+
+// TestAwaitDuringRefresh: while one host refreshes, Redis still holds the
+// old token; a waiter must get the new one, not the old one back.
+func TestAwaitDuringRefresh(t *testing.T) {
+	srv := redistest.Start(t)
+	a, _ := host(t, srv)
+	b, _ := host(t, srv)
+	ctx := context.Background()
+	old := token("tok_old", 10*time.Minute)
+	a.Put(ctx, credA, "k", old)
+	lease, held := a.Lock(ctx, credA, "k")
+	if !held {
+		t.Fatal("Lock not held")
 	}
-	for b.Status().LockWaits+c.Status().LockWaits < 2 { // both waiting (Redis is a process: poll)
+	got := make(chan fleet.Token, 1)
+	go func() {
+		tok, _ := b.Await(ctx, credA, "k", old.ExpiresAt)
+		got <- tok
+	}()
+	for b.Status().LockWaits < 1 {
 		time.Sleep(time.Millisecond)
 	}
-	mu.Lock()
-	put = time.Now()
-	a.Put(ctx, credA, "k", token("tok_minted_once", time.Hour))
-	mu.Unlock()
+	select {
+	case tok := <-got:
+		t.Fatalf("Await returned before the refresh (old token: %v)", tok.Value == old.Value)
+	case <-time.After(150 * time.Millisecond): // past one poll: it looked at least twice
+	}
+	a.Put(ctx, credA, "k", token("tok_new", time.Hour))
 	lease.Release()
-	for range 2 {
-		r := <-results
-		if !r.ok || r.tok.Value != "tok_minted_once" {
-			t.Fatalf("Await: ok %v, want the holder's token", r.ok)
-		}
-		if r.took > 50*time.Millisecond {
-			t.Errorf("Await returned %v after the Put, want the pub/sub wake-up (well under the %v poll)", r.took, 100*time.Millisecond)
-		}
-		t.Logf("waiter got the token %v after the Put", r.took.Round(10*time.Microsecond))
+	if tok := <-got; tok.Value != "tok_new" {
+		t.Fatalf("Await after the refresh: %d-byte value, want the new token", len(tok.Value))
 	}
-	if s := b.Status(); s.LockWaits != 1 || s.LockBusy != 1 || s.Adopted != 1 {
-		t.Fatalf("waiter status: waits %d busy %d adopted %d, want 1 1 1", s.LockWaits, s.LockBusy, s.Adopted)
-	}
-	if _, held := b.Lock(ctx, credA, "k"); !held {
-		t.Fatal("Lock after Release: still busy")
+	if s := b.Status(); s.Adopted != 1 || s.Tampered != 0 || s.Stale != 0 {
+		t.Fatalf("status: adopted %d tampered %d stale %d, want 1 0 0", s.Adopted, s.Tampered, s.Stale)
 	}
 }
 
@@ -128,7 +172,7 @@ func TestHolderDiesOthersTakeOver(t *testing.T) {
 	if _, held := b.Lock(ctx, credA, "k"); held {
 		t.Fatal("second Lock held while the first lives")
 	}
-	if _, ok := b.Await(ctx, credA, "k"); ok {
+	if _, ok := b.Await(ctx, credA, "k", time.Time{}); ok {
 		t.Fatal("Await returned a token nobody put")
 	}
 	waited := time.Since(start)
@@ -149,7 +193,7 @@ func TestHolderDiesOthersTakeOver(t *testing.T) {
 	dctx, cancel := context.WithTimeout(ctx, 30*time.Millisecond)
 	defer cancel()
 	start = time.Now()
-	if _, ok := a.Await(dctx, credA, "k"); ok {
+	if _, ok := a.Await(dctx, credA, "k", time.Time{}); ok {
 		t.Fatal("Await returned a token nobody put")
 	}
 	if took := time.Since(start); took > 60*time.Millisecond {
@@ -292,7 +336,7 @@ func TestRedisOutage(t *testing.T) {
 				"Get":    func() { f.Get(ctx, credA, "k") },
 				"Put":    func() { f.Put(ctx, credA, "k", token("tok_during", time.Hour)) },
 				"Lock":   func() { l, held := f.Lock(ctx, credA, "k2"); _ = held; l.Release() },
-				"Await":  func() { f.Await(ctx, credA, "k2") },
+				"Await":  func() { f.Await(ctx, credA, "k2", time.Time{}) },
 				"Allow":  func() { f.Allow(ctx, credA, 10, 5) },
 				"Pause":  func() { f.Pause(ctx, credA, time.Now().Add(time.Second), "x") },
 				"Paused": func() { f.Paused(ctx, credA) },

@@ -8,6 +8,15 @@
 // Allow and Pause at the points where it would otherwise mint or wait. A
 // local hit never reaches this package.
 //
+// On a local miss or a due refresh (old is the expiry of the token held,
+// zero on a miss), the refresher is expected to:
+//
+//  1. Get: adopt a token that expires after old.
+//  2. Lock: if another host holds the lock, Await(..., old) and adopt its
+//     token; when Await reports false (the holder died or failed), Lock again.
+//  3. With the lock (a Redis one, or a local-only one when degraded): honour
+//     Paused and Allow, mint, Put the token, Pause on a 429, then Release.
+//
 // # Security model
 //
 // Everything stored is opaque to a reader of Redis:

@@ -25,6 +25,7 @@ const (
 	// must outlast an upstream call, or a second host mints beside a slow one.
 	DefaultLockLease = 15 * time.Second
 
+	minLockLease  = 10 * time.Millisecond  // PX counts milliseconds; shorter leases expire mid-call
 	failThreshold = 3                      // failures in a row that open the breaker
 	probeMin      = 100 * time.Millisecond // first probe after the breaker opens
 	probeMax      = 5 * time.Second
@@ -98,8 +99,8 @@ func New(cfg Config) (*Fleet, error) {
 	if cfg.Timeout < 0 {
 		return nil, fmt.Errorf("fleet timeout: %v, want a positive duration (or 0 for %v)", cfg.Timeout, DefaultTimeout)
 	}
-	if cfg.LockLease < 0 {
-		return nil, fmt.Errorf("fleet lock lease: %v, want a positive duration (or 0 for %v)", cfg.LockLease, DefaultLockLease)
+	if cfg.LockLease < 0 || (cfg.LockLease > 0 && cfg.LockLease < minLockLease) {
+		return nil, fmt.Errorf("fleet lock lease: %v, want at least %v (or 0 for %v)", cfg.LockLease, minLockLease, DefaultLockLease)
 	}
 	timeout := cmpOr(cfg.Timeout, DefaultTimeout)
 	log := cfg.Logger
@@ -231,7 +232,7 @@ var errDegraded = errors.New("fleet degraded")
 // answer, not a failure; a call the caller gave up on says nothing about
 // Redis.
 func (f *Fleet) do(ctx context.Context, call func(context.Context) error) error {
-	if !f.br.allow() {
+	if !f.br.allow() || f.closed.Load() {
 		return errDegraded
 	}
 	cctx, cancel := context.WithTimeout(ctx, f.timeout)

@@ -105,6 +105,7 @@ func TestNewRefusesBadConfig(t *testing.T) {
 		{"password in URL", fleet.Config{URL: "redis://u:hunter2@localhost:6379", Key: fleetKey}, "carries a password"},
 		{"negative timeout", fleet.Config{URL: "unix:///x.sock", Key: fleetKey, Timeout: -1}, "fleet timeout"},
 		{"negative lease", fleet.Config{URL: "unix:///x.sock", Key: fleetKey, LockLease: -1}, "fleet lock lease"},
+		{"lease under 10ms", fleet.Config{URL: "unix:///x.sock", Key: fleetKey, LockLease: time.Millisecond}, "fleet lock lease: 1ms, want at least 10ms"},
 		{"bad db", fleet.Config{URL: "redis://localhost:6379/notanumber", Key: fleetKey}, "fleet redis URL redis://localhost:6379/notanumber"},
 	}
 	for _, c := range cases {
@@ -159,6 +160,19 @@ func TestRoundTrip(t *testing.T) {
 	}
 	if s := a.Status(); s.Published != 1 || !s.Connected {
 		t.Fatalf("host a status: published %d connected %v, want 1 true", s.Published, s.Connected)
+	}
+}
+
+func TestURLForms(t *testing.T) {
+	srv := redistest.Start(t)
+	for _, u := range []string{srv.URL(), srv.URL() + "?db=2", srv.Socket} {
+		t.Run(u, func(t *testing.T) {
+			f, _ := host(t, srv, func(c *fleet.Config) { c.URL = u })
+			f.Put(context.Background(), credA, "k", token("tok_url", time.Hour))
+			if _, ok := f.Get(context.Background(), credA, "k"); !ok || !f.Status().Connected {
+				t.Fatalf("no round trip through %s", u)
+			}
+		})
 	}
 }
 

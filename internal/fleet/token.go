@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
@@ -19,7 +20,9 @@ type Token struct {
 }
 
 // Get returns the token another host (or this one) put for key under cred.
-// key is the caller's opaque key string (an encoded cache key). It reports
+// key is the caller's opaque key string (an encoded cache key). On a due
+// refresh the caller should adopt it only if it expires later than the
+// token it holds (else Redis has that same token: Lock and mint). It reports
 // false on a miss, on Redis trouble, and for a value that does not open,
 // belongs to another credential (both counted as Tampered) or has expired.
 func (f *Fleet) Get(ctx context.Context, cred []byte, key string) (Token, bool) {
@@ -138,11 +141,13 @@ func (l *Lease) Release() {
 	})
 }
 
-// Await waits for the holder of key's lock to Put its token, until ctx ends.
-// It returns false when ctx ends, when Redis is unavailable, or when the
+// Await waits for the holder of key's lock to Put a token that expires
+// after newer, until ctx ends. newer is the expiry of the token the caller
+// holds (zero on a miss): during a refresh Redis still has the old token,
+// which must not count as the holder's result. It returns false when ctx ends, when Redis is unavailable, or when the
 // lock is gone without a token (the holder died and its lease ran out, or
 // its mint failed): then the caller may Lock again and mint.
-func (f *Fleet) Await(ctx context.Context, cred []byte, key string) (Token, bool) {
+func (f *Fleet) Await(ctx context.Context, cred []byte, key string, newer time.Time) (Token, bool) {
 	if !f.br.allow() {
 		return Token{}, false
 	}
@@ -153,6 +158,7 @@ func (f *Fleet) Await(ctx context.Context, cred []byte, key string) (Token, bool
 	defer f.unwatch(n.tok, wake)
 	timer := time.NewTimer(awaitPoll)
 	defer timer.Stop()
+	var seen []byte
 	for {
 		var pttl *redis.DurationCmd
 		var get *redis.StringCmd
@@ -169,8 +175,11 @@ func (f *Fleet) Await(ctx context.Context, cred []byte, key string) (Token, bool
 		if err != nil && !errors.Is(err, redis.Nil) {
 			return Token{}, false
 		}
-		if raw, err := get.Bytes(); err == nil {
-			if t, ok := f.openToken(n.tok, cred, raw); ok {
+		// A value looked at already (the old token, or a tampered one) is
+		// neither opened nor counted again.
+		if raw, err := get.Bytes(); err == nil && !bytes.Equal(raw, seen) {
+			seen = raw
+			if t, ok := f.openToken(n.tok, cred, raw); ok && t.ExpiresAt.After(newer) {
 				f.n.adopted.Add(1)
 				return t, true
 			}
