@@ -38,6 +38,7 @@ type options struct {
 	apiVersionDate                                                  string
 
 	adminGroup, auditLog, cacheKeyFile, policyFile, metricsAddr, configFile string
+	fleetRedis, fleetUser, fleetPasswordFile, fleetKeyFile                  string
 	missRate                                                                float64
 	missBurst, maxConns, maxStreams                                         int
 	maxConnsPerUID, adminConnReserve                                        int
@@ -114,6 +115,10 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (op
 	fs.StringVar(&o.policyFile, "policy", env("TOKEND_POLICY", ""), "YAML policy file saying which local users may ask for which subjects and scopes; re-read on SIGHUP (env TOKEND_POLICY)")
 	fs.StringVar(&o.adminGroup, "admin-group", env("TOKEND_ADMIN_GROUP", ""), "group (name or gid) whose members may use AdminService besides root and tokend's own user (env TOKEND_ADMIN_GROUP)")
 	fs.StringVar(&o.auditLog, "audit-log", env("TOKEND_AUDIT_LOG", ""), "file to append the audit trail to as JSON lines; default: the log on stderr with logger=audit (env TOKEND_AUDIT_LOG)")
+	fs.StringVar(&o.fleetRedis, "fleet-redis", env("TOKEND_FLEET_REDIS", ""), "Redis shared by a fleet of tokend hosts (redis://host:port, rediss://host:port, unix:///path; no password in it): hosts share one token per key and one upstream budget per credential; off when empty (env TOKEND_FLEET_REDIS)")
+	fs.StringVar(&o.fleetUser, "fleet-redis-user", env("TOKEND_FLEET_REDIS_USER", ""), "Redis ACL user for --fleet-redis (env TOKEND_FLEET_REDIS_USER)")
+	fs.StringVar(&o.fleetPasswordFile, "fleet-redis-password-file", env("TOKEND_FLEET_REDIS_PASSWORD_FILE", ""), "file holding the Redis password, mode 0600 (env TOKEND_FLEET_REDIS_PASSWORD_FILE; else $CREDENTIALS_DIRECTORY/tokend-fleet-redis-password if present)")
+	fs.StringVar(&o.fleetKeyFile, "fleet-key-file", env("TOKEND_FLEET_KEY_FILE", ""), "file with the 32 random bytes every host of the fleet shares, mode 0600: they seal tokens in Redis and name its keys (env TOKEND_FLEET_KEY_FILE; else $CREDENTIALS_DIRECTORY/tokend-fleet-key if present)")
 	fs.StringVar(&o.cacheKeyFile, "cache-key-file", env("TOKEND_CACHE_KEY_FILE", ""), "file with 32 random bytes that seal tokens at rest with AES-256-GCM (env TOKEND_CACHE_KEY_FILE; else $CREDENTIALS_DIRECTORY/tokend-cache-key if present)")
 	fs.Float64Var(&o.missRate, "miss-rate-per-uid", ev.float("TOKEND_MISS_RATE_PER_UID", 0), "cache misses per second one local uid may send upstream; 0 means half of --upstream-rate, so no uid can take a credential's whole budget (env TOKEND_MISS_RATE_PER_UID)")
 	fs.IntVar(&o.missBurst, "miss-burst-per-uid", ev.int("TOKEND_MISS_BURST_PER_UID", 0), "burst of upstream-bound misses one uid may make; 0 means half of --upstream-burst, rounded up (env TOKEND_MISS_BURST_PER_UID)")
@@ -198,10 +203,13 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 		return daemon.Config{}, fmt.Errorf("--gc-headroom-mib %d: must be between 0 (off) and %d", o.gcHeadroomMiB, gctune.MaxHeadroom>>20)
 	}
 
-	if o.cacheKeyFile == "" {
-		if dir := getenv("CREDENTIALS_DIRECTORY"); dir != "" {
-			if p := filepath.Join(dir, "tokend-cache-key"); fileExists(p) {
-				o.cacheKeyFile = p
+	if dir := getenv("CREDENTIALS_DIRECTORY"); dir != "" {
+		for _, f := range []struct {
+			v    *string
+			name string
+		}{{&o.cacheKeyFile, "tokend-cache-key"}, {&o.fleetKeyFile, "tokend-fleet-key"}, {&o.fleetPasswordFile, "tokend-fleet-redis-password"}} {
+			if p := filepath.Join(dir, f.name); *f.v == "" && fileExists(p) {
+				*f.v = p
 			}
 		}
 	}
@@ -234,6 +242,7 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 		AdminGroup:      o.adminGroup,
 		AuditLog:        o.auditLog,
 		CacheKeyFile:    o.cacheKeyFile,
+		Fleet:           daemon.FleetConfig{Redis: o.fleetRedis, Username: o.fleetUser, PasswordFile: o.fleetPasswordFile, KeyFile: o.fleetKeyFile},
 		MissRatePerUID:  cmp.Or(o.missRate, o.rate*server.MissShare),
 		MissBurstPerUID: cmp.Or(o.missBurst, int(math.Ceil(float64(o.burst)*server.MissShare))),
 		MaxStreams:      o.maxStreams,

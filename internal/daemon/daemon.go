@@ -92,7 +92,9 @@ type Config struct {
 	CacheKeyFile    string
 	MissRatePerUID  float64
 	MissBurstPerUID int
-	MaxStreams      int
+	// Fleet, when Fleet.Redis is set, shares tokens with other hosts.
+	Fleet      FleetConfig
+	MaxStreams int
 	// Connection caps and timeouts; zero values mean server's defaults.
 	MaxConnections       int
 	MaxConnectionsPerUID int
@@ -206,7 +208,15 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if cfg.MetricsAddr != "" {
 		met = metrics.New(func() metrics.Snapshot { return srv.MetricsSnapshot() })
 	}
+	fl, err := openFleet(cfg.Fleet, log)
+	if err != nil {
+		return err
+	}
+	if fl != nil {
+		defer fl.Close()
+	}
 	ref, err := refresher.New(refresher.Config{
+		Fleet:       fleetOf(fl),
 		Observer:    observer(met),
 		Store:       c,
 		Credentials: credList,

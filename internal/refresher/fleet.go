@@ -18,7 +18,7 @@ type Fleet interface {
 	Get(ctx context.Context, cred []byte, key string) (fleet.Token, bool)
 	Put(ctx context.Context, cred []byte, key string, t fleet.Token)
 	Lock(ctx context.Context, cred []byte, key string) (*fleet.Lease, bool)
-	Await(ctx context.Context, cred []byte, key string) (fleet.Token, bool)
+	Await(ctx context.Context, cred []byte, key string, newer time.Time) (fleet.Token, bool)
 	Allow(ctx context.Context, cred []byte, rate float64, burst int) (retryAfter time.Duration, ok bool)
 	Pause(ctx context.Context, cred []byte, until time.Time, why string)
 	Paused(ctx context.Context, cred []byte) (until time.Time, why string, ok bool)
@@ -55,8 +55,12 @@ func (r *Refresher) fromFleet(c *call, up *upstream, cred, fp []byte) (tok *Toke
 	if held {
 		return nil, lease
 	}
+	var newer time.Time // during a refresh, Redis still holds the old token
+	if cur := c.e.tok.Load(); cur != nil {
+		newer = cur.ExpiresAt
+	}
 	ctx, cancel := r.awaitContext(c)
-	t, ok := f.Await(ctx, cred, c.e.enc)
+	t, ok := f.Await(ctx, cred, c.e.enc, newer)
 	cancel()
 	if ok {
 		if tok := r.adoptable(c, t, fp); tok != nil {
