@@ -158,7 +158,8 @@ func cannedStatus() *tokendv1.Status {
 		},
 		UpstreamInFlight: 1, UpstreamMaxInFlight: 4, UpstreamRatePerSecond: 10,
 		MaxEntries: 100000, EvictedOverCapacity: 2, DroppedIdle: 5,
-		MissesRateLimited: 3, AbandonedCalls: 4, ConnectionsAtLimit: 1, MaxConnections: 256,
+		MissesRateLimited: 3, AbandonedCalls: 4, ConnectionsAtLimit: 1,
+		Fleet: &tokendv1.FleetStatus{Connected: true, Since: ts(-3 * time.Hour), KeyId: "9c1e07aa", Adopted: 120, Published: 40, LockWaits: 7, Tampered: 1}, MaxConnections: 256,
 		PolicyLoaded: true, CacheSealed: true,
 		Credentials: []*tokendv1.CredentialStatus{
 			{

@@ -350,6 +350,7 @@ func writeStatus(w io.Writer, s *tokendv1.Status, now time.Time) error {
 		{"cache writes", writes},
 		{"cache sealed", yesNo(s.GetCacheSealed())},
 		{"policy loaded", yesNo(s.GetPolicyLoaded())},
+		{"fleet", fleetLine(s.GetFleet(), now)},
 	}); err != nil {
 		return err
 	}
@@ -404,6 +405,24 @@ func writeCredentials(w io.Writer, creds []*tokendv1.CredentialStatus, now time.
 		secret.cells = append(secret.cells, exp)
 	}
 	return writeTable(w, []*column{name, kind, fp, health, calls, queue, ents, secret})
+}
+
+// fleetLine is the fleet tier's state: off, connected, or degraded (each
+// host alone) with why.
+func fleetLine(f *tokendv1.FleetStatus, now time.Time) string {
+	if f == nil {
+		return "off"
+	}
+	since := ""
+	if t := f.GetSince(); t != nil {
+		since = " since " + timeAndRel(t, now)
+	}
+	state := "connected" + since
+	if !f.GetConnected() {
+		state = "DEGRADED" + since + ", each host alone: " + orDash(f.GetReason())
+	}
+	return fmt.Sprintf("%s (fleet key %s); adopted %d, published %d, lock waits %d, takeovers %d, tampered %d, redis errors %d, rate-limited %d, pauses seen %d",
+		state, orDash(f.GetKeyId()), f.GetAdopted(), f.GetPublished(), f.GetLockWaits(), f.GetLockTakeovers(), f.GetTampered(), f.GetRedisErrors(), f.GetRateLimited(), f.GetPausesSeen())
 }
 
 // queued is a credential's queue and who fills it: "37 (uid 65534: 35,

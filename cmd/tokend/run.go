@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/tokend/tokend/internal/daemon"
+	"github.com/tokend/tokend/internal/fleet"
 	"github.com/tokend/tokend/internal/gctune"
 	"github.com/tokend/tokend/internal/refresher"
 	"github.com/tokend/tokend/internal/server"
@@ -39,6 +40,7 @@ type options struct {
 
 	adminGroup, auditLog, cacheKeyFile, policyFile, metricsAddr, configFile string
 	fleetRedis, fleetUser, fleetPasswordFile, fleetKeyFile                  string
+	fleetLockLease                                                          time.Duration
 	missRate                                                                float64
 	missBurst, maxConns, maxStreams                                         int
 	maxConnsPerUID, adminConnReserve                                        int
@@ -119,6 +121,7 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (op
 	fs.StringVar(&o.fleetUser, "fleet-redis-user", env("TOKEND_FLEET_REDIS_USER", ""), "Redis ACL user for --fleet-redis (env TOKEND_FLEET_REDIS_USER)")
 	fs.StringVar(&o.fleetPasswordFile, "fleet-redis-password-file", env("TOKEND_FLEET_REDIS_PASSWORD_FILE", ""), "file holding the Redis password, mode 0600 (env TOKEND_FLEET_REDIS_PASSWORD_FILE; else $CREDENTIALS_DIRECTORY/tokend-fleet-redis-password if present)")
 	fs.StringVar(&o.fleetKeyFile, "fleet-key-file", env("TOKEND_FLEET_KEY_FILE", ""), "file with the 32 random bytes every host of the fleet shares, mode 0600: they seal tokens in Redis and name its keys (env TOKEND_FLEET_KEY_FILE; else $CREDENTIALS_DIRECTORY/tokend-fleet-key if present)")
+	fs.DurationVar(&o.fleetLockLease, "fleet-lock-lease", ev.duration("TOKEND_FLEET_LOCK_LEASE", fleet.DefaultLockLease), "how long a fleet host's lock on a key's mint outlives a host that died mid-mint; longer than --upstream-timeout (env TOKEND_FLEET_LOCK_LEASE)")
 	fs.StringVar(&o.cacheKeyFile, "cache-key-file", env("TOKEND_CACHE_KEY_FILE", ""), "file with 32 random bytes that seal tokens at rest with AES-256-GCM (env TOKEND_CACHE_KEY_FILE; else $CREDENTIALS_DIRECTORY/tokend-cache-key if present)")
 	fs.Float64Var(&o.missRate, "miss-rate-per-uid", ev.float("TOKEND_MISS_RATE_PER_UID", 0), "cache misses per second one local uid may send upstream; 0 means half of --upstream-rate, so no uid can take a credential's whole budget (env TOKEND_MISS_RATE_PER_UID)")
 	fs.IntVar(&o.missBurst, "miss-burst-per-uid", ev.int("TOKEND_MISS_BURST_PER_UID", 0), "burst of upstream-bound misses one uid may make; 0 means half of --upstream-burst, rounded up (env TOKEND_MISS_BURST_PER_UID)")
@@ -190,6 +193,9 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 			return daemon.Config{}, fmt.Errorf("%s %v: must be positive", d.name, d.v)
 		}
 	}
+	if o.fleetLockLease < 10*time.Millisecond {
+		return daemon.Config{}, fmt.Errorf("--fleet-lock-lease %v: must be at least 10ms (and longer than --upstream-timeout)", o.fleetLockLease)
+	}
 	if o.retryMax < o.retryInitial {
 		return daemon.Config{}, fmt.Errorf("--retry-max %v: must not be below --retry-initial %v", o.retryMax, o.retryInitial)
 	}
@@ -242,7 +248,7 @@ func buildConfig(o options, setSocket bool, getenv func(string) string) (daemon.
 		AdminGroup:      o.adminGroup,
 		AuditLog:        o.auditLog,
 		CacheKeyFile:    o.cacheKeyFile,
-		Fleet:           daemon.FleetConfig{Redis: o.fleetRedis, Username: o.fleetUser, PasswordFile: o.fleetPasswordFile, KeyFile: o.fleetKeyFile},
+		Fleet:           daemon.FleetConfig{Redis: o.fleetRedis, Username: o.fleetUser, PasswordFile: o.fleetPasswordFile, KeyFile: o.fleetKeyFile, LockLease: o.fleetLockLease},
 		MissRatePerUID:  cmp.Or(o.missRate, o.rate*server.MissShare),
 		MissBurstPerUID: cmp.Or(o.missBurst, int(math.Ceil(float64(o.burst)*server.MissShare))),
 		MaxStreams:      o.maxStreams,

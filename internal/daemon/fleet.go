@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -24,6 +25,9 @@ type FleetConfig struct {
 	PasswordFile string
 	// KeyFile holds the 32-byte fleet key, the same on every host.
 	KeyFile string
+	// LockLease is how long a host's mint lock outlives the host; zero
+	// means fleet.DefaultLockLease.
+	LockLease time.Duration
 }
 
 // openFleet connects the fleet tier, or returns nil without one. Redis
@@ -49,7 +53,7 @@ func openFleet(cfg FleetConfig, log *slog.Logger) (*fleet.Fleet, error) {
 	// go-redis logs each failed dial through a process-wide logger: send
 	// those to debug, so that an outage is said once, by the fleet.
 	redis.SetLogger(fleet.LibraryLogger{L: log.With("component", "redis")})
-	return fleet.New(fleet.Config{URL: cfg.Redis, Username: cfg.Username, Password: password, Key: key, Logger: log.With("component", "fleet")})
+	return fleet.New(fleet.Config{URL: cfg.Redis, Username: cfg.Username, Password: password, Key: key, LockLease: cfg.LockLease, Logger: log.With("component", "fleet")})
 }
 
 func fleetPassword(file string) (string, error) {

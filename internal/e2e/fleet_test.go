@@ -1,11 +1,14 @@
 package e2e
 
 import (
+	"context"
 	"crypto/rand"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/tokend/tokend/internal/fleet/redistest"
 	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
@@ -100,5 +103,128 @@ func TestFleetOneMintPerKey(t *testing.T) {
 	}
 	if n := a.fake.CallCount() - before; n != 1 || a.fake.Calls()[before].Key != otherKey {
 		t.Fatalf("host c (another key): %d upstream calls, want its own mint", n)
+	}
+}
+
+// TestFleetRedisDies: Redis killed while two hosts serve 20 keys with 6 s
+// tokens, and restarted 4 s later: no client error, each host carries on
+// alone (status says degraded), and both rejoin by themselves.
+func TestFleetRedisDies(t *testing.T) {
+	rs := redistest.Start(t)
+	a := newEnv(t)
+	b := a.sibling()
+	flags := append(a.fleetFlags(rs.URL()), "--token-lifetime", "6s")
+	a.start(flags...)
+	b.start(flags...)
+	hosts := []tokendv1.TokenServiceClient{a.tokens(), b.tokens()}
+	var calls, failures int
+	var firstErr error
+	loop := func(d time.Duration) {
+		for end := time.Now().Add(d); time.Now().Before(end); {
+			for i := range 20 {
+				calls++
+				if _, err := hosts[i%2].GetToken(ctx(t), companyKey(i)); err != nil {
+					failures++
+					if firstErr == nil {
+						firstErr = err
+					}
+				}
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	loop(2 * time.Second)
+	upBefore := a.fake.CallCount()
+	rs.Kill()
+	loop(4 * time.Second)
+	degraded := b.status(t).GetFleet()
+	upDown := a.fake.CallCount() - upBefore
+	rs.Restart()
+	var rejoined time.Duration
+	for start := time.Now(); ; time.Sleep(50 * time.Millisecond) {
+		if a.status(t).GetFleet().GetConnected() && b.status(t).GetFleet().GetConnected() {
+			rejoined = time.Since(start)
+			break
+		}
+		if time.Since(start) > 10*time.Second {
+			t.Fatal("the hosts did not rejoin the fleet within 10s of Redis coming back")
+		}
+	}
+	loop(2 * time.Second)
+	t.Logf("Redis killed for 4s under 2 hosts x 20 keys: %d GetToken calls, %d failed; %d upstream calls while it was down; status then: connected %v (%s); both rejoined %v after the restart",
+		calls, failures, upDown, degraded.GetConnected(), degraded.GetReason(), rejoined.Round(time.Millisecond))
+	if failures != 0 {
+		t.Fatalf("%d of %d calls failed while Redis was down; first: %v", failures, calls, firstErr)
+	}
+	if degraded.GetConnected() {
+		t.Fatal("status said connected with Redis down")
+	}
+	for name, h := range map[string]*env{"a": a, "b": b} {
+		logs := h.daemonLogs()
+		down, up := strings.Count(logs, "fleet: redis unavailable"), strings.Count(logs, "fleet: redis answers again")
+		if down != 1 || up != 1 {
+			t.Fatalf("host %s logged the outage %d times and the rejoin %d times; want once each:\n%s", name, down, up, grepLines(logs, "fleet"))
+		}
+	}
+}
+
+// TestFleetTamperedValue: a value in Redis overwritten with garbage is
+// ignored and counted, never served; the host mints its own.
+func TestFleetTamperedValue(t *testing.T) {
+	rs := redistest.Start(t)
+	a := newEnv(t)
+	b := a.sibling()
+	flags := a.fleetFlags(rs.URL())
+	a.start(flags...)
+	if _, err := a.tokens().GetToken(ctx(t), companyKey(0)); err != nil {
+		t.Fatal(err)
+	}
+	rc := rs.Client("")
+	keys, err := rc.Keys(context.Background(), "tokend:tok:*").Result()
+	must(t, err)
+	if len(keys) != 1 {
+		t.Fatalf("%d token keys in Redis, want 1", len(keys))
+	}
+	must(t, rc.Set(context.Background(), keys[0], "garbage that is no sealed value", time.Hour).Err())
+	b.start(flags...)
+	tok, err := b.tokens().GetToken(ctx(t), companyKey(0))
+	must(t, err)
+	if _, err := a.fake.Verify(tok.Token); err != nil {
+		t.Fatalf("host b served a token that does not verify: %v", err)
+	}
+	st := b.status(t).GetFleet()
+	t.Logf("garbage in Redis: host b minted its own (%d upstream calls in all), tampered %d", a.fake.CallCount(), st.GetTampered())
+	if st.GetTampered() == 0 || a.fake.CallCount() != 2 {
+		t.Fatalf("tampered %d, %d upstream calls; want the garbage counted and a mint of b's own", st.GetTampered(), a.fake.CallCount())
+	}
+}
+
+// TestFleetHolderKilled: the host minting a key is killed (-9) mid-mint;
+// another host's caller waits out the lock's lease, mints, and is served.
+func TestFleetHolderKilled(t *testing.T) {
+	rs := redistest.Start(t)
+	a := newEnv(t)
+	b := a.sibling()
+	flags := append(a.fleetFlags(rs.URL()), "--fleet-lock-lease", "2s")
+	da := a.start(flags...)
+	b.start(flags...)
+	a.fake.SetLatency(5 * time.Second)
+	go a.tokens().GetToken(context.Background(), companyKey(0)) // holds the lock, then dies
+	for a.fake.CallCount() == 0 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	da.Kill()
+	a.fake.SetLatency(0)
+	start := time.Now()
+	tok, err := b.tokens().GetToken(ctx(t), companyKey(0))
+	took := time.Since(start)
+	must(t, err)
+	if _, err := a.fake.Verify(tok.Token); err != nil {
+		t.Fatal(err)
+	}
+	st := b.status(t).GetFleet()
+	t.Logf("holder killed mid-mint: host b served after %v (lease 2s), lock waits %d, takeovers %d, upstream calls %d", took.Round(time.Millisecond), st.GetLockWaits(), st.GetLockTakeovers(), a.fake.CallCount())
+	if st.GetLockTakeovers() == 0 || took > 4*time.Second {
+		t.Fatalf("took %v, takeovers %d; want a takeover after the 2s lease", took, st.GetLockTakeovers())
 	}
 }
