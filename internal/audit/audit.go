@@ -70,6 +70,12 @@ func (t *Trail) Minted(s Subject, token, cause string) {
 	t.log.Info("mint", append(s.attrs(), "cause", cause, "token_fp", Fingerprint(token))...)
 }
 
+// Adopted records that a token another host of the fleet minted came to
+// this one (the fingerprint matches that host's mint line).
+func (t *Trail) Adopted(s Subject, token, cause string) {
+	t.log.Info("adopt", append(s.attrs(), "cause", cause, "token_fp", Fingerprint(token))...)
+}
+
 // Conn is the audit state of one client connection.
 type Conn struct {
 	trail *Trail

@@ -57,12 +57,16 @@ func TestHandoutsAccountedAndBounded(t *testing.T) {
 	}
 	wg.Wait()
 	tr.Minted(s, token, "miss")
+	tr.Adopted(s, token, "refresh") // as another host of the fleet logs it
 	c.Close()
 
 	total, n := 0, 0
+	fps := map[string]any{}
 	for _, m := range out.decode(t) {
 		n++
 		switch m["msg"] {
+		case "mint", "adopt":
+			fps[m["msg"].(string)] = m["token_fp"]
 		case "handout":
 			total++
 		case "hits":
@@ -77,7 +81,10 @@ func TestHandoutsAccountedAndBounded(t *testing.T) {
 	if total != 8000 {
 		t.Fatalf("audit accounts for %d hand-outs, want 8000", total)
 	}
-	if n > 5 {
+	if n > 6 {
 		t.Fatalf("%d lines for 8000 hand-outs on one connection", n)
+	}
+	if fps["mint"] == nil || fps["adopt"] != fps["mint"] {
+		t.Fatalf("mint and adopt lines' token fingerprints: %v; want the same one, so a token is traced across hosts", fps)
 	}
 }

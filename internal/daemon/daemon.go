@@ -236,7 +236,12 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		RateLimitCooldown: cfg.RateLimitCooldown,
 		KeyProbeInterval:  cfg.KeyProbeInterval,
 		OnMint: func(m refresher.Mint) {
-			trail.Minted(audit.Subject{KeyID: m.KeyID, CompanyID: m.Key.CompanyID, UserID: m.Key.UserID, Scopes: m.Key.Scopes}, m.Token.Value, m.Cause)
+			subject := audit.Subject{KeyID: m.KeyID, CompanyID: m.Key.CompanyID, UserID: m.Key.UserID, Scopes: m.Key.Scopes}
+			if m.Adopted {
+				trail.Adopted(subject, m.Token.Value, m.Cause)
+				return
+			}
+			trail.Minted(subject, m.Token.Value, m.Cause)
 		},
 	})
 	if err != nil {

@@ -110,6 +110,8 @@ type outcome struct {
 	// notTried: no request reached Whop (the credential is locked out, or
 	// tokend is stopping). It is no failure of the entry's.
 	notTried bool
+	// adopted: tok came from the fleet, minted by another host.
+	adopted bool
 }
 
 // In-call retries follow Whop's SDKs: two more attempts, waiting 0.5 s
@@ -156,7 +158,7 @@ func (r *Refresher) runCall(c *call) {
 			if probe {
 				up.gate.probed(fp, 0)
 			}
-			r.finish(c, outcome{tok: tok, fp: fp})
+			r.finish(c, outcome{tok: tok, fp: fp, adopted: true})
 			return
 		}
 		// After the Put below: a waiter that sees the lock gone sees the
@@ -466,7 +468,7 @@ func (r *Refresher) finish(c *call, o outcome) {
 		r.log.Warn("upstream refresh failed", "key", e.id, "subject", e.key.Subject(), "status", info.Status, "retryable", info.Retryable, "retry_in", retryIn.Round(time.Millisecond), "err", info.Message)
 	}
 	if o.tok != nil && r.cfg.OnMint != nil {
-		r.cfg.OnMint(Mint{Key: e.key, KeyID: e.id, Token: o.tok, Cause: c.want.cause})
+		r.cfg.OnMint(Mint{Key: e.key, KeyID: e.id, Token: o.tok, Cause: c.want.cause, Adopted: o.adopted})
 	}
 }
 

@@ -170,6 +170,9 @@ type Mint struct {
 	Token *Token
 	// Cause: "miss", "refresh" (scheduled), "rejected" or "admin".
 	Cause string
+	// Adopted: another host of the fleet minted the token; this one took
+	// it from the fleet's Redis.
+	Adopted bool
 }
 
 func (c *Config) setDefaults() error {
