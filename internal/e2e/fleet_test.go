@@ -56,6 +56,9 @@ func TestFleetOneMintPerKey(t *testing.T) {
 	if got.Token != first.Token || a.fake.CallCount() != 1 {
 		t.Fatalf("host b: same token %v, %d upstream calls; want the token host a minted and 1 call", got.Token == first.Token, a.fake.CallCount())
 	}
+	if !strings.Contains(b.daemonLogs(), "msg=adopt") || strings.Contains(b.daemonLogs(), "msg=mint") {
+		t.Fatalf("host b's audit trail should record an adopt and no mint:\n%s", grepLines(b.daemonLogs(), "logger=audit"))
+	}
 
 	// 50 callers on each host at once, for a key neither has.
 	req2 := &tokendv1.GetTokenRequest{CompanyId: "biz_fleet2"}
