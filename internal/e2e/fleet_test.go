@@ -56,6 +56,10 @@ func TestFleetOneMintPerKey(t *testing.T) {
 	if got.Token != first.Token || a.fake.CallCount() != 1 {
 		t.Fatalf("host b: same token %v, %d upstream calls; want the token host a minted and 1 call", got.Token == first.Token, a.fake.CallCount())
 	}
+	// The audit trail is written behind the answer.
+	for end := time.Now().Add(5 * time.Second); !strings.Contains(b.daemonLogs(), "msg=adopt") && time.Now().Before(end); {
+		time.Sleep(20 * time.Millisecond)
+	}
 	if !strings.Contains(b.daemonLogs(), "msg=adopt") || strings.Contains(b.daemonLogs(), "msg=mint") {
 		t.Fatalf("host b's audit trail should record an adopt and no mint:\n%s", grepLines(b.daemonLogs(), "logger=audit"))
 	}
