@@ -152,7 +152,11 @@ func (r *Refresher) runCall(c *call) {
 	}
 	cred := r.fleetCred(up)
 	if cred != nil {
-		tok, lease := r.fromFleet(c, up, cred, fp)
+		tok, lease, err := r.fromFleet(c, up, cred, fp)
+		if err != nil {
+			r.finish(c, outcome{err: err, fp: fp, notTried: true})
+			return
+		}
 		if tok != nil {
 			r.fleetAdopted.Add(1)
 			if probe {

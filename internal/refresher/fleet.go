@@ -2,6 +2,7 @@ package refresher
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/tokend/tokend/internal/fleet"
@@ -40,20 +41,16 @@ func (r *Refresher) fleetCred(up *upstream) []byte {
 
 // fromFleet looks for c's token in the fleet before c mints: a token
 // another host put is adopted; if another host is minting, c waits for its
-// token within its waiters' time. Otherwise c gets the fleet's lock for
-// the key (nil when another host took it over meanwhile: c mints anyway).
-func (r *Refresher) fromFleet(c *call, up *upstream, cred, fp []byte) (tok *Token, lease *fleet.Lease) {
+// token within its waiters' time (err when that ends first). Otherwise c
+// gets the fleet's lock for the key (nil when another host took it over
+// meanwhile: c mints anyway).
+func (r *Refresher) fromFleet(c *call, up *upstream, cred, fp []byte) (tok *Token, lease *fleet.Lease, err error) {
 	f := r.cfg.Fleet
-	if c.want.cause != "rejected" { // a caller saw the shared token refused
-		if t, ok := f.Get(r.base, cred, c.e.enc); ok {
-			if tok := r.adoptable(c, t, fp); tok != nil {
-				return tok, nil
-			}
-		}
+	if tok := r.fleetToken(c, cred, fp); tok != nil {
+		return tok, nil, nil
 	}
-	lease, held := f.Lock(r.base, cred, c.e.enc)
-	if held {
-		return nil, lease
+	if tok, lease, held := r.lockOrAdopt(c, cred, fp); held {
+		return tok, lease, nil
 	}
 	var newer time.Time // during a refresh, Redis still holds the old token
 	if cur := c.e.tok.Load(); cur != nil {
@@ -61,16 +58,52 @@ func (r *Refresher) fromFleet(c *call, up *upstream, cred, fp []byte) (tok *Toke
 	}
 	ctx, cancel := r.awaitContext(c)
 	t, ok := f.Await(ctx, cred, c.e.enc, newer)
+	ended := ctx.Err() != nil
 	cancel()
 	if ok {
 		if tok := r.adoptable(c, t, fp); tok != nil {
-			return tok, nil
+			return tok, nil, nil
 		}
+	}
+	if ended {
+		return nil, nil, errFleetWait
 	}
 	// The holder died, failed, or gave a token c cannot use: mint, under
 	// the lock if it is free now.
-	lease, _ = f.Lock(r.base, cred, c.e.enc)
-	return nil, lease
+	tok, lease, _ = r.lockOrAdopt(c, cred, fp)
+	return tok, lease, nil
+}
+
+// errFleetWait: c's callers left, or their deadline passed, while another
+// host minted the key.
+var errFleetWait = errors.New("another host of the fleet is minting this token; it did not come before the caller's deadline")
+
+// lockOrAdopt takes the fleet's lock for c's key. Another host may have
+// put its token and released the lock since c last looked, so c looks
+// once more under the lock and adopts it if it is there (releasing the
+// lock). held is false when another host holds the lock.
+func (r *Refresher) lockOrAdopt(c *call, cred, fp []byte) (tok *Token, lease *fleet.Lease, held bool) {
+	lease, held = r.cfg.Fleet.Lock(r.base, cred, c.e.enc)
+	if !held {
+		return nil, nil, false
+	}
+	if tok := r.fleetToken(c, cred, fp); tok != nil {
+		lease.Release()
+		return tok, nil, true
+	}
+	return nil, lease, true
+}
+
+// fleetToken is the fleet's token for c's key if c can adopt it. A call
+// made because a caller saw the shared token refused adopts nothing.
+func (r *Refresher) fleetToken(c *call, cred, fp []byte) *Token {
+	if c.want.cause == "rejected" {
+		return nil
+	}
+	if t, ok := r.cfg.Fleet.Get(r.base, cred, c.e.enc); ok {
+		return r.adoptable(c, t, fp)
+	}
+	return nil
 }
 
 // awaitContext bounds a wait for another host's mint like a wait at the
