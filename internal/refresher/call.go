@@ -152,7 +152,7 @@ func (r *Refresher) runCall(c *call) {
 	}
 	cred := r.fleetCred(up)
 	if cred != nil {
-		tok, lease, err := r.fromFleet(c, up, cred, fp)
+		tok, lease, err := r.fromFleet(c, cred, fp)
 		if err != nil {
 			r.finish(c, outcome{err: err, fp: fp, notTried: true})
 			return

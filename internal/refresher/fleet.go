@@ -44,7 +44,7 @@ func (r *Refresher) fleetCred(up *upstream) []byte {
 // token within its waiters' time (err when that ends first). Otherwise c
 // gets the fleet's lock for the key (nil when another host took it over
 // meanwhile: c mints anyway).
-func (r *Refresher) fromFleet(c *call, up *upstream, cred, fp []byte) (tok *Token, lease *fleet.Lease, err error) {
+func (r *Refresher) fromFleet(c *call, cred, fp []byte) (tok *Token, lease *fleet.Lease, err error) {
 	f := r.cfg.Fleet
 	if tok := r.fleetToken(c, cred, fp); tok != nil {
 		return tok, nil, nil
