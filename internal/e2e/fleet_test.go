@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"crypto/rand"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -193,7 +194,8 @@ func TestFleetTamperedValue(t *testing.T) {
 		t.Fatalf("%d token keys in Redis, want 1", len(keys))
 	}
 	must(t, rc.Set(context.Background(), keys[0], "garbage that is no sealed value", time.Hour).Err())
-	b.start(flags...)
+	msock := filepath.Join(b.dir, "metrics.sock")
+	b.start(append(flags, "--metrics-addr", "unix:"+msock)...)
 	tok, err := b.tokens().GetToken(ctx(t), companyKey(0))
 	must(t, err)
 	if _, err := a.fake.Verify(tok.Token); err != nil {
@@ -203,6 +205,13 @@ func TestFleetTamperedValue(t *testing.T) {
 	t.Logf("garbage in Redis: host b minted its own (%d upstream calls in all), tampered %d", a.fake.CallCount(), st.GetTampered())
 	if st.GetTampered() == 0 || a.fake.CallCount() != 2 {
 		t.Fatalf("tampered %d, %d upstream calls; want the garbage counted and a mint of b's own", st.GetTampered(), a.fake.CallCount())
+	}
+	m := scrape(t, msock)
+	want := []string{"tokend_fleet_connected 1", fmt.Sprintf(`tokend_fleet_events_total{event="tampered"} %d`, st.GetTampered()), `tokend_fleet_events_total{event="published"} 1`}
+	for _, want := range want {
+		if !strings.Contains(m, want) {
+			t.Fatalf("metrics lack %q:\n%s", want, grepLines(m, "tokend_fleet"))
+		}
 	}
 }
 

@@ -31,6 +31,17 @@ type Snapshot struct {
 	// ConnectionsRefused those closed at accept time by a cap, since start.
 	OpenConnections    int
 	ConnectionsRefused uint64
+	// Fleet is the fleet tier's state; nil without one.
+	Fleet *FleetSnapshot
+}
+
+// FleetSnapshot is the fleet tier's state: whether Redis answers, and its
+// counters since start.
+type FleetSnapshot struct {
+	Connected bool
+	// Events counts by name: adopted, published, lock_wait, lock_takeover,
+	// tampered, redis_error, rate_limited, pause_seen, degraded.
+	Events map[string]uint64
 }
 
 // Metrics holds every metric of one daemon, in its own registry.
@@ -115,6 +126,20 @@ func New(snapshot func() Snapshot) *Metrics {
 		counted("tokend_connections_refused_total", "Client connections closed as they were accepted because a cap (per uid, or --max-connections) was reached; the log names the uid.", func(s Snapshot) float64 {
 			return float64(s.ConnectionsRefused)
 		}),
+		state("tokend_fleet_connected", "1 while the fleet's Redis answers, 0 while each host carries on alone (absent without --fleet-redis).", nil, func(s Snapshot, emit func(float64, ...string)) {
+			if s.Fleet != nil {
+				emit(map[bool]float64{false: 0, true: 1}[s.Fleet.Connected])
+			}
+		}),
+		&gaugeFunc{desc: prometheus.NewDesc("tokend_fleet_events_total", "Fleet tier events: adopted (a token another host minted, a mint avoided), published, lock_wait (another host was minting), lock_takeover (it died), tampered (a Redis value ignored), redis_error, rate_limited (the fleet-wide budget made a call wait), pause_seen (another host's 429 pause), degraded (Redis stopped answering).", []string{"event"}, nil),
+			snapshot: snapshot, typ: prometheus.CounterValue, collect: func(s Snapshot, emit func(float64, ...string)) {
+				if s.Fleet == nil {
+					return
+				}
+				for name, n := range s.Fleet.Events {
+					emit(float64(n), name)
+				}
+			}},
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)

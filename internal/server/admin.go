@@ -290,5 +290,11 @@ func (s *Server) MetricsSnapshot() metrics.Snapshot {
 	if !st.EarliestExpiry.IsZero() {
 		snap.EarliestExpiry = st.EarliestExpiry.Sub(now)
 	}
+	if f := st.Fleet; f != nil {
+		snap.Fleet = &metrics.FleetSnapshot{Connected: f.Connected, Events: map[string]uint64{
+			"adopted": st.FleetAdopted, "published": f.Published, "lock_wait": f.LockWaits, "lock_takeover": f.LockTakeovers,
+			"tampered": f.Tampered, "redis_error": f.Errors, "rate_limited": f.RateLimited, "pause_seen": f.PausesSeen, "degraded": f.Degraded,
+		}}
+	}
 	return snap
 }
