@@ -244,3 +244,70 @@ func TestFleetHolderKilled(t *testing.T) {
 		t.Fatalf("took %v, takeovers %d; want a takeover after the 2s lease", took, st.GetLockTakeovers())
 	}
 }
+
+// TestFleetRefreshOnce: two hosts keep one key fresh with 4 s tokens while
+// a watcher on each host listens: each refresh cycle costs the fleet one
+// upstream call (the first host due mints, the other adopts), and both
+// watchers see every token the fleet minted.
+func TestFleetRefreshOnce(t *testing.T) {
+	rs := redistest.Start(t)
+	a := newEnv(t)
+	b := a.sibling()
+	flags := append(a.fleetFlags(rs.URL()), "--token-lifetime", "4s")
+	a.start(flags...)
+	b.start(flags...)
+	req := &tokendv1.GetTokenRequest{CompanyId: "biz_watchfleet", MinTtl: noMinTTL}
+	wctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	seen := make([]map[string]bool, 2)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for i, h := range []*env{a, b} {
+		seen[i] = map[string]bool{}
+		st, err := h.tokens().WatchToken(wctx, req)
+		must(t, err)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				tok, err := st.Recv()
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				seen[i][tok.Token] = true
+				mu.Unlock()
+			}
+		}()
+	}
+	// Someone keeps using the key on both hosts, so it stays in use.
+	for end := time.Now().Add(9 * time.Second); time.Now().Before(end); time.Sleep(200 * time.Millisecond) {
+		for _, h := range []*env{a, b} {
+			if _, err := h.tokens().GetToken(ctx(t), req); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	time.Sleep(300 * time.Millisecond) // the last delivery
+	calls := a.fake.CallsFor("biz_watchfleet")
+	cancel()
+	wg.Wait()
+	mu.Lock()
+	defer mu.Unlock()
+	var gaps []time.Duration
+	cs := a.fake.Calls()
+	for i := 1; i < len(cs); i++ {
+		gaps = append(gaps, cs[i].At.Sub(cs[i-1].At).Round(10*time.Millisecond))
+	}
+	t.Logf("9 s of 4 s tokens on 2 hosts: %d upstream calls (gaps %v); watcher on a saw %d tokens, on b %d", calls, gaps, len(seen[0]), len(seen[1]))
+	// 9 s of 4 s tokens refreshed at 0.57-0.67 of their lifetime: the
+	// first mint and 3 or 4 refreshes, per fleet, not per host.
+	if calls < 3 || calls > 5 {
+		t.Fatalf("%d upstream calls for one key on 2 hosts over 9 s; want the first mint and one per refresh cycle", calls)
+	}
+	for i, s := range seen {
+		if len(s) < calls-1 {
+			t.Fatalf("the watcher on host %d saw %d of the fleet's %d tokens", i, len(s), calls)
+		}
+	}
+}

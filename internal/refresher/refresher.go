@@ -836,9 +836,23 @@ func (r *Refresher) refreshTime(t *Token) time.Time {
 	life := t.lifetime()
 	at := time.Duration(float64(life) * r.cfg.RefreshAt)
 	if j := int64(float64(life) * r.cfg.Jitter); j > 0 {
-		at -= time.Duration(rand.Int64N(j))
+		at -= time.Duration(tokenHash(t.Value) % uint64(j))
 	}
 	return t.ObtainedAt.Add(at)
+}
+
+// tokenHash is FNV-1a of a token: the refresh jitter comes from the token,
+// not from this process, so every host of a fleet holding the same token
+// falls due at the same moment (one mints under the lock, the others adopt
+// its token) instead of the earliest of N random draws, which would refresh
+// the fleet more often than one host. Tokens differ, so keys still spread.
+func tokenHash(s string) uint64 {
+	h := uint64(14695981039346656037)
+	for i := 0; i < len(s); i++ {
+		h ^= uint64(s[i])
+		h *= 1099511628211
+	}
+	return h
 }
 
 func (r *Refresher) newBackoff() *backoff.ExponentialBackOff {
