@@ -483,3 +483,36 @@ func BenchmarkGet(b *testing.B) {
 		b.ReportMetric(float64(lat[len(lat)*99/100])/1e3, "p99-µs")
 	}
 }
+
+// TestKeepAliveHoldsTheLock: a holder that renews keeps the lock past its
+// lease (a slow mint behind a rate wait or a 429 pause); once it stops,
+// the lock lapses within one lease and another host takes it.
+func TestKeepAliveHoldsTheLock(t *testing.T) {
+	srv := redistest.Start(t)
+	const lease = 150 * time.Millisecond
+	short := func(c *fleet.Config) { c.LockLease = lease }
+	a, _ := host(t, srv, short)
+	b, _ := host(t, srv, short)
+	ctx := context.Background()
+	l, held := a.Lock(ctx, credA, "k")
+	if !held {
+		t.Fatal("first Lock not held")
+	}
+	stop := l.KeepAlive()
+	time.Sleep(4 * lease) // Redis's own clock decides; there is no fake for it
+	if _, held := b.Lock(ctx, credA, "k"); held {
+		t.Fatalf("the lock lapsed after %v although its holder renews it", 4*lease)
+	}
+	stop()
+	deadline := time.Now().Add(lease + 200*time.Millisecond)
+	for {
+		if _, held := b.Lock(ctx, credA, "k"); held {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the lock outlived its lease after renewal stopped")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	(*fleet.Lease)(nil).KeepAlive()() // nil and local leases need nothing
+}

@@ -141,6 +141,41 @@ func (l *Lease) Release() {
 	})
 }
 
+// renew extends the lock's life only while it still holds this owner's
+// token.
+var renew = redis.NewScript(`if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0`)
+
+// KeepAlive renews the lease every third of its life until the returned
+// func is called, so that a holder slowed by its own limits (a rate wait,
+// a 429 pause, retries) keeps the lock; a holder that dies stops renewing
+// and loses it within one lease. A nil or local-only lease needs nothing.
+func (l *Lease) KeepAlive() (stop func()) {
+	if l == nil || l.name == "" {
+		return func() {}
+	}
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		t := time.NewTicker(l.f.lease / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				_ = l.f.do(context.Background(), func(ctx context.Context) error {
+					return renew.Run(ctx, l.f.rdb, []string{l.name}, l.owner, l.f.lease.Milliseconds()).Err()
+				})
+			}
+		}
+	}()
+	return func() {
+		close(done)
+		<-finished
+	}
+}
+
 // Await waits for the holder of key's lock to Put a token that expires
 // after newer, until ctx ends. newer is the expiry of the token the caller
 // holds (zero on a miss): during a refresh Redis still has the old token,

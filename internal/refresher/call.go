@@ -34,6 +34,9 @@ type call struct {
 	// entry already failing, whose schedule's backoff paces the calls of
 	// a known outage; in-call retries are for a fault that is news.
 	retries int
+	// sent: the gate let the call through; it is not abandoned any more.
+	// Guarded by Refresher.mu.
+	sent bool
 	// queue ends when the last waiter of a call made for callers leaves:
 	// a call still queued at the gate then leaves the queue instead of
 	// spending the credential's budget on a token nobody waits for.
@@ -81,9 +84,9 @@ func (c *call) joinLocked(ctx context.Context) {
 
 // leaveLocked is a waiter giving up before c is done. The last one takes
 // c out of the gate's queue; a request already sent still completes, and
-// its token serves the next caller.
+// its token serves the next caller (who joins it).
 func (c *call) leaveLocked() {
-	if c.waiters--; c.waiters == 0 {
+	if c.waiters--; c.waiters == 0 && !c.sent {
 		c.cancel()
 	}
 }
@@ -153,21 +156,29 @@ func (r *Refresher) runCall(c *call) {
 	cred := r.fleetCred(up)
 	if cred != nil {
 		tok, lease, err := r.fromFleet(c, cred, fp)
-		if err != nil {
-			r.finish(c, outcome{err: err, fp: fp, notTried: true})
-			return
-		}
-		if tok != nil {
-			r.fleetAdopted.Add(1)
+		if err != nil || tok != nil {
+			o := outcome{err: err, fp: fp, notTried: true}
+			if tok != nil {
+				// Another host minted with the same key: the probe of
+				// a key Whop once refused succeeded.
+				r.fleetAdopted.Add(1)
+				o = outcome{tok: tok, fp: fp, adopted: true}
+			}
 			if probe {
+				// A wait that ended first leaves the probe to come, not
+				// stuck: status 0 is "nothing learnt".
 				up.gate.probed(fp, 0)
 			}
-			r.finish(c, outcome{tok: tok, fp: fp, adopted: true})
+			r.finish(c, o)
 			return
 		}
 		// After the Put below: a waiter that sees the lock gone sees the
 		// token too.
 		defer lease.Release()
+		// The lease lives while this call does (renewal stops before the
+		// release): a call held at the gate or between retries must not
+		// lose the key to another host.
+		defer lease.KeepAlive()()
 	}
 	lifetime := min(c.want.lifetime, MaxLifetime-lifetimeMargin)
 	var o outcome
@@ -206,7 +217,7 @@ func (r *Refresher) runCall(c *call) {
 		t := r.clock.NewTimer(wait)
 		select {
 		case <-t.C():
-		case <-r.base.Done():
+		case <-c.queue.Done(): // tokend stopping, or every caller gone
 			t.Stop()
 		}
 	}
@@ -239,7 +250,6 @@ func (r *Refresher) through(c *call, up *upstream) (release func(), err error) {
 	defer up.queued(c.by, -1)
 	var shared sharedLimit
 	if cred := r.fleetCred(up); cred != nil {
-		r.fleetPaused(up, cred)
 		shared = func(ctx context.Context) (time.Duration, bool) {
 			return r.cfg.Fleet.Allow(ctx, cred, float64(r.cfg.Rate), r.cfg.Burst)
 		}
@@ -252,21 +262,48 @@ func (r *Refresher) through(c *call, up *upstream) (release func(), err error) {
 		}
 		release, err = up.gate.acquire(ctx, shared)
 		cancel()
+		if err == nil && !r.sendLocked(c) {
+			release() // the last caller left as the gate let the call through
+			err = errAbandoned
+		}
 		switch {
 		case err == nil:
 			return release, nil
+		case errors.Is(err, errAbandoned):
+			r.abandoned.Add(1)
+			return nil, errAbandoned
 		case r.base.Err() != nil:
 			return nil, fmt.Errorf("waiting for the upstream limiter: %w", err)
 		case c.queue.Err() != nil:
 			r.abandoned.Add(1)
 			return nil, errAbandoned
 		}
-		if next, ok := r.callDeadline(c); !bounded || !ok || !next.After(dl) {
+		if next, ok := r.callDeadline(c); !bounded || (ok && !next.After(dl)) || (!ok && !r.waited(c)) {
 			be := &BusyError{Credential: up.Name}
 			be.Queued, be.QueuedBy = up.queueStats()
 			return nil, be
 		}
 	}
+}
+
+// sendLocked marks c as sent once the gate let it through, unless it is a
+// call for callers and they have all left: then it must not be sent.
+func (r *Refresher) sendLocked(c *call) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if c.want.cause != causeRefresh && c.waiters == 0 {
+		return false
+	}
+	c.sent = true
+	return true
+}
+
+// waited reports whether c still has waiters (one without a deadline
+// joined: c may wait on).
+func (r *Refresher) waited(c *call) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return c.waiters > 0
 }
 
 // callDeadline is the latest deadline of c's waiters; bounded is false for
@@ -285,6 +322,9 @@ func (r *Refresher) callDeadline(c *call) (dl time.Time, bounded bool) {
 // pass before a pause ends); status is Whop's HTTP status, 0 for none.
 func (r *Refresher) attempt(c *call, up *upstream, fp []byte, lifetime time.Duration, n int) (o outcome, status int, tried bool) {
 	k := c.e.key
+	if cred := r.fleetCred(up); cred != nil {
+		r.fleetPaused(up, cred) // another host's 429, before judging the pause
+	}
 	if n == 0 {
 		// A first call held by a 429 pause that outlasts every waiter
 		// fails now, saying why, instead of at the waiters' deadlines.

@@ -56,10 +56,20 @@ func (r *Refresher) fromFleet(c *call, cred, fp []byte) (tok *Token, lease *flee
 	if cur := c.e.tok.Load(); cur != nil {
 		newer = cur.ExpiresAt
 	}
-	ctx, cancel := r.awaitContext(c)
-	t, ok := f.Await(ctx, cred, c.e.enc, newer)
-	ended := ctx.Err() != nil
-	cancel()
+	var t fleet.Token
+	var ok, ended bool
+	for {
+		dl, bounded := r.callDeadline(c)
+		ctx, cancel := r.awaitContext(c, dl, bounded)
+		t, ok = f.Await(ctx, cred, c.e.enc, newer)
+		ended = ctx.Err() != nil
+		cancel()
+		// A caller with a later deadline (or none) may have joined.
+		if next, nowBounded := r.callDeadline(c); !ok && ended && c.queue.Err() == nil && bounded && (!nowBounded && r.waited(c) || next.After(dl)) {
+			continue
+		}
+		break
+	}
 	if ok {
 		if tok := r.adoptable(c, t, fp); tok != nil {
 			return tok, nil, nil
@@ -107,9 +117,9 @@ func (r *Refresher) fleetToken(c *call, cred, fp []byte) *Token {
 }
 
 // awaitContext bounds a wait for another host's mint like a wait at the
-// gate: within the waiters' latest deadline, ended when they all leave.
-func (r *Refresher) awaitContext(c *call) (context.Context, context.CancelFunc) {
-	if dl, bounded := r.callDeadline(c); bounded {
+// gate: within the waiters' latest deadline dl, ended when they all leave.
+func (r *Refresher) awaitContext(c *call, dl time.Time, bounded bool) (context.Context, context.CancelFunc) {
+	if bounded {
 		return context.WithDeadline(c.queue, dl)
 	}
 	return context.WithCancel(c.queue)

@@ -58,6 +58,19 @@ type sharedLimit func(ctx context.Context) (retryAfter time.Duration, ok bool)
 // returned func gives the slot back.
 func (g *gate) acquire(ctx context.Context, shared sharedLimit) (release func(), err error) {
 	for {
+		release, paused, err := g.acquireOnce(ctx, shared)
+		if err != nil || !paused {
+			return release, err
+		}
+		// A 429 came while this call waited for its slot and the rate:
+		// it must not go out into the pause. Back to the pause's wait.
+	}
+}
+
+// acquireOnce is one pass through the pause, the slot and the rate; paused
+// reports a pause that began meanwhile (the slot already given back).
+func (g *gate) acquireOnce(ctx context.Context, shared sharedLimit) (release func(), paused bool, err error) {
+	for {
 		g.mu.Lock()
 		wait, lifted := g.pausedUntil.Sub(g.clock.Now()), g.lifted
 		g.mu.Unlock()
@@ -68,7 +81,7 @@ func (g *gate) acquire(ctx context.Context, shared sharedLimit) (release func(),
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return nil, ctx.Err()
+			return nil, false, ctx.Err()
 		case <-t.C():
 		case <-lifted:
 			t.Stop()
@@ -80,14 +93,18 @@ func (g *gate) acquire(ctx context.Context, shared sharedLimit) (release func(),
 	select {
 	case g.slots <- struct{}{}:
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return nil, false, ctx.Err()
 	}
 	release = func() { <-g.slots }
 	if err := g.waitRate(ctx, shared); err != nil {
 		release()
-		return nil, err
+		return nil, false, err
 	}
-	return release, nil
+	if until, _ := g.paused(); until.After(g.clock.Now()) {
+		release()
+		return nil, true, nil
+	}
+	return release, false, nil
 }
 
 // errRateDeadline: the rate limit cannot let the call through before ctx's

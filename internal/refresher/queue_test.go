@@ -113,3 +113,34 @@ func TestCapacityEvictionIsFairAcrossUIDs(t *testing.T) {
 		}
 	}
 }
+
+// TestSentCallIsJoinedNotReplaced: a miss whose caller gave up after the
+// request went out is not abandoned: the next caller joins it (no second
+// request), and its token serves them.
+func TestSentCallIsJoinedNotReplaced(t *testing.T) {
+	g := newRig(t, nil)
+	g.valve.holdIf(forCompany(key.CompanyID))
+	ctxA, cancelA := context.WithCancel(context.Background())
+	a := make(chan error, 1)
+	go func() {
+		_, err := g.r.Get(ctxA, key, Options{})
+		a <- err
+	}()
+	h := g.awaitStart() // the request is out
+	cancelA()
+	if err := <-a; !errors.Is(err, context.Canceled) {
+		t.Fatalf("the first caller: %v", err)
+	}
+	b := g.goGet(key)
+	g.poll(func() string { return "the second caller joining" }, func() bool { return g.r.Status().Joined+g.r.Status().Misses >= 2 })
+	h.Release()
+	if r := g.await(b); r.err != nil {
+		t.Fatal(r.err)
+	}
+	if n := g.fake.CallCount(); n != 1 {
+		t.Fatalf("%d upstream calls; the second caller should have joined the sent one", n)
+	}
+	if st := g.r.Status(); st.Abandoned != 0 {
+		t.Fatalf("%d calls abandoned; a sent call is not", st.Abandoned)
+	}
+}
