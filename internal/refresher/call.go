@@ -13,6 +13,10 @@ import (
 // want is what a call is for.
 type want struct {
 	lifetime time.Duration
+	// need is how long the token must stay valid for the caller who
+	// started the call (min_ttl and the expiry margin): a token another
+	// host minted is adopted only if it lasts that long.
+	need time.Duration
 	// cause says why, for OnMint and metrics.
 	cause string
 }
@@ -64,7 +68,6 @@ func (r *Refresher) startCallLocked(e *entry, w want, now time.Time, by string) 
 	}
 	e.call = c
 	r.settleLocked(e, now)
-	r.running++
 	go r.runCall(c)
 	return c
 }
@@ -294,7 +297,10 @@ func (r *Refresher) sendLocked(c *call) bool {
 	if c.want.cause != causeRefresh && c.waiters == 0 {
 		return false
 	}
-	c.sent = true
+	if !c.sent {
+		c.sent = true
+		r.running++
+	}
 	return true
 }
 
@@ -487,6 +493,13 @@ func (r *Refresher) finish(c *call, o outcome) {
 		case o.tok != nil:
 			r.installLocked(e, o.tok, now)
 			notify = r.watchersLocked(e)
+		case o.notTried && e.tok.Load() != nil && (errors.Is(o.err, errAbandoned) || errors.Is(o.err, errFleetWait)):
+			// Its callers left: no failure, and the token's own refresh
+			// stays due when it was (now, if it was due already).
+			if e.hidx < 0 {
+				r.scheduleLocked(e, maxTime(now, r.refreshTime(e.tok.Load())))
+			}
+			r.settleLocked(e, now)
 		case o.notTried:
 			r.retryLaterLocked(e, now)
 			r.settleLocked(e, now)
@@ -496,7 +509,10 @@ func (r *Refresher) finish(c *call, o outcome) {
 	}
 	c.tok, c.err = o.tok, o.err
 	close(c.done)
-	if r.running--; r.running == 0 && r.drained != nil {
+	if c.sent {
+		r.running--
+	}
+	if r.running == 0 && r.drained != nil {
 		close(r.drained)
 		r.drained = nil
 	}

@@ -130,6 +130,7 @@ func (r *Refresher) upstream(name string) *upstream { return r.ups.Load().byName
 func (r *Refresher) SetCredentials(creds []Credential) error {
 	old := r.upstreams()
 	next := make(map[string]*upstream, len(creds))
+	var kept []*upstream
 	for _, c := range creds {
 		if c.Name == "" || c.Fetcher == nil {
 			return fmt.Errorf("refresher: credential %q needs a name and a fetcher", c.Name)
@@ -138,18 +139,21 @@ func (r *Refresher) SetCredentials(creds []Credential) error {
 			return fmt.Errorf("refresher: credential %q is configured twice", c.Name)
 		}
 		if u := old[c.Name]; u != nil && u.Fetcher == c.Fetcher && u.OAuthUser == c.OAuthUser {
-			// A reload is the operator saying "try this secret again",
-			// even when it did not change.
-			u.gate.rejectKey(nil)
-			if until, why := u.gate.unpause(); until.After(r.clock.Now()) {
-				r.log.Info("reload: lifted the 429 pause", "credential", c.Name, "was_until", until.UTC().Format(time.RFC3339), "reason", why)
-			}
+			kept = append(kept, u)
 			next[c.Name] = u
 			continue
 		}
 		u := &upstream{Credential: c, gate: newGate(r.clock, r.cfg.MaxInFlight, r.cfg.Rate, r.cfg.Burst, r.cfg.KeyProbeInterval, r.cfg.KeyProbeMax)}
 		u.sched = newSched(u, r.cfg.Workers)
 		next[c.Name] = u
+	}
+	// Only once the whole set is valid: a reload is the operator saying
+	// "try this secret again", even when it did not change.
+	for _, u := range kept {
+		u.gate.rejectKey(nil)
+		if until, why := u.gate.unpause(); until.After(r.clock.Now()) {
+			r.log.Info("reload: lifted the 429 pause", "credential", u.Name, "was_until", until.UTC().Format(time.RFC3339), "reason", why)
+		}
 	}
 	names := make([]string, 0, len(next))
 	for n := range next {

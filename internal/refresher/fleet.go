@@ -127,7 +127,7 @@ func (r *Refresher) awaitContext(c *call, dl time.Time, bounded bool) (context.C
 
 // adoptable is t as this host's token for c's entry, or nil when c cannot
 // use it: one already due for refresh, one no newer than the entry's, or
-// one shorter than a caller's large min_ttl asked for.
+// one shorter than the min_ttl of the caller who started c.
 func (r *Refresher) adoptable(c *call, t fleet.Token, fp []byte) *Token {
 	now := r.clock.Now()
 	tok := &Token{Value: t.Value, ExpiresAt: t.ExpiresAt, ObtainedAt: t.ObtainedAt, Fingerprint: fp}
@@ -137,7 +137,7 @@ func (r *Refresher) adoptable(c *call, t fleet.Token, fp []byte) *Token {
 	if cur := c.e.tok.Load(); cur != nil && (cur.Value == tok.Value || !tok.ExpiresAt.After(cur.ExpiresAt)) {
 		return nil
 	}
-	if c.want.lifetime > r.cfg.Lifetime && tok.ExpiresAt.Sub(now) < c.want.lifetime-time.Minute {
+	if tok.ExpiresAt.Sub(now) < c.want.need {
 		return nil
 	}
 	return tok

@@ -293,7 +293,8 @@ type Refresher struct {
 	droppedIdle          atomic.Uint64
 	missesLimited        atomic.Uint64
 	abandoned            atomic.Uint64 // calls left the gate's queue: every caller had gone
-	// running counts upstream calls (runCall) not yet finished, under mu;
+	// running counts calls sent upstream and not yet finished, under mu
+	// (calls still queued at the gate are not worth a stop's wait);
 	// drained, set while Run drains, is closed when it reaches zero.
 	running int
 	drained chan struct{}
@@ -523,7 +524,7 @@ func (r *Refresher) miss(ctx context.Context, k Key, enc string, up *upstream, o
 	if r.log.Enabled(ctx, slog.LevelDebug) {
 		r.log.Debug("cache miss", "key", k.ID(), "subject", k.Subject(), "reason", r.missReason(up, enc, now, o))
 	}
-	w := want{lifetime: r.cfg.Lifetime, cause: "miss"}
+	w := want{lifetime: r.cfg.Lifetime, need: o.MinTTL + r.cfg.ExpiryMargin, cause: "miss"}
 	if o.Rejected != "" {
 		w.cause = "rejected"
 	}
