@@ -113,7 +113,7 @@ func TestQuickRun(t *testing.T) {
 	if len(r.Targets) < 10 {
 		t.Errorf("%d targets evaluated: %+v", len(r.Targets), r.Targets)
 	}
-	for _, want := range []string{"Hits:", "Misses:", "Scale:", "Writes:", "Targets (issue 7)"} {
+	for _, want := range []string{"Hits:", "Misses:", "Scale:", "Writes:", "Targets (issues 7 and 15)"} {
 		if !strings.Contains(stdout.String(), want) {
 			t.Errorf("table has no %q", want)
 		}

@@ -28,6 +28,7 @@ type Report struct {
 	Misses   missesReport `json:"misses"`
 	Scale    scaleReport  `json:"scale"`
 	Writes   writeResult  `json:"writes"`
+	Fleet    fleetReport  `json:"fleet"`
 	Targets  []target     `json:"targets"`
 }
 
@@ -121,6 +122,87 @@ type scaleReport struct {
 	Heap            heapResult `json:"heap"`
 }
 
+// fleetReport is the fleet section (issue 15): one load on a single host,
+// on hosts alone and on hosts sharing a redis-server, each with its own
+// fake upstream; then a miss answered from Redis; then the fleet budget.
+type fleetReport struct {
+	Hosts            int      `json:"hosts"`
+	Keys             int      `json:"keys"`
+	LifetimeSeconds  float64  `json:"token_lifetime_seconds"`
+	WorkersPerConfig int      `json:"workers_per_config"`
+	TokendFlags      []string `json:"tokend_flags"`
+	// Phases: steady, redis down (killed at its start), redis back
+	// (restarted at its start).
+	Phases []fleetPhase `json:"phases"`
+	// Errors and BadTokens are the fleet hosts' over every phase: failed
+	// calls, and served tokens that did not verify with the upstream
+	// (expired, forged) or were another key's.
+	Errors      int64  `json:"errors"`
+	BadTokens   int64  `json:"bad_tokens"`
+	FirstError  string `json:"first_error,omitempty"`
+	FirstBad    string `json:"first_bad,omitempty"`
+	OtherErrors int64  `json:"errors_single_and_alone"`
+	// Tampered is the hosts' count of values in Redis that did not unseal.
+	Tampered uint64 `json:"tampered"`
+	// Rejoined is how long after the load every host said connected.
+	Rejoined  float64    `json:"rejoined_seconds_after_load"`
+	Adopt     fleetAdopt `json:"adopt"`
+	RateLimit fleetRate  `json:"rate_limit"`
+}
+
+// fleetPhase is one phase of the load: upstream calls per key per token
+// lifetime of each configuration.
+type fleetPhase struct {
+	Name        string  `json:"name"`
+	Seconds     float64 `json:"seconds"`
+	Lifetimes   float64 `json:"lifetimes"`
+	Single      float64 `json:"single_host"`
+	Alone       float64 `json:"hosts_alone"`
+	Fleet       float64 `json:"hosts_fleet"`
+	SingleCalls int64   `json:"single_host_calls"`
+	AloneCalls  int64   `json:"hosts_alone_calls"`
+	FleetCalls  int64   `json:"hosts_fleet_calls"`
+	Requests    int64   `json:"requests"`
+	Errors      int64   `json:"errors"`
+}
+
+func (r fleetReport) phase(name string) fleetPhase {
+	for _, p := range r.Phases {
+		if p.Name == name {
+			return p
+		}
+	}
+	return fleetPhase{}
+}
+
+// fleetAdopt: keys minted on one host, each asked once of every other host.
+type fleetAdopt struct {
+	Keys          int        `json:"keys"`
+	Hosts         int        `json:"hosts"`
+	Result        loadResult `json:"result"`
+	Adopted       int        `json:"adopted"`
+	UpstreamCalls int        `json:"upstream_calls"`
+}
+
+// fleetRate: every host asked for its own cold keys at once under one
+// fleet budget.
+type fleetRate struct {
+	Hosts               int      `json:"hosts"`
+	KeysPerHost         int      `json:"keys_per_host"`
+	Rate                float64  `json:"rate"`
+	Burst               int      `json:"burst"`
+	TokendFlags         []string `json:"tokend_flags"`
+	LimiterBoundSeconds float64  `json:"limiter_bound_seconds"`
+	Seconds             float64  `json:"seconds"`
+	Requests            int      `json:"requests"`
+	Errors              int      `json:"errors"`
+	FirstError          string   `json:"first_error,omitempty"`
+	UpstreamCalls       int      `json:"upstream_calls"`
+	// MaxPerSecond is the most calls the upstream saw in any 1 s window.
+	MaxPerSecond       int     `json:"max_calls_per_1s_window"`
+	SustainedPerSecond float64 `json:"sustained_calls_per_second"`
+}
+
 // target is one of issue 7's targets and whether this run met it.
 type target struct {
 	Name string `json:"name"`
@@ -198,6 +280,9 @@ func (r *Report) evaluate(sections map[string]bool) {
 	if sections["scale"] {
 		r.evaluateScale(add)
 	}
+	if sections["fleet"] {
+		r.evaluateFleet(add)
+	}
 	if sections["writes"] {
 		w := r.Writes
 		add(fmt.Sprintf("writes: %d records persisted", w.Records), "< 1 s",
@@ -248,6 +333,37 @@ func (r *Report) evaluateScale(add addTarget) {
 		fmt.Sprintf("%.2f s per 30 s (%.2f s over %.0f s)", s.IdleCPUPer30s, s.IdleCPUSeconds, s.IdleSeconds), s.IdleCPUPer30s < 0.3)
 }
 
+// evaluateFleet judges issue 15's targets.
+func (r *Report) evaluateFleet(add addTarget) {
+	f := r.Fleet
+	st, down, back := f.phase("steady"), f.phase("redis down"), f.phase("redis back")
+	add(fmt.Sprintf("fleet: upstream calls per key per lifetime, %d hosts", f.Hosts), "<= 1.05 x single host",
+		fmt.Sprintf("%.3f vs %.3f (%.2f x); %d hosts alone %.3f (%.2f x)", st.Fleet, st.Single, ratio(st.Fleet, st.Single), f.Hosts, st.Alone, ratio(st.Alone, st.Single)),
+		st.Single > 0 && st.Fleet <= 1.05*st.Single)
+	a := f.Adopt
+	add("fleet: local miss answered from Redis", "p99 < 2 ms, all adopted, no upstream call",
+		fmt.Sprintf("p50 %.2f ms, p99 %.2f ms; %d of %d adopted, %d upstream calls, %d errors", a.Result.P50us/1000, a.Result.P99us/1000, a.Adopted, a.Keys*a.Hosts, a.UpstreamCalls, a.Result.Errors),
+		a.Result.P99us > 0 && a.Result.P99us < 2000 && a.Adopted == a.Keys*a.Hosts && a.UpstreamCalls == 0 && a.Result.Errors == 0)
+	add("fleet: redis-server killed and restarted", "0 errors, 0 bad tokens",
+		fmt.Sprintf("%d errors, %d bad tokens, %d tampered (single and alone: %d errors)", f.Errors, f.BadTokens, f.Tampered, f.OtherErrors),
+		f.Errors == 0 && f.BadTokens == 0 && f.Tampered == 0)
+	add("fleet: calls while redis is down", ">= 0.75 x hosts alone",
+		fmt.Sprintf("%.3f vs %.3f alone (%.2f x)", down.Fleet, down.Alone, ratio(down.Fleet, down.Alone)), down.Alone > 0 && down.Fleet >= 0.75*down.Alone)
+	add("fleet: calls once redis is back", "<= 1.5 x single host",
+		fmt.Sprintf("%.3f vs %.3f single (%.2f x), %.3f alone", back.Fleet, back.Single, ratio(back.Fleet, back.Single), back.Alone), back.Single > 0 && back.Fleet <= 1.5*back.Single)
+	rl := f.RateLimit
+	add(fmt.Sprintf("fleet: %d hosts x %d cold keys, budget %g/s", rl.Hosts, rl.KeysPerHost, rl.Rate), fmt.Sprintf("<= %g + %d burst in any 1 s, all served", rl.Rate, rl.Burst),
+		fmt.Sprintf("max %d in 1 s, sustained %.1f/s, %d calls, %d errors, %.2fs vs %.2fs bound", rl.MaxPerSecond, rl.SustainedPerSecond, rl.UpstreamCalls, rl.Errors, rl.Seconds, rl.LimiterBoundSeconds),
+		rl.UpstreamCalls > 0 && float64(rl.MaxPerSecond) <= rl.Rate+float64(rl.Burst) && rl.Errors == 0 && rl.Requests == rl.Hosts*rl.KeysPerHost)
+}
+
+func ratio(a, b float64) float64 {
+	if b == 0 {
+		return 0
+	}
+	return a / b
+}
+
 func printReport(out io.Writer, r *Report) {
 	fmt.Fprintf(out, "tokenbench %s  %d cores, %s  %s  commit %s", r.Date, r.Machine.Cores, r.Machine.CPUModel, r.GoVersion, orNone(r.Commit))
 	if r.Quick {
@@ -269,7 +385,39 @@ func printReport(out io.Writer, r *Report) {
 		fmt.Fprintf(out, "\nWrites: %d records in one Flush: insert %.1f ms, refresh %.1f ms (file %.1f MiB)\n",
 			w.Records, w.InsertMs, w.RefreshMs, float64(w.FileBytes)/(1<<20))
 	}
+	if r.ran("fleet") {
+		printFleet(out, r.Fleet)
+	}
 	printTargets(out, r.Targets)
+}
+
+// printFleet prints the fleet section: the phases side by side, the
+// adoption latency and the fleet budget.
+func printFleet(out io.Writer, f fleetReport) {
+	fmt.Fprintf(out, "\nFleet: %d keys over %d hosts, %d closed-loop callers per configuration, token lifetime %gs; tokend %s\n",
+		f.Keys, f.Hosts, f.WorkersPerConfig, f.LifetimeSeconds, strings.Join(f.TokendFlags, " "))
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "phase\tseconds\tlifetimes\tupstream calls per key per lifetime: single host\thosts alone\thosts + fleet\tfleet / single\tcalls (single/alone/fleet)\trequests\terrors")
+	for _, p := range f.Phases {
+		fmt.Fprintf(tw, "%s\t%.1f\t%.2f\t%.3f\t%.3f\t%.3f\t%.2f\t%d / %d / %d\t%d\t%d\n",
+			p.Name, p.Seconds, p.Lifetimes, p.Single, p.Alone, p.Fleet, ratio(p.Fleet, p.Single), p.SingleCalls, p.AloneCalls, p.FleetCalls, p.Requests, p.Errors)
+	}
+	tw.Flush()
+	fmt.Fprintf(out, "redis-server killed at the start of \"redis down\", restarted at the start of \"redis back\"; fleet hosts: %d errors, %d served tokens that failed the upstream's check (signature, expiry, subject), %d tampered values; all connected again %.2fs after the load\n",
+		f.Errors, f.BadTokens, f.Tampered, f.Rejoined)
+	if f.FirstError != "" || f.FirstBad != "" {
+		fmt.Fprintf(out, "first error: %s; first bad token: %s\n", orNone(f.FirstError), orNone(f.FirstBad))
+	}
+	a := f.Adopt
+	fmt.Fprintf(out, "local miss answered from Redis: %d keys minted on one host, asked once of each of %d others: p50 %.2f ms, p99 %.2f ms, max %.2f ms; %d adopted, %d upstream calls, %d errors\n",
+		a.Keys, a.Hosts, a.Result.P50us/1000, a.Result.P99us/1000, a.Result.MaxUs/1000, a.Adopted, a.UpstreamCalls, a.Result.Errors)
+	rl := f.RateLimit
+	fmt.Fprintf(out, "fleet budget: %d hosts x %d cold keys at once, every host %s: %d upstream calls in %.2fs (bound %.2fs), at most %d in any 1 s, %.1f/s sustained; %d errors\n",
+		rl.Hosts, rl.KeysPerHost, strings.Join(rl.TokendFlags, " "), rl.UpstreamCalls, rl.Seconds, rl.LimiterBoundSeconds, rl.MaxPerSecond, rl.SustainedPerSecond, rl.Errors)
+	if rl.FirstError != "" {
+		fmt.Fprintf(out, "fleet budget first error: %s\n", rl.FirstError)
+	}
+	fmt.Fprintln(out, "hit path: the fleet tier is consulted only on a miss or a due refresh; the hits section and .ci/run's allocation gate measure it")
 }
 
 // ran reports whether section was part of the run.
@@ -333,7 +481,7 @@ func printScale(out io.Writer, s scaleReport) {
 
 // printTargets prints PASS or MISS for each target judged.
 func printTargets(out io.Writer, targets []target) {
-	fmt.Fprintln(out, "\nTargets (issue 7)")
+	fmt.Fprintln(out, "\nTargets (issues 7 and 15)")
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 	for _, t := range targets {
 		verdict := "MISS"

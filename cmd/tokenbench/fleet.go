@@ -1,0 +1,511 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	mrand "math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/tokend/tokend/internal/daemontest"
+	"github.com/tokend/tokend/internal/fleet/redistest"
+	"github.com/tokend/tokend/internal/whop/whoptest"
+	tokendv1 "github.com/tokend/tokend/proto/tokend/v1"
+)
+
+// errNoRedis: the fleet section needs a real redis-server.
+var errNoRedis = errors.New("fleet: redis-server not found: install redis-server or run --sections without fleet")
+
+// fleetWorkers is how many closed-loop callers load each configuration.
+const fleetWorkers = 4
+
+// noMinTTL asks for whatever token is cached: with the bench's short
+// lifetimes, the default min_ttl of a minute would make every call a mint.
+var noMinTTL = durationpb.New(0)
+
+// fleetLoad is one configuration under the fleet section's load: its own
+// fake upstream (so calls are counted apart), its hosts and their clients.
+type fleetLoad struct {
+	name    string
+	fake    *whoptest.Server
+	hosts   []*proc
+	clients []tokendv1.TokenServiceClient
+	close   func()
+	// verify checks every served token with the fake (signature, expiry,
+	// subject).
+	verify bool
+
+	requests, errs, bad atomic.Int64
+	mu                  sync.Mutex
+	firstErr, firstBad  string
+}
+
+// fleet runs the fleet section: a single host, 8 hosts alone and 8 hosts
+// sharing a redis-server under the same load, with Redis killed and
+// restarted mid-run; then the latency of a local miss answered from Redis;
+// then the fleet-wide rate limit.
+func (b *bench) fleet(ctx context.Context) (fleetReport, error) {
+	o := b.o
+	L := o.fleetLifetime
+	rep := fleetReport{Hosts: o.fleetHosts, Keys: o.fleetKeys, LifetimeSeconds: L.Seconds(), WorkersPerConfig: fleetWorkers}
+	rdir := filepath.Join(b.dir, "redis")
+	if err := os.Mkdir(rdir, 0o700); err != nil {
+		return rep, err
+	}
+	rs, err := redistest.StartProcess(rdir)
+	if errors.Is(err, redistest.ErrNotFound) {
+		return rep, errNoRedis
+	}
+	if err != nil {
+		return rep, err
+	}
+	defer rs.Kill()
+	fleetKey := filepath.Join(b.dir, "fleet.key")
+	kb := make([]byte, 32)
+	rand.Read(kb)
+	if err := os.WriteFile(fleetKey, kb, 0o600); err != nil {
+		return rep, err
+	}
+	fleetFlags := []string{"--fleet-redis", rs.URL(), "--fleet-key-file", fleetKey}
+	// The hosts' own limiters out of the way: the load mints 1,000 keys at
+	// once, and each host's default of 10/s would be what is measured.
+	common := append(limitFlags(1e6, 100_000, 64), "--token-lifetime", L.String())
+	rep.TokendFlags = append(slices.Clone(common), fleetFlags[0], "unix://…/redis.sock", fleetFlags[2], "…/fleet.key")
+
+	configs := []*fleetLoad{{name: "single"}, {name: "alone"}, {name: "fleet", verify: true}}
+	for _, c := range configs {
+		if c.fake, err = whoptest.NewServer(whoptest.Config{Keys: map[string][]string{b.apiKey: nil}}); err != nil {
+			return rep, err
+		}
+		defer c.fake.Close()
+		n := o.fleetHosts
+		if c.name == "single" {
+			n = 1
+		}
+		for i := range n {
+			flags := slices.Clone(common)
+			if c.name == "fleet" {
+				flags = append(flags, fleetFlags...)
+			}
+			p, _, err := b.startTokendOn(c.fake, fmt.Sprintf("fl-%s-%d", c.name, i), flags, true)
+			if err != nil {
+				return rep, err
+			}
+			c.hosts = append(c.hosts, p)
+		}
+	}
+	b.logf("fleet: started %d tokend processes; %d keys, token lifetime %v, redis-server on %s", 1+2*o.fleetHosts, o.fleetKeys, L, rs.Socket)
+	for _, c := range configs {
+		for _, p := range c.hosts {
+			if _, err := p.waitReady(ctx, fleetReady(c.name == "fleet")); err != nil {
+				return rep, err
+			}
+			cl, closeC, err := connect(p.socket, 1)
+			if err != nil {
+				return rep, err
+			}
+			c.clients = append(c.clients, cl[0])
+			prev := c.close
+			c.close = func() {
+				closeC()
+				if prev != nil {
+					prev()
+				}
+			}
+		}
+		defer c.close()
+	}
+
+	reqs := make([]*tokendv1.GetTokenRequest, o.fleetKeys)
+	for i := range reqs {
+		reqs[i] = &tokendv1.GetTokenRequest{CompanyId: fmt.Sprintf("biz_f%05d", i), ScopedActions: benchScopes, MinTtl: noMinTTL}
+	}
+	lctx, stopLoad := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	for _, c := range configs {
+		for range fleetWorkers {
+			wg.Go(func() { c.load(lctx, reqs, o.fleetHosts) })
+		}
+	}
+	stop := func() { stopLoad(); wg.Wait() }
+	defer stop()
+
+	// Warm-up: every key minted and spread, then a few refresh cycles per
+	// phase. Each phase is read off counters while the load goes on.
+	b.logf("fleet: warming up for one lifetime (%v)", L)
+	if err := sleep(ctx, L); err != nil {
+		return rep, err
+	}
+	phase := func(name string, d time.Duration) (fleetPhase, error) {
+		before := snapshot(configs)
+		t0 := time.Now()
+		err := sleep(ctx, d)
+		ph := phaseOf(name, before, snapshot(configs), time.Since(t0), L, o.fleetKeys)
+		b.logf("fleet %s (%.1fs): upstream calls per key per lifetime: single host %.3f, %d hosts alone %.3f, %d hosts with the fleet %.3f; %d requests, %d errors",
+			name, ph.Seconds, ph.Single, o.fleetHosts, ph.Alone, o.fleetHosts, ph.Fleet, ph.Requests, ph.Errors)
+		return ph, err
+	}
+	for _, step := range []struct {
+		name string
+		d    time.Duration
+		then func() error
+	}{
+		{"steady", 2 * L, func() error { rs.Kill(); return nil }},
+		{"redis down", L, rs.Restart},
+		{"redis back", L, nil},
+	} {
+		ph, err := phase(step.name, step.d)
+		rep.Phases = append(rep.Phases, ph)
+		if err != nil {
+			return rep, err
+		}
+		if step.then != nil {
+			if err := step.then(); err != nil {
+				return rep, err
+			}
+		}
+	}
+	stop()
+	fl := configs[2]
+	rep.Errors, rep.BadTokens, rep.FirstError, rep.FirstBad = fl.errs.Load(), fl.bad.Load(), fl.firstErr, fl.firstBad
+	for _, c := range configs[:2] {
+		rep.OtherErrors += c.errs.Load()
+	}
+	if rep.Rejoined, err = waitConnected(ctx, fl.hosts, 15*time.Second); err != nil {
+		return rep, err
+	}
+	sts, err := statuses(ctx, fl.hosts)
+	if err != nil {
+		return rep, err
+	}
+	for _, st := range sts {
+		rep.Tampered += st.GetTampered()
+	}
+
+	if rep.Adopt, err = b.adoptLatency(ctx, fl); err != nil {
+		return rep, err
+	}
+	fl.close()
+	for _, c := range configs[:2] {
+		c.close()
+	}
+	for _, c := range configs {
+		for _, p := range c.hosts {
+			if err := p.stop(); err != nil {
+				return rep, err
+			}
+		}
+	}
+	if err := rs.Restart(); err != nil {
+		return rep, err
+	}
+	rep.RateLimit, err = b.fleetRateLimit(ctx, fl.fake, append(slices.Clone(fleetFlags), "--token-lifetime", L.String()))
+	return rep, err
+}
+
+// fleetReady: health SERVING and, for a host of the fleet, connected.
+func fleetReady(inFleet bool) func(context.Context, *grpc.ClientConn) error {
+	return func(ctx context.Context, conn *grpc.ClientConn) error {
+		if err := daemontest.HealthServing(ctx, conn); err != nil || !inFleet {
+			return err
+		}
+		st, err := tokendv1.NewAdminServiceClient(conn).GetStatus(ctx, &tokendv1.GetStatusRequest{})
+		if err == nil && !st.GetFleet().GetConnected() {
+			err = fmt.Errorf("fleet not connected: %s", st.GetFleet().GetReason())
+		}
+		return err
+	}
+}
+
+// load sends GetToken as soon as the last answer came, for a random key on
+// a random host: each worker walks its own random order of every (key,
+// host) pair, so every host sees every key within one walk and no entry
+// goes idle for want of callers. A single host gets the same stream.
+func (c *fleetLoad) load(ctx context.Context, reqs []*tokendv1.GetTokenRequest, hosts int) {
+	pairs := len(reqs) * hosts
+	for ctx.Err() == nil {
+		for _, p := range mrand.Perm(pairs) {
+			req, client := reqs[p/hosts], c.clients[(p%hosts)%len(c.clients)]
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			tok, err := client.GetToken(cctx, req)
+			cancel()
+			if ctx.Err() != nil {
+				return
+			}
+			c.requests.Add(1)
+			if err != nil {
+				c.errs.Add(1)
+				c.note(&c.firstErr, err.Error())
+				continue
+			}
+			if !c.verify {
+				continue
+			}
+			// Signed by this upstream, unexpired, for the key asked for:
+			// neither stale nor another key's token.
+			if cl, err := c.fake.Verify(tok.GetToken()); err != nil {
+				c.bad.Add(1)
+				c.note(&c.firstBad, err.Error())
+			} else if cl.CompanyID != req.CompanyId {
+				c.bad.Add(1)
+				c.note(&c.firstBad, "token of "+cl.CompanyID+" served for "+req.CompanyId)
+			}
+		}
+	}
+}
+
+func (c *fleetLoad) note(first *string, msg string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if *first == "" {
+		*first = msg
+	}
+}
+
+// counters are each configuration's upstream calls, requests and errors.
+type counters struct{ calls, requests, errs [3]int64 }
+
+func snapshot(configs []*fleetLoad) counters {
+	var s counters
+	for i, c := range configs {
+		s.calls[i] = int64(c.fake.CallCount())
+		s.requests[i] = c.requests.Load()
+		s.errs[i] = c.errs.Load()
+	}
+	return s
+}
+
+// phaseOf turns the counters around a phase into upstream calls per key
+// per token lifetime.
+func phaseOf(name string, a, b counters, d, lifetime time.Duration, keys int) fleetPhase {
+	per := func(i int) float64 {
+		return round(float64(b.calls[i]-a.calls[i])/float64(keys)/(d.Seconds()/lifetime.Seconds()), 3)
+	}
+	ph := fleetPhase{Name: name, Seconds: round(d.Seconds(), 2), Lifetimes: round(d.Seconds()/lifetime.Seconds(), 2),
+		Single: per(0), Alone: per(1), Fleet: per(2),
+		SingleCalls: b.calls[0] - a.calls[0], AloneCalls: b.calls[1] - a.calls[1], FleetCalls: b.calls[2] - a.calls[2]}
+	for i := range 3 {
+		ph.Requests += b.requests[i] - a.requests[i]
+		ph.Errors += b.errs[i] - a.errs[i]
+	}
+	return ph
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	select {
+	case <-time.After(d):
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func statuses(ctx context.Context, hosts []*proc) ([]*tokendv1.FleetStatus, error) {
+	var out []*tokendv1.FleetStatus
+	for _, p := range hosts {
+		conn, err := daemontest.Dial(p.socket)
+		if err != nil {
+			return nil, err
+		}
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		st, err := tokendv1.NewAdminServiceClient(conn).GetStatus(cctx, &tokendv1.GetStatusRequest{})
+		cancel()
+		conn.Close()
+		if err != nil {
+			return nil, fmt.Errorf("%s: status: %w", p.Name, err)
+		}
+		out = append(out, st.GetFleet())
+	}
+	return out, nil
+}
+
+// waitConnected waits until every host says its fleet tier is connected
+// and reports how long that took.
+func waitConnected(ctx context.Context, hosts []*proc, limit time.Duration) (float64, error) {
+	t0 := time.Now()
+	for {
+		sts, err := statuses(ctx, hosts)
+		if err != nil {
+			return 0, err
+		}
+		down := 0
+		for _, st := range sts {
+			if !st.GetConnected() {
+				down++
+			}
+		}
+		if down == 0 {
+			return round(time.Since(t0).Seconds(), 2), nil
+		}
+		if time.Since(t0) > limit {
+			return 0, fmt.Errorf("%d of %d hosts not connected to the fleet %v after redis-server came back", down, len(hosts), limit)
+		}
+		if err := sleep(ctx, 50*time.Millisecond); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// adoptLatency warms fresh keys on the first host of the fleet, then asks
+// every other host for each of them once: a local miss there, answered
+// from Redis. Status must count each as adopted and the upstream see no
+// call.
+func (b *bench) adoptLatency(ctx context.Context, fl *fleetLoad) (fleetAdopt, error) {
+	n := b.o.fleetAdoptKeys
+	rep := fleetAdopt{Keys: n, Hosts: len(fl.hosts) - 1}
+	reqs := make([]*tokendv1.GetTokenRequest, n)
+	for i := range reqs {
+		reqs[i] = &tokendv1.GetTokenRequest{CompanyId: fmt.Sprintf("biz_fa%05d", i), ScopedActions: benchScopes, MinTtl: noMinTTL}
+		if _, err := warm(ctx, fl.clients[0], reqs[i]); err != nil {
+			return rep, fmt.Errorf("warm %s on %s: %w", reqs[i].CompanyId, fl.hosts[0].Name, err)
+		}
+	}
+	before, err := statuses(ctx, fl.hosts)
+	if err != nil {
+		return rep, err
+	}
+	b.logf("fleet: %d keys minted on %s; asking the %d other hosts for each", n, fl.hosts[0].Name, rep.Hosts)
+	calls0 := fl.fake.CallCount()
+	var lat []time.Duration
+	var res loadResult
+	for _, client := range fl.clients[1:] {
+		for _, req := range reqs {
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			t0 := time.Now()
+			_, err := client.GetToken(cctx, req)
+			d := time.Since(t0)
+			cancel()
+			if err != nil {
+				res.addError(err)
+				continue
+			}
+			lat = append(lat, d)
+		}
+	}
+	rep.UpstreamCalls = fl.fake.CallCount() - calls0
+	after, err := statuses(ctx, fl.hosts)
+	if err != nil {
+		return rep, err
+	}
+	for i := 1; i < len(fl.hosts); i++ {
+		rep.Adopted += int(after[i].GetAdopted() - before[i].GetAdopted())
+	}
+	var total time.Duration
+	for _, d := range lat {
+		total += d
+	}
+	summarize(&res, lat, total)
+	rep.Result = res
+	return rep, nil
+}
+
+// fleetRateLimit starts hosts of a fleet whose --upstream-rate and
+// --upstream-burst are the fleet's budget, asks each for its own cold keys
+// at once, and counts what reached the upstream in every 1 s window.
+func (b *bench) fleetRateLimit(ctx context.Context, fake *whoptest.Server, fleetFlags []string) (fleetRate, error) {
+	o := b.o
+	rep := fleetRate{Hosts: o.fleetHosts, KeysPerHost: o.fleetColdKeys, Rate: o.fleetRate, Burst: o.fleetBurst}
+	flags := append(limitFlags(o.fleetRate, o.fleetBurst, 8), fleetFlags...)
+	rep.TokendFlags = limitFlags(o.fleetRate, o.fleetBurst, 8)
+	var hosts []*proc
+	for i := range o.fleetHosts {
+		p, _, err := b.startTokendOn(fake, "fl-rate-"+strconv.Itoa(i), slices.Clone(flags), true)
+		if err != nil {
+			return rep, err
+		}
+		hosts = append(hosts, p)
+	}
+	defer func() {
+		for _, p := range hosts {
+			p.stop()
+		}
+	}()
+	type hostLoad struct {
+		clients []tokendv1.TokenServiceClient
+		reqs    []*tokendv1.GetTokenRequest
+	}
+	loads := make([]hostLoad, len(hosts))
+	for h, p := range hosts {
+		if _, err := p.waitReady(ctx, fleetReady(true)); err != nil {
+			return rep, err
+		}
+		clients, closeC, err := connect(p.socket, missConns)
+		if err != nil {
+			return rep, err
+		}
+		defer closeC()
+		if err := warmConns(ctx, clients); err != nil {
+			return rep, err
+		}
+		loads[h].clients = clients
+		for i := range o.fleetColdKeys {
+			loads[h].reqs = append(loads[h].reqs, &tokendv1.GetTokenRequest{CompanyId: fmt.Sprintf("biz_fr%d_%05d", h, i), ScopedActions: benchScopes, MinTtl: noMinTTL})
+		}
+	}
+	total := o.fleetHosts * o.fleetColdKeys
+	bound := limiterBound(total, o.fleetRate, o.fleetBurst, 1<<30, 0)
+	rep.LimiterBoundSeconds = bound.Seconds()
+	b.logf("fleet rate limit: %d hosts x %d cold keys at once under a fleet budget of %g/s, burst %d (about %.1fs)", o.fleetHosts, o.fleetColdKeys, o.fleetRate, o.fleetBurst, bound.Seconds())
+	fake.ResetCounters()
+	results := make([]loadResult, len(hosts))
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	for h := range loads {
+		wg.Go(func() { results[h] = burst(ctx, loads[h].clients, loads[h].reqs, 2*bound+time.Minute) })
+	}
+	wg.Wait()
+	rep.Seconds = round(time.Since(t0).Seconds(), 3)
+	for _, r := range results {
+		rep.Requests += r.Requests
+		rep.Errors += r.Errors
+		if rep.FirstError == "" {
+			rep.FirstError = r.FirstError
+		}
+	}
+	calls := fake.Calls()
+	rep.UpstreamCalls = len(calls)
+	at := make([]time.Time, len(calls))
+	for i, c := range calls {
+		at[i] = c.At
+	}
+	rep.MaxPerSecond, rep.SustainedPerSecond = windowRates(at, o.fleetBurst)
+	return rep, ctx.Err()
+}
+
+// windowRates is the most calls in any 1 s window starting at a call, and
+// the rate beyond the first burst calls from the first call to the last.
+func windowRates(at []time.Time, burst int) (most int, sustained float64) {
+	slices.SortFunc(at, func(a, b time.Time) int { return a.Compare(b) })
+	j := 0
+	for i := range at {
+		for j < len(at) && at[j].Sub(at[i]) < time.Second {
+			j++
+		}
+		most = max(most, j-i)
+	}
+	if len(at) > burst+1 {
+		if span := at[len(at)-1].Sub(at[0]).Seconds(); span > 0 {
+			sustained = round(float64(len(at)-burst)/span, 1)
+		}
+	}
+	return most, sustained
+}
+
+// redisServerFound reports whether the fleet section can run.
+func redisServerFound() error {
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		return errNoRedis
+	}
+	return nil
+}
