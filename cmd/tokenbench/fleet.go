@@ -46,6 +46,10 @@ type fleetLoad struct {
 	// subject).
 	verify bool
 
+	// walk is the configuration's current random order of every (key,
+	// host) pair and next its position, shared by its workers.
+	walk                []int
+	next                int
 	requests, errs, bad atomic.Int64
 	mu                  sync.Mutex
 	firstErr, firstBad  string
@@ -141,10 +145,10 @@ func (b *bench) fleet(ctx context.Context) (fleetReport, error) {
 	stop := func() { stopLoad(); wg.Wait() }
 	defer stop()
 
-	// Warm-up: every key minted and spread, then a few refresh cycles per
+	// Warm-up: every key minted and spread, then refresh cycles in each
 	// phase. Each phase is read off counters while the load goes on.
-	b.logf("fleet: warming up for one lifetime (%v)", L)
-	if err := sleep(ctx, L); err != nil {
+	b.logf("fleet: warming up for half a lifetime (%v)", L/2)
+	if err := sleep(ctx, L/2); err != nil {
 		return rep, err
 	}
 	phase := func(name string, d time.Duration) (fleetPhase, error) {
@@ -156,13 +160,23 @@ func (b *bench) fleet(ctx context.Context) (fleetReport, error) {
 			name, ph.Seconds, ph.Single, o.fleetHosts, ph.Alone, o.fleetHosts, ph.Fleet, ph.Requests, ph.Errors)
 		return ph, err
 	}
+	fl := configs[2]
 	for _, step := range []struct {
 		name string
 		d    time.Duration
 		then func() error
 	}{
 		{"steady", 2 * L, func() error { rs.Kill(); return nil }},
-		{"redis down", L, rs.Restart},
+		{"redis down", L, func() error {
+			// The hosts rejoin by themselves; the last phase starts once
+			// they all say so.
+			if err := rs.Restart(); err != nil {
+				return err
+			}
+			rep.Rejoined, err = waitConnected(ctx, fl.hosts, 30*time.Second)
+			b.logf("fleet: redis-server restarted; every host connected again after %.2fs", rep.Rejoined)
+			return err
+		}},
 		{"redis back", L, nil},
 	} {
 		ph, err := phase(step.name, step.d)
@@ -177,13 +191,9 @@ func (b *bench) fleet(ctx context.Context) (fleetReport, error) {
 		}
 	}
 	stop()
-	fl := configs[2]
 	rep.Errors, rep.BadTokens, rep.FirstError, rep.FirstBad = fl.errs.Load(), fl.bad.Load(), fl.firstErr, fl.firstBad
 	for _, c := range configs[:2] {
 		rep.OtherErrors += c.errs.Load()
-	}
-	if rep.Rejoined, err = waitConnected(ctx, fl.hosts, 15*time.Second); err != nil {
-		return rep, err
 	}
 	sts, err := statuses(ctx, fl.hosts)
 	if err != nil {
@@ -193,24 +203,20 @@ func (b *bench) fleet(ctx context.Context) (fleetReport, error) {
 		rep.Tampered += st.GetTampered()
 	}
 
-	if rep.Adopt, err = b.adoptLatency(ctx, fl); err != nil {
-		return rep, err
-	}
-	fl.close()
-	for _, c := range configs[:2] {
-		c.close()
-	}
 	for _, c := range configs {
+		c.close()
 		for _, p := range c.hosts {
 			if err := p.stop(); err != nil {
 				return rep, err
 			}
 		}
 	}
+	// A fresh Redis and hosts with tokend's default lifetime (an hour), so
+	// that no refresh falls in what follows.
 	if err := rs.Restart(); err != nil {
 		return rep, err
 	}
-	rep.RateLimit, err = b.fleetRateLimit(ctx, fl.fake, append(slices.Clone(fleetFlags), "--token-lifetime", L.String()))
+	rep.Adopt, rep.RateLimit, err = b.fleetBudget(ctx, fl.fake, fleetFlags)
 	return rep, err
 }
 
@@ -228,41 +234,53 @@ func fleetReady(inFleet bool) func(context.Context, *grpc.ClientConn) error {
 	}
 }
 
-// load sends GetToken as soon as the last answer came, for a random key on
-// a random host: each worker walks its own random order of every (key,
-// host) pair, so every host sees every key within one walk and no entry
-// goes idle for want of callers. A single host gets the same stream.
+// load sends GetToken as soon as the last answer came, for the next (key,
+// host) pair of a random order of them all that the configuration's
+// workers share: requests spread uniformly at random, and every host sees
+// every key within one walk, so no entry goes idle for want of callers as
+// long as a walk takes less than a lifetime. A single host gets the same
+// stream.
 func (c *fleetLoad) load(ctx context.Context, reqs []*tokendv1.GetTokenRequest, hosts int) {
-	pairs := len(reqs) * hosts
 	for ctx.Err() == nil {
-		for _, p := range mrand.Perm(pairs) {
-			req, client := reqs[p/hosts], c.clients[(p%hosts)%len(c.clients)]
-			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			tok, err := client.GetToken(cctx, req)
-			cancel()
-			if ctx.Err() != nil {
-				return
-			}
-			c.requests.Add(1)
-			if err != nil {
-				c.errs.Add(1)
-				c.note(&c.firstErr, err.Error())
-				continue
-			}
-			if !c.verify {
-				continue
-			}
-			// Signed by this upstream, unexpired, for the key asked for:
-			// neither stale nor another key's token.
-			if cl, err := c.fake.Verify(tok.GetToken()); err != nil {
-				c.bad.Add(1)
-				c.note(&c.firstBad, err.Error())
-			} else if cl.CompanyID != req.CompanyId {
-				c.bad.Add(1)
-				c.note(&c.firstBad, "token of "+cl.CompanyID+" served for "+req.CompanyId)
-			}
+		p := c.nextPair(len(reqs) * hosts)
+		req, client := reqs[p/hosts], c.clients[(p%hosts)%len(c.clients)]
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		tok, err := client.GetToken(cctx, req)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		c.requests.Add(1)
+		if err != nil {
+			c.errs.Add(1)
+			c.note(&c.firstErr, err.Error())
+			continue
+		}
+		if !c.verify {
+			continue
+		}
+		// Signed by this upstream, unexpired, for the key asked for:
+		// neither stale nor another key's token.
+		if cl, err := c.fake.Verify(tok.GetToken()); err != nil {
+			c.bad.Add(1)
+			c.note(&c.firstBad, err.Error())
+		} else if cl.CompanyID != req.CompanyId {
+			c.bad.Add(1)
+			c.note(&c.firstBad, "token of "+cl.CompanyID+" served for "+req.CompanyId)
 		}
 	}
+}
+
+// nextPair is the next pair of the walk, starting a new random walk of
+// the pairs once one ends.
+func (c *fleetLoad) nextPair(pairs int) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.next == len(c.walk) {
+		c.walk, c.next = mrand.Perm(pairs), 0
+	}
+	c.next++
+	return c.walk[c.next-1]
 }
 
 func (c *fleetLoad) note(first *string, msg string) {
@@ -364,6 +382,8 @@ func waitConnected(ctx context.Context, hosts []*proc, limit time.Duration) (flo
 func (b *bench) adoptLatency(ctx context.Context, fl *fleetLoad) (fleetAdopt, error) {
 	n := b.o.fleetAdoptKeys
 	rep := fleetAdopt{Keys: n, Hosts: len(fl.hosts) - 1}
+	// The upstream sees the warm-up's calls only: a host that minted
+	// instead of adopting would add to them.
 	reqs := make([]*tokendv1.GetTokenRequest, n)
 	for i := range reqs {
 		reqs[i] = &tokendv1.GetTokenRequest{CompanyId: fmt.Sprintf("biz_fa%05d", i), ScopedActions: benchScopes, MinTtl: noMinTTL}
@@ -410,24 +430,25 @@ func (b *bench) adoptLatency(ctx context.Context, fl *fleetLoad) (fleetAdopt, er
 	return rep, nil
 }
 
-// fleetRateLimit starts hosts of a fleet whose --upstream-rate and
-// --upstream-burst are the fleet's budget, asks each for its own cold keys
-// at once, and counts what reached the upstream in every 1 s window.
-func (b *bench) fleetRateLimit(ctx context.Context, fake *whoptest.Server, fleetFlags []string) (fleetRate, error) {
+// fleetBudget starts hosts of a fleet whose --upstream-rate and
+// --upstream-burst are the fleet's budget. It times a local miss answered
+// from Redis on them, then asks each for its own cold keys at once and
+// counts what reached the upstream in every 1 s window.
+func (b *bench) fleetBudget(ctx context.Context, fake *whoptest.Server, fleetFlags []string) (fleetAdopt, fleetRate, error) {
 	o := b.o
 	rep := fleetRate{Hosts: o.fleetHosts, KeysPerHost: o.fleetColdKeys, Rate: o.fleetRate, Burst: o.fleetBurst}
-	flags := append(limitFlags(o.fleetRate, o.fleetBurst, 8), fleetFlags...)
-	rep.TokendFlags = limitFlags(o.fleetRate, o.fleetBurst, 8)
-	var hosts []*proc
+	limits := limitFlags(o.fleetRate, o.fleetBurst, 8)
+	rep.TokendFlags = limits
+	fl := &fleetLoad{name: "budget", fake: fake}
 	for i := range o.fleetHosts {
-		p, _, err := b.startTokendOn(fake, "fl-rate-"+strconv.Itoa(i), slices.Clone(flags), true)
+		p, _, err := b.startTokendOn(fake, "fl-budget-"+strconv.Itoa(i), append(slices.Clone(limits), fleetFlags...), true)
 		if err != nil {
-			return rep, err
+			return fleetAdopt{}, rep, err
 		}
-		hosts = append(hosts, p)
+		fl.hosts = append(fl.hosts, p)
 	}
 	defer func() {
-		for _, p := range hosts {
+		for _, p := range fl.hosts {
 			p.stop()
 		}
 	}()
@@ -435,30 +456,43 @@ func (b *bench) fleetRateLimit(ctx context.Context, fake *whoptest.Server, fleet
 		clients []tokendv1.TokenServiceClient
 		reqs    []*tokendv1.GetTokenRequest
 	}
-	loads := make([]hostLoad, len(hosts))
-	for h, p := range hosts {
+	loads := make([]hostLoad, len(fl.hosts))
+	for h, p := range fl.hosts {
 		if _, err := p.waitReady(ctx, fleetReady(true)); err != nil {
-			return rep, err
+			return fleetAdopt{}, rep, err
 		}
 		clients, closeC, err := connect(p.socket, missConns)
 		if err != nil {
-			return rep, err
+			return fleetAdopt{}, rep, err
 		}
 		defer closeC()
 		if err := warmConns(ctx, clients); err != nil {
-			return rep, err
+			return fleetAdopt{}, rep, err
 		}
 		loads[h].clients = clients
+		fl.clients = append(fl.clients, clients[0])
 		for i := range o.fleetColdKeys {
 			loads[h].reqs = append(loads[h].reqs, &tokendv1.GetTokenRequest{CompanyId: fmt.Sprintf("biz_fr%d_%05d", h, i), ScopedActions: benchScopes, MinTtl: noMinTTL})
 		}
+	}
+	adopt, err := b.adoptLatency(ctx, fl)
+	if err != nil {
+		return adopt, rep, err
+	}
+	// The budget refills before the burst.
+	if err := sleep(ctx, time.Duration(float64(o.fleetBurst)/o.fleetRate*float64(time.Second))+100*time.Millisecond); err != nil {
+		return adopt, rep, err
+	}
+	before, err := statuses(ctx, fl.hosts)
+	if err != nil {
+		return adopt, rep, err
 	}
 	total := o.fleetHosts * o.fleetColdKeys
 	bound := limiterBound(total, o.fleetRate, o.fleetBurst, 1<<30, 0)
 	rep.LimiterBoundSeconds = bound.Seconds()
 	b.logf("fleet rate limit: %d hosts x %d cold keys at once under a fleet budget of %g/s, burst %d (about %.1fs)", o.fleetHosts, o.fleetColdKeys, o.fleetRate, o.fleetBurst, bound.Seconds())
 	fake.ResetCounters()
-	results := make([]loadResult, len(hosts))
+	results := make([]loadResult, len(loads))
 	var wg sync.WaitGroup
 	t0 := time.Now()
 	for h := range loads {
@@ -480,7 +514,18 @@ func (b *bench) fleetRateLimit(ctx context.Context, fake *whoptest.Server, fleet
 		at[i] = c.At
 	}
 	rep.MaxPerSecond, rep.SustainedPerSecond = windowRates(at, o.fleetBurst)
-	return rep, ctx.Err()
+	after, err := statuses(ctx, fl.hosts)
+	if err != nil {
+		return adopt, rep, err
+	}
+	for i := range after {
+		rep.RateLimited += after[i].GetRateLimited() - before[i].GetRateLimited()
+		rep.RedisErrors += after[i].GetRedisErrors() - before[i].GetRedisErrors()
+		if !after[i].GetConnected() {
+			rep.Disconnected++
+		}
+	}
+	return adopt, rep, ctx.Err()
 }
 
 // windowRates is the most calls in any 1 s window starting at a call, and

@@ -144,8 +144,9 @@ type fleetReport struct {
 	OtherErrors int64  `json:"errors_single_and_alone"`
 	// Tampered is the hosts' count of values in Redis that did not unseal.
 	Tampered uint64 `json:"tampered"`
-	// Rejoined is how long after the load every host said connected.
-	Rejoined  float64    `json:"rejoined_seconds_after_load"`
+	// Rejoined is how long after redis-server's restart every host said
+	// connected; the "redis back" phase starts then.
+	Rejoined  float64    `json:"rejoined_seconds"`
 	Adopt     fleetAdopt `json:"adopt"`
 	RateLimit fleetRate  `json:"rate_limit"`
 }
@@ -201,6 +202,13 @@ type fleetRate struct {
 	// MaxPerSecond is the most calls the upstream saw in any 1 s window.
 	MaxPerSecond       int     `json:"max_calls_per_1s_window"`
 	SustainedPerSecond float64 `json:"sustained_calls_per_second"`
+	// RateLimited and RedisErrors are the hosts' fleet counters during the
+	// burst: calls the shared budget held back, and failed Redis calls
+	// (after which a host uses its own limiter); Disconnected counts hosts
+	// whose fleet tier was not connected at the end.
+	RateLimited  uint64 `json:"rate_limited"`
+	RedisErrors  uint64 `json:"redis_errors"`
+	Disconnected int    `json:"hosts_disconnected"`
 }
 
 // target is one of issue 7's targets and whether this run met it.
@@ -403,8 +411,8 @@ func printFleet(out io.Writer, f fleetReport) {
 			p.Name, p.Seconds, p.Lifetimes, p.Single, p.Alone, p.Fleet, ratio(p.Fleet, p.Single), p.SingleCalls, p.AloneCalls, p.FleetCalls, p.Requests, p.Errors)
 	}
 	tw.Flush()
-	fmt.Fprintf(out, "redis-server killed at the start of \"redis down\", restarted at the start of \"redis back\"; fleet hosts: %d errors, %d served tokens that failed the upstream's check (signature, expiry, subject), %d tampered values; all connected again %.2fs after the load\n",
-		f.Errors, f.BadTokens, f.Tampered, f.Rejoined)
+	fmt.Fprintf(out, "redis-server killed at the start of \"redis down\" and restarted at its end; every host connected again %.2fs later, when \"redis back\" started; fleet hosts over all phases: %d errors, %d served tokens that failed the upstream's check (signature, expiry, subject), %d tampered values\n",
+		f.Rejoined, f.Errors, f.BadTokens, f.Tampered)
 	if f.FirstError != "" || f.FirstBad != "" {
 		fmt.Fprintf(out, "first error: %s; first bad token: %s\n", orNone(f.FirstError), orNone(f.FirstBad))
 	}
@@ -414,6 +422,7 @@ func printFleet(out io.Writer, f fleetReport) {
 	rl := f.RateLimit
 	fmt.Fprintf(out, "fleet budget: %d hosts x %d cold keys at once, every host %s: %d upstream calls in %.2fs (bound %.2fs), at most %d in any 1 s, %.1f/s sustained; %d errors\n",
 		rl.Hosts, rl.KeysPerHost, strings.Join(rl.TokendFlags, " "), rl.UpstreamCalls, rl.Seconds, rl.LimiterBoundSeconds, rl.MaxPerSecond, rl.SustainedPerSecond, rl.Errors)
+	fmt.Fprintf(out, "fleet budget: held back by the shared budget %d times; %d Redis errors; %d hosts not connected at the end\n", rl.RateLimited, rl.RedisErrors, rl.Disconnected)
 	if rl.FirstError != "" {
 		fmt.Fprintf(out, "fleet budget first error: %s\n", rl.FirstError)
 	}
