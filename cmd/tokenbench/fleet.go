@@ -87,80 +87,61 @@ func (b *bench) fleet(ctx context.Context) (fleetReport, error) {
 	common := append(limitFlags(1e6, 100_000, 64), "--token-lifetime", L.String())
 	rep.TokendFlags = append(slices.Clone(common), fleetFlags[0], "unix://…/redis.sock", fleetFlags[2], "…/fleet.key")
 
-	configs := []*fleetLoad{{name: "single"}, {name: "alone"}, {name: "fleet", verify: true}}
-	for _, c := range configs {
-		if c.fake, err = whoptest.NewServer(whoptest.Config{Keys: map[string][]string{b.apiKey: nil}}); err != nil {
-			return rep, err
-		}
-		defer c.fake.Close()
-		n := o.fleetHosts
-		if c.name == "single" {
-			n = 1
-		}
-		for i := range n {
-			flags := slices.Clone(common)
-			if c.name == "fleet" {
-				flags = append(flags, fleetFlags...)
-			}
-			p, _, err := b.startTokendOn(c.fake, fmt.Sprintf("fl-%s-%d", c.name, i), flags, true)
-			if err != nil {
-				return rep, err
-			}
-			c.hosts = append(c.hosts, p)
-		}
-	}
-	b.logf("fleet: started %d tokend processes; %d keys, token lifetime %v, redis-server on %s", 1+2*o.fleetHosts, o.fleetKeys, L, rs.Socket)
-	for _, c := range configs {
-		for _, p := range c.hosts {
-			if _, err := p.waitReady(ctx, fleetReady(c.name == "fleet")); err != nil {
-				return rep, err
-			}
-			cl, closeC, err := connect(p.socket, 1)
-			if err != nil {
-				return rep, err
-			}
-			c.clients = append(c.clients, cl[0])
-			prev := c.close
-			c.close = func() {
-				closeC()
-				if prev != nil {
-					prev()
-				}
-			}
-		}
-		defer c.close()
-	}
-
 	reqs := make([]*tokendv1.GetTokenRequest, o.fleetKeys)
 	for i := range reqs {
 		reqs[i] = &tokendv1.GetTokenRequest{CompanyId: fmt.Sprintf("biz_f%05d", i), ScopedActions: benchScopes, MinTtl: noMinTTL}
 	}
-	lctx, stopLoad := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	for _, c := range configs {
-		for range fleetWorkers {
-			wg.Go(func() { c.load(lctx, reqs, o.fleetHosts) })
+
+	// First the fleet beside a single host under the same load, through
+	// every phase; then the hosts alone, which need no Redis and mint 8
+	// times as much: run beside the fleet, their load on this machine's
+	// two cores would slow the fleet's Redis calls past their timeout.
+	single, fl := &fleetLoad{name: "single"}, &fleetLoad{name: "fleet", verify: true}
+	for _, c := range []*fleetLoad{single, fl} {
+		n, flags := 1, slices.Clone(common)
+		if c == fl {
+			n, flags = o.fleetHosts, append(flags, fleetFlags...)
+		}
+		err := b.startFleetLoad(ctx, c, n, flags)
+		defer c.done()
+		if err != nil {
+			return rep, err
 		}
 	}
-	stop := func() { stopLoad(); wg.Wait() }
-	defer stop()
-
-	// Warm-up: every key minted and spread, then refresh cycles in each
-	// phase. Each phase is read off counters while the load goes on.
-	b.logf("fleet: warming up for half a lifetime (%v)", L/2)
-	if err := sleep(ctx, L/2); err != nil {
+	b.logf("fleet: %d keys over %d hosts of a fleet and one single host, token lifetime %v, redis-server on %s", o.fleetKeys, o.fleetHosts, L, rs.Socket)
+	stopLoad := runFleetLoad(ctx, []*fleetLoad{single, fl}, reqs, o.fleetHosts)
+	defer stopLoad()
+	if err := sleep(ctx, L/2); err != nil { // every key minted and spread
 		return rep, err
 	}
-	phase := func(name string, d time.Duration) (fleetPhase, error) {
+	phase := func(name string, d time.Duration, configs ...*fleetLoad) (fleetPhase, error) {
+		ph := fleetPhase{Name: name}
 		before := snapshot(configs)
+		var st0 []*tokendv1.FleetStatus
+		if configs[len(configs)-1] == fl {
+			st0, _ = statuses(ctx, fl.hosts)
+		}
 		t0 := time.Now()
 		err := sleep(ctx, d)
-		ph := phaseOf(name, before, snapshot(configs), time.Since(t0), L, o.fleetKeys)
-		b.logf("fleet %s (%.1fs): upstream calls per key per lifetime: single host %.3f, %d hosts alone %.3f, %d hosts with the fleet %.3f; %d requests, %d errors",
-			name, ph.Seconds, ph.Single, o.fleetHosts, ph.Alone, o.fleetHosts, ph.Fleet, ph.Requests, ph.Errors)
+		ph.fill(before, snapshot(configs), time.Since(t0), L, o.fleetKeys)
+		if st0 != nil {
+			st1, serr := statuses(ctx, fl.hosts)
+			if serr != nil {
+				return ph, serr
+			}
+			for i := range st1 {
+				ph.RedisErrors += st1[i].GetRedisErrors() - st0[i].GetRedisErrors()
+				ph.Degraded += st1[i].GetDegraded() - st0[i].GetDegraded()
+				ph.Adopted += st1[i].GetAdopted() - st0[i].GetAdopted()
+				if st1[i].GetConnected() {
+					ph.ConnectedAtEnd++
+				}
+			}
+		}
+		b.logf("fleet %s (%.1fs): upstream calls per key per lifetime: single host %.3f, %d hosts alone %.3f, %d hosts with the fleet %.3f; %d requests, %d errors; fleet: %d adopted, %d Redis errors, %d times degraded, %d connected at the end",
+			name, ph.Seconds, ph.Single, o.fleetHosts, ph.Alone, o.fleetHosts, ph.Fleet, ph.Requests, ph.Errors, ph.Adopted, ph.RedisErrors, ph.Degraded, ph.ConnectedAtEnd)
 		return ph, err
 	}
-	fl := configs[2]
 	for _, step := range []struct {
 		name string
 		d    time.Duration
@@ -173,13 +154,14 @@ func (b *bench) fleet(ctx context.Context) (fleetReport, error) {
 			if err := rs.Restart(); err != nil {
 				return err
 			}
+			var err error
 			rep.Rejoined, err = waitConnected(ctx, fl.hosts, 30*time.Second)
 			b.logf("fleet: redis-server restarted; every host connected again after %.2fs", rep.Rejoined)
 			return err
 		}},
 		{"redis back", L, nil},
 	} {
-		ph, err := phase(step.name, step.d)
+		ph, err := phase(step.name, step.d, single, fl)
 		rep.Phases = append(rep.Phases, ph)
 		if err != nil {
 			return rep, err
@@ -190,11 +172,9 @@ func (b *bench) fleet(ctx context.Context) (fleetReport, error) {
 			}
 		}
 	}
-	stop()
+	stopLoad()
 	rep.Errors, rep.BadTokens, rep.FirstError, rep.FirstBad = fl.errs.Load(), fl.bad.Load(), fl.firstErr, fl.firstBad
-	for _, c := range configs[:2] {
-		rep.OtherErrors += c.errs.Load()
-	}
+	rep.OtherErrors = single.errs.Load()
 	sts, err := statuses(ctx, fl.hosts)
 	if err != nil {
 		return rep, err
@@ -202,15 +182,35 @@ func (b *bench) fleet(ctx context.Context) (fleetReport, error) {
 	for _, st := range sts {
 		rep.Tampered += st.GetTampered()
 	}
-
-	for _, c := range configs {
-		c.close()
-		for _, p := range c.hosts {
-			if err := p.stop(); err != nil {
-				return rep, err
-			}
+	for _, c := range []*fleetLoad{single, fl} {
+		if err := c.stop(); err != nil {
+			return rep, err
 		}
 	}
+
+	alone := &fleetLoad{name: "alone"}
+	err = b.startFleetLoad(ctx, alone, o.fleetHosts, slices.Clone(common))
+	defer alone.done()
+	if err != nil {
+		return rep, err
+	}
+	b.logf("fleet: the same load on %d hosts alone (no --fleet-redis)", o.fleetHosts)
+	stopLoad = runFleetLoad(ctx, []*fleetLoad{alone}, reqs, o.fleetHosts)
+	if err := sleep(ctx, L/2); err != nil {
+		stopLoad()
+		return rep, err
+	}
+	ph, err := phase("steady", 2*L, alone)
+	stopLoad()
+	rep.AloneSteady = ph
+	rep.OtherErrors += alone.errs.Load()
+	if err != nil {
+		return rep, err
+	}
+	if err := alone.stop(); err != nil {
+		return rep, err
+	}
+	rep.Phases[0].Alone, rep.Phases[0].AloneCalls = ph.Alone, ph.AloneCalls
 	// A fresh Redis and hosts with tokend's default lifetime (an hour), so
 	// that no refresh falls in what follows.
 	if err := rs.Restart(); err != nil {
@@ -218,6 +218,76 @@ func (b *bench) fleet(ctx context.Context) (fleetReport, error) {
 	}
 	rep.Adopt, rep.RateLimit, err = b.fleetBudget(ctx, fl.fake, fleetFlags)
 	return rep, err
+}
+
+// startFleetLoad gives c its own fake upstream and n hosts with flags,
+// each with one connection.
+func (b *bench) startFleetLoad(ctx context.Context, c *fleetLoad, n int, flags []string) error {
+	var err error
+	if c.fake, err = whoptest.NewServer(whoptest.Config{Keys: map[string][]string{b.apiKey: nil}}); err != nil {
+		return err
+	}
+	for i := range n {
+		p, _, err := b.startTokendOn(c.fake, fmt.Sprintf("fl-%s-%d", c.name, i), slices.Clone(flags), true)
+		if err != nil {
+			return err
+		}
+		c.hosts = append(c.hosts, p)
+	}
+	var conns []func()
+	c.close = func() {
+		for _, f := range conns {
+			f()
+		}
+	}
+	for _, p := range c.hosts {
+		if _, err := p.waitReady(ctx, fleetReady(slices.Contains(flags, "--fleet-redis"))); err != nil {
+			return err
+		}
+		cl, closeC, err := connect(p.socket, 1)
+		if err != nil {
+			return err
+		}
+		conns = append(conns, closeC)
+		c.clients = append(c.clients, cl[0])
+	}
+	return nil
+}
+
+// stop closes c's connections and stops its hosts; the fake stays up for
+// its counters and Verify until the bench ends. It is safe to call more
+// than once.
+func (c *fleetLoad) stop() error {
+	if c.close != nil {
+		c.close()
+		c.close = nil
+	}
+	var errs []error
+	for _, p := range c.hosts {
+		errs = append(errs, p.stop())
+	}
+	return errors.Join(errs...)
+}
+
+// done stops c and closes its fake upstream.
+func (c *fleetLoad) done() {
+	c.stop()
+	if c.fake != nil {
+		c.fake.Close()
+	}
+}
+
+// runFleetLoad starts fleetWorkers callers on each configuration; the
+// returned function stops them and waits (it may be called again).
+func runFleetLoad(ctx context.Context, configs []*fleetLoad, reqs []*tokendv1.GetTokenRequest, hosts int) (stop func()) {
+	lctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	for _, c := range configs {
+		for range fleetWorkers {
+			wg.Go(func() { c.load(lctx, reqs, hosts) })
+		}
+	}
+	return func() { cancel(); wg.Wait() }
 }
 
 // fleetReady: health SERVING and, for a host of the fleet, connected.
@@ -291,33 +361,37 @@ func (c *fleetLoad) note(first *string, msg string) {
 	}
 }
 
-// counters are each configuration's upstream calls, requests and errors.
-type counters struct{ calls, requests, errs [3]int64 }
+// counters are each configuration's upstream calls, requests and errors,
+// by its name.
+type counters map[string][3]int64
 
 func snapshot(configs []*fleetLoad) counters {
-	var s counters
-	for i, c := range configs {
-		s.calls[i] = int64(c.fake.CallCount())
-		s.requests[i] = c.requests.Load()
-		s.errs[i] = c.errs.Load()
+	s := counters{}
+	for _, c := range configs {
+		s[c.name] = [3]int64{int64(c.fake.CallCount()), c.requests.Load(), c.errs.Load()}
 	}
 	return s
 }
 
-// phaseOf turns the counters around a phase into upstream calls per key
-// per token lifetime.
-func phaseOf(name string, a, b counters, d, lifetime time.Duration, keys int) fleetPhase {
-	per := func(i int) float64 {
-		return round(float64(b.calls[i]-a.calls[i])/float64(keys)/(d.Seconds()/lifetime.Seconds()), 3)
+// fill turns the counters around a phase into upstream calls per key per
+// token lifetime of each configuration that ran.
+func (ph *fleetPhase) fill(a, b counters, d, lifetime time.Duration, keys int) {
+	ph.Seconds, ph.Lifetimes = round(d.Seconds(), 2), round(d.Seconds()/lifetime.Seconds(), 2)
+	for name, after := range b {
+		before := a[name]
+		calls := after[0] - before[0]
+		per := round(float64(calls)/float64(keys)/(d.Seconds()/lifetime.Seconds()), 3)
+		switch name {
+		case "single":
+			ph.Single, ph.SingleCalls = per, calls
+		case "alone":
+			ph.Alone, ph.AloneCalls = per, calls
+		case "fleet":
+			ph.Fleet, ph.FleetCalls = per, calls
+		}
+		ph.Requests += after[1] - before[1]
+		ph.Errors += after[2] - before[2]
 	}
-	ph := fleetPhase{Name: name, Seconds: round(d.Seconds(), 2), Lifetimes: round(d.Seconds()/lifetime.Seconds(), 2),
-		Single: per(0), Alone: per(1), Fleet: per(2),
-		SingleCalls: b.calls[0] - a.calls[0], AloneCalls: b.calls[1] - a.calls[1], FleetCalls: b.calls[2] - a.calls[2]}
-	for i := range 3 {
-		ph.Requests += b.requests[i] - a.requests[i]
-		ph.Errors += b.errs[i] - a.errs[i]
-	}
-	return ph
 }
 
 func sleep(ctx context.Context, d time.Duration) error {
