@@ -91,7 +91,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	}
 	fs.StringVar(&o.tokend, "tokend", "", "tokend binary to benchmark (default: go build ./cmd/tokend into a temporary directory)")
 	fs.StringVar(&o.jsonPath, "json", "tokenbench.json", "where to write the machine-readable summary")
-	fs.BoolVar(&o.quick, "quick", false, "short run for tests: 300ms per hit point, 3s idle, 10,000 entries, 100 fleet keys with 3s tokens (explicit flags still win)")
+	fs.BoolVar(&o.quick, "quick", false, "short run for tests: 300ms per hit point, 3s idle, 10,000 entries, 100 fleet keys with 2s tokens (explicit flags still win)")
 	fs.IntVar(&o.keys, "keys", 64, "warm keys the hit load cycles through")
 	fs.DurationVar(&o.duration, "duration", 3*time.Second, "measured duration of each hit point")
 	fs.DurationVar(&o.warmup, "warmup", 500*time.Millisecond, "unmeasured load before each hit point")
@@ -106,7 +106,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.writeRecords, "writes", 10_000, "records persisted in the write test")
 	fs.IntVar(&o.fleetHosts, "fleet-hosts", 8, "tokend hosts sharing one redis-server in the fleet section")
 	fs.IntVar(&o.fleetKeys, "fleet-keys", 1000, "keys the fleet section's load spreads over its hosts")
-	fs.DurationVar(&o.fleetLifetime, "fleet-token-lifetime", 10*time.Second, "tokend --token-lifetime in the fleet section's load, which runs for 4.5 lifetimes (half of one to warm up, 2 steady, 1 with Redis down, 1 after it is back)")
+	fs.DurationVar(&o.fleetLifetime, "fleet-token-lifetime", 8*time.Second, "tokend --token-lifetime in the fleet section's load, which runs for 6 lifetimes (on the fleet: half of one to warm up, 2 steady, 1 with Redis down, 1 after it is back; then on hosts alone: half to warm up, 1 steady)")
 	fs.IntVar(&o.fleetAdoptKeys, "fleet-adopt-keys", 200, "keys minted on one host of the fleet and asked of every other, to time a local miss answered from Redis")
 	fs.IntVar(&o.fleetColdKeys, "fleet-cold-keys", 1000, "cold keys each host of the fleet is asked for at once in the fleet rate-limit test")
 	fs.Float64Var(&o.fleetRate, "fleet-upstream-rate", 800, "fleet budget (--upstream-rate of every host) in the fleet rate-limit test, calls per second")
@@ -140,9 +140,9 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 			"warmup":        func() { o.warmup = 100 * time.Millisecond },
 			"idle-duration": func() { o.idle = 3 * time.Second },
 			"entries":       func() { o.entries = 10_000 },
-			// 13.5 s of fleet load: 100 keys, 3 s tokens.
+			// 12 s of fleet load: 100 keys, 2 s tokens.
 			"fleet-keys":           func() { o.fleetKeys = 100 },
-			"fleet-token-lifetime": func() { o.fleetLifetime = 3 * time.Second },
+			"fleet-token-lifetime": func() { o.fleetLifetime = 2 * time.Second },
 			"fleet-adopt-keys":     func() { o.fleetAdoptKeys = 50 },
 			"fleet-cold-keys":      func() { o.fleetColdKeys = 100 },
 			"fleet-upstream-rate":  func() { o.fleetRate = 400 },

@@ -51,6 +51,8 @@ type fleetLoad struct {
 	walk                []int
 	next                int
 	requests, errs, bad atomic.Int64
+	// slowest is the longest GetToken since the last phase began, in ns.
+	slowest atomic.Int64
 	mu                  sync.Mutex
 	firstErr, firstBad  string
 }
@@ -123,7 +125,11 @@ func (b *bench) fleet(ctx context.Context) (fleetReport, error) {
 		}
 		t0 := time.Now()
 		err := sleep(ctx, d)
-		ph.fill(before, snapshot(configs), time.Since(t0), L, o.fleetKeys)
+		slowest := time.Duration(configs[len(configs)-1].slowest.Load())
+		after := snapshot(configs)
+		ph.fill(before, after, time.Since(t0), L, o.fleetKeys)
+		last := configs[len(configs)-1].name
+		ph.HostRequests, ph.SlowestMs = after[last][1]-before[last][1], round(float64(slowest)/1e6, 1)
 		if st0 != nil {
 			st1, serr := statuses(ctx, fl.hosts)
 			if serr != nil {
@@ -138,8 +144,8 @@ func (b *bench) fleet(ctx context.Context) (fleetReport, error) {
 				}
 			}
 		}
-		b.logf("fleet %s (%.1fs): upstream calls per key per lifetime: single host %.3f, %d hosts alone %.3f, %d hosts with the fleet %.3f; %d requests, %d errors; fleet: %d adopted, %d Redis errors, %d times degraded, %d connected at the end",
-			name, ph.Seconds, ph.Single, o.fleetHosts, ph.Alone, o.fleetHosts, ph.Fleet, ph.Requests, ph.Errors, ph.Adopted, ph.RedisErrors, ph.Degraded, ph.ConnectedAtEnd)
+		b.logf("fleet %s (%.1fs): upstream calls per key per lifetime: single host %.3f, %d hosts alone %.3f, %d hosts with the fleet %.3f; %d requests (%s %d, slowest %.1fms), %d errors; fleet: %d adopted, %d Redis errors, %d times degraded, %d connected at the end",
+			name, ph.Seconds, ph.Single, o.fleetHosts, ph.Alone, o.fleetHosts, ph.Fleet, ph.Requests, last, ph.HostRequests, ph.SlowestMs, ph.Errors, ph.Adopted, ph.RedisErrors, ph.Degraded, ph.ConnectedAtEnd)
 		return ph, err
 	}
 	for _, step := range []struct {
@@ -200,7 +206,7 @@ func (b *bench) fleet(ctx context.Context) (fleetReport, error) {
 		stopLoad()
 		return rep, err
 	}
-	ph, err := phase("steady", 2*L, alone)
+	ph, err := phase("steady", L, alone)
 	stopLoad()
 	rep.AloneSteady = ph
 	rep.OtherErrors += alone.errs.Load()
@@ -315,10 +321,14 @@ func (c *fleetLoad) load(ctx context.Context, reqs []*tokendv1.GetTokenRequest, 
 		p := c.nextPair(len(reqs) * hosts)
 		req, client := reqs[p/hosts], c.clients[(p%hosts)%len(c.clients)]
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		t0 := time.Now()
 		tok, err := client.GetToken(cctx, req)
+		took := int64(time.Since(t0))
 		cancel()
 		if ctx.Err() != nil {
 			return
+		}
+		for old := c.slowest.Load(); took > old && !c.slowest.CompareAndSwap(old, took); old = c.slowest.Load() {
 		}
 		c.requests.Add(1)
 		if err != nil {
@@ -368,6 +378,7 @@ type counters map[string][3]int64
 func snapshot(configs []*fleetLoad) counters {
 	s := counters{}
 	for _, c := range configs {
+		c.slowest.Store(0)
 		s[c.name] = [3]int64{int64(c.fake.CallCount()), c.requests.Load(), c.errs.Load()}
 	}
 	return s

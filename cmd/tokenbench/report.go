@@ -134,8 +134,8 @@ type fleetReport struct {
 	// Phases: steady, redis down (killed at its start), redis back
 	// (restarted before it, once every host rejoined), each of the fleet
 	// and the single host under the same load at the same time. The hosts
-	// alone ran the steady phase's load afterwards (AloneSteady; its
-	// figure is also in Phases[0].Alone).
+	// alone ran the same load afterwards, for one lifetime (AloneSteady;
+	// its figure is also in Phases[0].Alone).
 	Phases      []fleetPhase `json:"phases"`
 	AloneSteady fleetPhase   `json:"alone_steady"`
 	// Errors and BadTokens are the fleet hosts' over every phase: failed
@@ -169,6 +169,10 @@ type fleetPhase struct {
 	FleetCalls  int64   `json:"hosts_fleet_calls"`
 	Requests    int64   `json:"requests"`
 	Errors      int64   `json:"errors"`
+	// HostRequests and SlowestMs are the fleet's (or, in AloneSteady, the
+	// hosts alone's): answered GetTokens and the longest one.
+	HostRequests int64   `json:"host_requests"`
+	SlowestMs    float64 `json:"slowest_ms"`
 	// The fleet hosts' counters over the phase, and how many said
 	// connected at its end.
 	Adopted        uint64 `json:"fleet_adopted"`
@@ -415,19 +419,19 @@ func printFleet(out io.Writer, f fleetReport) {
 	fmt.Fprintf(out, "\nFleet: %d keys over %d hosts, %d closed-loop callers per configuration, token lifetime %gs; tokend %s\n",
 		f.Keys, f.Hosts, f.WorkersPerConfig, f.LifetimeSeconds, strings.Join(f.TokendFlags, " "))
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "phase\tseconds\tlifetimes\tupstream calls per key per lifetime: single host\thosts alone\thosts + fleet\tfleet / single\tcalls (single/alone/fleet)\trequests\terrors\tfleet: adopted\tredis errors\tdegraded\tconnected at end")
+	fmt.Fprintln(tw, "phase\tseconds\tlifetimes\tupstream calls per key per lifetime: single host\thosts alone\thosts + fleet\tfleet / single\tcalls (single/alone/fleet)\trequests (fleet)\tslowest\terrors\tfleet: adopted\tredis errors\tdegraded\tconnected at end")
 	for _, p := range f.Phases {
 		alone := "-"
 		if p.AloneCalls > 0 {
 			alone = fmt.Sprintf("%.3f", p.Alone)
 		}
-		fmt.Fprintf(tw, "%s\t%.1f\t%.2f\t%.3f\t%s\t%.3f\t%.2f\t%d / %d / %d\t%d\t%d\t%d\t%d\t%d\t%d of %d\n",
-			p.Name, p.Seconds, p.Lifetimes, p.Single, alone, p.Fleet, ratio(p.Fleet, p.Single), p.SingleCalls, p.AloneCalls, p.FleetCalls, p.Requests, p.Errors,
+		fmt.Fprintf(tw, "%s\t%.1f\t%.2f\t%.3f\t%s\t%.3f\t%.2f\t%d / %d / %d\t%d (%d)\t%.1fms\t%d\t%d\t%d\t%d\t%d of %d\n",
+			p.Name, p.Seconds, p.Lifetimes, p.Single, alone, p.Fleet, ratio(p.Fleet, p.Single), p.SingleCalls, p.AloneCalls, p.FleetCalls, p.Requests, p.HostRequests, p.SlowestMs, p.Errors,
 			p.Adopted, p.RedisErrors, p.Degraded, p.ConnectedAtEnd, f.Hosts)
 	}
 	tw.Flush()
 	a0 := f.AloneSteady
-	fmt.Fprintf(out, "hosts alone: the steady phase's load afterwards on %d hosts without --fleet-redis, %.1fs: %d upstream calls, %d requests, %d errors\n", f.Hosts, a0.Seconds, a0.AloneCalls, a0.Requests, a0.Errors)
+	fmt.Fprintf(out, "hosts alone: the same load afterwards on %d hosts without --fleet-redis, %.1fs: %d upstream calls, %d requests, %d errors\n", f.Hosts, a0.Seconds, a0.AloneCalls, a0.Requests, a0.Errors)
 	fmt.Fprintf(out, "redis-server killed at the start of \"redis down\" and restarted at its end; every host connected again %.2fs later, when \"redis back\" started; fleet hosts over all phases: %d errors, %d served tokens that failed the upstream's check (signature, expiry, subject), %d tampered values\n",
 		f.Rejoined, f.Errors, f.BadTokens, f.Tampered)
 	if f.FirstError != "" || f.FirstBad != "" {
