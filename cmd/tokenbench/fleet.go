@@ -52,9 +52,9 @@ type fleetLoad struct {
 	next                int
 	requests, errs, bad atomic.Int64
 	// slowest is the longest GetToken since the last phase began, in ns.
-	slowest atomic.Int64
-	mu                  sync.Mutex
-	firstErr, firstBad  string
+	slowest            atomic.Int64
+	mu                 sync.Mutex
+	firstErr, firstBad string
 }
 
 // fleet runs the fleet section: a single host, 8 hosts alone and 8 hosts
