@@ -159,7 +159,7 @@ func checkFleet(t *testing.T, f fleetReport) {
 	if st := f.Phases[0]; st.AloneCalls == 0 || st.FleetCalls >= st.AloneCalls {
 		t.Errorf("fleet steady: %d upstream calls with the fleet, %d alone; the fleet should share its tokens", st.FleetCalls, st.AloneCalls)
 	}
-	if a := f.Adopt; a.Keys != 50 || a.Adopted != a.Keys*a.Hosts || a.UpstreamCalls != 0 || a.Result.Errors != 0 || a.Result.P99us <= 0 {
+	if a := f.Adopt; a.Keys != 50 || a.Adopted != a.Keys*a.Hosts || a.UpstreamCalls != 0 || a.Result.Errors != 0 || a.Result.P99us <= 0 || a.Hits.Requests != a.Keys*a.Hosts {
 		t.Errorf("fleet adopt: %+v", a)
 	}
 	if rl := f.RateLimit; rl.UpstreamCalls != rl.Hosts*rl.KeysPerHost || rl.Errors != 0 || rl.Requests != rl.UpstreamCalls || rl.MaxPerSecond <= 0 {
