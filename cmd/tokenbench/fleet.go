@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -187,6 +188,9 @@ func (b *bench) fleet(ctx context.Context) (fleetReport, error) {
 	}
 	for _, st := range sts {
 		rep.Tampered += st.GetTampered()
+	}
+	if rep.Errors > 0 {
+		rep.HostLog = warnings(fl.hosts, 20)
 	}
 	for _, c := range []*fleetLoad{single, fl} {
 		if err := c.stop(); err != nil {
@@ -636,6 +640,21 @@ func windowRates(at []time.Time, burst int) (most int, sustained float64) {
 		}
 	}
 	return most, sustained
+}
+
+// warnings are the last n warning and error lines of the hosts' logs
+// (tokend logs no token or key), each prefixed with its host, to say why a
+// caller failed.
+func warnings(hosts []*proc, n int) []string {
+	var out []string
+	for _, p := range hosts {
+		for line := range strings.SplitSeq(p.Out.String(), "\n") {
+			if strings.Contains(line, "level=WARN") || strings.Contains(line, "level=ERROR") {
+				out = append(out, p.Name+": "+line)
+			}
+		}
+	}
+	return out[max(len(out)-n, 0):]
 }
 
 // redisServerFound reports whether the fleet section can run.

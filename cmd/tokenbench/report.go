@@ -146,6 +146,8 @@ type fleetReport struct {
 	FirstError  string `json:"first_error,omitempty"`
 	FirstBad    string `json:"first_bad,omitempty"`
 	OtherErrors int64  `json:"errors_single_and_alone"`
+	// HostLog is the fleet hosts' last warnings when a caller failed.
+	HostLog []string `json:"host_log,omitempty"`
 	// Tampered is the hosts' count of values in Redis that did not unseal.
 	Tampered uint64 `json:"tampered"`
 	// Rejoined is how long after redis-server's restart every host said
@@ -442,6 +444,9 @@ func printFleet(out io.Writer, f fleetReport) {
 		f.Rejoined, f.Errors, f.BadTokens, f.Tampered)
 	if f.FirstError != "" || f.FirstBad != "" {
 		fmt.Fprintf(out, "first error: %s; first bad token: %s\n", orNone(f.FirstError), orNone(f.FirstBad))
+	}
+	if len(f.HostLog) > 0 {
+		fmt.Fprintf(out, "the fleet hosts' last warnings:\n  %s\n", strings.Join(f.HostLog, "\n  "))
 	}
 	a := f.Adopt
 	fmt.Fprintf(out, "local miss answered from Redis: %d keys minted on one host, asked once of each of %d others: p50 %.2f ms, p99 %.2f ms, max %.2f ms; %d adopted, %d upstream calls, %d errors\n",
