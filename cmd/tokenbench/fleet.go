@@ -29,7 +29,7 @@ import (
 var errNoRedis = errors.New("fleet: redis-server not found: install redis-server or run --sections without fleet")
 
 // fleetWorkers is how many closed-loop callers load each configuration.
-const fleetWorkers = 4
+const fleetWorkers = 16
 
 // noMinTTL asks for whatever token is cached: with the bench's short
 // lifetimes, the default min_ttl of a minute would make every call a mint.
