@@ -143,6 +143,9 @@ type fleetReport struct {
 	// (expired, forged) or were another key's.
 	Errors      int64  `json:"errors"`
 	BadTokens   int64  `json:"bad_tokens"`
+	// Stalled: calls still unanswered after more than 1 s when the load
+	// stopped (cut off, so neither answers nor errors).
+	Stalled int64 `json:"stalled_at_stop"`
 	FirstError  string `json:"first_error,omitempty"`
 	FirstBad    string `json:"first_bad,omitempty"`
 	OtherErrors int64  `json:"errors_single_and_alone"`
@@ -374,9 +377,9 @@ func (r *Report) evaluateFleet(add addTarget) {
 	add("fleet: local miss answered from Redis", "p99 < 2 ms, all adopted, no upstream call",
 		fmt.Sprintf("p50 %.2f ms, p99 %.2f ms (as hits: %.2f, %.2f ms); %d of %d adopted, %d upstream calls, %d errors", a.Result.P50us/1000, a.Result.P99us/1000, a.Hits.P50us/1000, a.Hits.P99us/1000, a.Adopted, a.Keys*a.Hosts, a.UpstreamCalls, a.Result.Errors),
 		a.Result.P99us > 0 && a.Result.P99us < 2000 && a.Adopted == a.Keys*a.Hosts && a.UpstreamCalls == 0 && a.Result.Errors == 0)
-	add("fleet: redis-server killed and restarted", "0 errors, 0 bad tokens",
-		fmt.Sprintf("%d errors, %d bad tokens, %d tampered (single host and hosts alone: %d errors)", f.Errors, f.BadTokens, f.Tampered, f.OtherErrors),
-		f.Errors == 0 && f.BadTokens == 0 && f.Tampered == 0)
+	add("fleet: redis-server killed and restarted", "0 errors, 0 stalled, 0 bad tokens",
+		fmt.Sprintf("%d errors, %d stalled > 1 s at the end, %d bad tokens, %d tampered (single host and hosts alone: %d errors)", f.Errors, f.Stalled, f.BadTokens, f.Tampered, f.OtherErrors),
+		f.Errors == 0 && f.Stalled == 0 && f.BadTokens == 0 && f.Tampered == 0)
 	add("fleet: calls while redis is down", ">= 0.75 x hosts alone (steady)",
 		fmt.Sprintf("%.3f vs %.3f alone (%.2f x)", down.Fleet, st.Alone, ratio(down.Fleet, st.Alone)), st.Alone > 0 && down.Fleet >= 0.75*st.Alone)
 	// Few calls count only if the fleet's hosts kept answering.
@@ -443,8 +446,8 @@ func printFleet(out io.Writer, f fleetReport) {
 	tw.Flush()
 	a0 := f.AloneSteady
 	fmt.Fprintf(out, "hosts alone: the same load afterwards on %d hosts without --fleet-redis, %.1fs: %d upstream calls, %d requests, %d errors\n", f.Hosts, a0.Seconds, a0.AloneCalls, a0.Requests, a0.Errors)
-	fmt.Fprintf(out, "redis-server killed at the start of \"redis down\" and restarted at its end; every host connected again %.2fs later, when \"redis back\" started; fleet hosts over all phases: %d errors, %d served tokens that failed the upstream's check (signature, expiry, subject), %d tampered values\n",
-		f.Rejoined, f.Errors, f.BadTokens, f.Tampered)
+	fmt.Fprintf(out, "redis-server killed at the start of \"redis down\" and restarted at its end; every host connected again %.2fs later, when \"redis back\" started; fleet hosts over all phases: %d errors, %d calls unanswered after more than 1 s when the load stopped, %d served tokens that failed the upstream's check (signature, expiry, subject), %d tampered values\n",
+		f.Rejoined, f.Errors, f.Stalled, f.BadTokens, f.Tampered)
 	if f.FirstError != "" || f.FirstBad != "" {
 		fmt.Fprintf(out, "first error: %s; first bad token: %s\n", orNone(f.FirstError), orNone(f.FirstBad))
 	}
