@@ -141,11 +141,11 @@ type fleetReport struct {
 	// Errors and BadTokens are the fleet hosts' over every phase: failed
 	// calls, and served tokens that did not verify with the upstream
 	// (expired, forged) or were another key's.
-	Errors      int64  `json:"errors"`
-	BadTokens   int64  `json:"bad_tokens"`
+	Errors    int64 `json:"errors"`
+	BadTokens int64 `json:"bad_tokens"`
 	// Stalled: calls still unanswered after more than 1 s when the load
 	// stopped (cut off, so neither answers nor errors).
-	Stalled int64 `json:"stalled_at_stop"`
+	Stalled     int64  `json:"stalled_at_stop"`
 	FirstError  string `json:"first_error,omitempty"`
 	FirstBad    string `json:"first_bad,omitempty"`
 	OtherErrors int64  `json:"errors_single_and_alone"`
