@@ -151,3 +151,23 @@ func TestPauseCutByEarliestExpiry(t *testing.T) {
 		t.Fatalf("after the reload: %v", err)
 	}
 }
+
+// TestPauseNotCutForTokensLetExpire: a token whose entry failed for good
+// (or went idle) is let expire, so it does not cut a 429's pause.
+func TestPauseNotCutForTokensLetExpire(t *testing.T) {
+	g := newRig(t, func(_ *rig, c *Config) { c.Lifetime = 2 * time.Minute })
+	a := NewKey("default", "biz_gone", "", nil)
+	g.mustGet(a) // expires in 2 min
+	g.fake.Enqueue(whoptest.Fault{Status: 403})
+	g.advanceTo(g.info(a).NextRefresh)
+	g.waitFor(a, "failed for good", func(i EntryInfo) bool { return i.Failures == 1 })
+	g.mustGet(key) // 2 min from now: the one to protect
+	g.fake.Enqueue(whoptest.Fault{Status: 429, RetryAfter: "60"})
+	if _, err := g.get(NewKey("default", "biz_other", "", nil)); err == nil {
+		t.Fatal("the 429 answer gave a token")
+	}
+	c := g.r.Status().Credentials[0]
+	if left := c.PausedUntil.Sub(g.clock.Now()); strings.Contains(c.PauseReason, "cut short") || left < 59*time.Second {
+		t.Fatalf("paused %v (%q): a token let expire cut the pause", left, c.PauseReason)
+	}
+}

@@ -432,9 +432,10 @@ func (r *Refresher) pauseLimit(up *upstream) time.Duration {
 }
 
 // pauseLimitLocked is the longest wait Whop's hint may impose on s's
-// calls at now: up to maxRetryAfter, and over before its earliest expiry.
+// calls at now: up to maxRetryAfter, and over before the earliest expiry
+// a refresh would save (not an idle entry's).
 func (r *Refresher) pauseLimitLocked(s *sched, now time.Time) time.Duration {
-	x := s.earliestExpiryLocked()
+	x := s.protectedExpiryLocked()
 	if x.IsZero() {
 		return maxRetryAfter
 	}

@@ -94,6 +94,44 @@ func (s *sched) earliestExpiryLocked() time.Time {
 	return s.expiries.es[0].expiresAt
 }
 
+// maxProtectedLook bounds protectedExpiryLocked's walk of the heap.
+const maxProtectedLook = 64
+
+// protectedExpiryLocked is the soonest expiry among s's tokens that a
+// refresh would save: idle entries and ones that failed for good are let
+// expire. It walks the expiry heap in order (a frontier of the heap's
+// children), at most maxProtectedLook entries; past that it answers the
+// heap's top, which errs on the side of a shorter pause.
+func (s *sched) protectedExpiryLocked() time.Time {
+	es := s.expiries.es
+	if len(es) == 0 {
+		return time.Time{}
+	}
+	frontier := []int{0}
+	for look := 0; len(frontier) > 0; look++ {
+		if look == maxProtectedLook {
+			return es[0].expiresAt
+		}
+		best := 0 // the frontier's soonest
+		for i := range frontier {
+			if es[frontier[i]].expiresAt.Before(es[frontier[best]].expiresAt) {
+				best = i
+			}
+		}
+		n := frontier[best]
+		frontier = append(frontier[:best], frontier[best+1:]...)
+		if e := es[n]; e.state != StateIdle && e.fail != failPermanent {
+			return e.expiresAt
+		}
+		for _, c := range []int{2*n + 1, 2*n + 2} {
+			if c < len(es) {
+				frontier = append(frontier, c)
+			}
+		}
+	}
+	return time.Time{}
+}
+
 // run drives s until ctx ends or its credential is removed. It sleeps on
 // one timer until the next due action or expiry, and hands due actions to
 // at most s.workers goroutines; a due action waits for a free worker of
