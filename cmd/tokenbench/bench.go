@@ -66,11 +66,6 @@ func benchmark(ctx context.Context, o options, progress io.Writer) (*Report, err
 	b := &bench{o: o, progress: progress, dir: dir}
 	defer b.stopAll()
 	rep := newReport(o)
-	if o.sections["fleet"] {
-		if err := redisServerFound(); err != nil {
-			return nil, err
-		}
-	}
 	if err := b.setup(); err != nil {
 		return nil, err
 	}
@@ -98,11 +93,6 @@ func benchmark(ctx context.Context, o options, progress io.Writer) (*Report, err
 		wdir := filepath.Join(dir, "writes")
 		if rep.Writes, err = measureWrites(wdir, o.writeRecords, b.answer.GetToken()); err != nil {
 			return nil, fmt.Errorf("writes: %w", err)
-		}
-	}
-	if o.sections["fleet"] {
-		if rep.Fleet, err = b.fleet(ctx); err != nil {
-			return nil, fmt.Errorf("fleet: %w", err)
 		}
 	}
 	rep.evaluate(o.sections)
@@ -205,17 +195,12 @@ func (b *bench) stopAll() {
 // directory; limits are tokend's --upstream-* flags, nil for its defaults.
 // It returns the process and the flags that differ between runs.
 func (b *bench) startTokend(name string, limits []string, raiseMissLimit bool) (*proc, []string, error) {
-	return b.startTokendOn(b.fake, name, limits, raiseMissLimit)
-}
-
-// startTokendOn is startTokend with fake as its upstream.
-func (b *bench) startTokendOn(fake *whoptest.Server, name string, limits []string, raiseMissLimit bool) (*proc, []string, error) {
 	socket := filepath.Join(b.dir, name+".sock")
 	args := []string{
 		"--socket", socket,
 		"--state-dir", filepath.Join(b.dir, name+"-state"),
 		"--api-key-file", b.keyFile,
-		"--whop-url", fake.URL(),
+		"--whop-url", b.fake.URL(),
 	}
 	if raiseMissLimit {
 		limits = append(limits, b.missLimitFlags...)

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strings"
@@ -34,22 +33,10 @@ func TestQuickRun(t *testing.T) {
 		t.Skip("runs tokend and a floor server for about 20s")
 	}
 	jsonPath := filepath.Join(t.TempDir(), "summary.json")
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	args := []string{"--quick", "--json", jsonPath}
-	// The fleet section needs a real redis-server: CI installs it, so
-	// only outside CI may its absence drop the section.
-	fleet := true
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		if os.Getenv("TOKEND_E2E_REQUIRE_SYSTEMD") == "1" {
-			t.Fatalf("redis-server not found and TOKEND_E2E_REQUIRE_SYSTEMD=1: %v", err)
-		}
-		t.Logf("redis-server not found (apt-get install redis-server): running without the fleet section: %v", err)
-		fleet = false
-		args = append(args, "--sections", "hits,misses,scale,writes")
-	}
 	var stdout, stderr bytes.Buffer
-	if code := run(ctx, args, &stdout, &stderr); code != 0 {
+	if code := run(ctx, []string{"--quick", "--json", jsonPath}, &stdout, &stderr); code != 0 {
 		t.Fatalf("tokenbench --quick exited %d\nstderr:\n%s\nstdout:\n%s", code, stderr.String(), stdout.String())
 	}
 	t.Logf("output:\n%s", stdout.String())
@@ -123,47 +110,13 @@ func TestQuickRun(t *testing.T) {
 	if w := r.Writes; w.Records != 10_000 || w.InsertMs <= 0 || w.RefreshMs <= 0 {
 		t.Errorf("writes: %+v", w)
 	}
-	if fleet {
-		checkFleet(t, r.Fleet)
-	}
 	if len(r.Targets) < 10 {
 		t.Errorf("%d targets evaluated: %+v", len(r.Targets), r.Targets)
 	}
-	for _, want := range []string{"Hits:", "Misses:", "Scale:", "Writes:", "Targets (issues 7 and 15)"} {
+	for _, want := range []string{"Hits:", "Misses:", "Scale:", "Writes:", "Targets (issue 7)"} {
 		if !strings.Contains(stdout.String(), want) {
 			t.Errorf("table has no %q", want)
 		}
-	}
-	if fleet && !strings.Contains(stdout.String(), "Fleet:") {
-		t.Error(`table has no "Fleet:"`)
-	}
-}
-
-// checkFleet checks the fleet section's invariants, which hold however
-// slow the machine: no client error and no bad token through Redis's
-// death, every miss on another host adopted, each cold key minted once, and
-// the fleet minting less than its hosts alone.
-func checkFleet(t *testing.T, f fleetReport) {
-	t.Helper()
-	if f.Hosts != 8 || f.Keys != 100 || f.LifetimeSeconds != 2 || len(f.Phases) != 3 {
-		t.Fatalf("fleet: %d hosts, %d keys, lifetime %vs, %d phases; want 8, 100, 2s, 3", f.Hosts, f.Keys, f.LifetimeSeconds, len(f.Phases))
-	}
-	for _, p := range f.Phases {
-		if p.Requests == 0 || p.HostRequests == 0 || p.SingleCalls == 0 || p.FleetCalls == 0 && p.Name != "redis back" {
-			t.Errorf("fleet phase %s: %+v", p.Name, p)
-		}
-	}
-	if f.Errors != 0 || f.BadTokens != 0 || f.OtherErrors != 0 {
-		t.Errorf("fleet: %d errors (first: %s), %d bad tokens (first: %s), %d errors on the single host and the hosts alone", f.Errors, f.FirstError, f.BadTokens, f.FirstBad, f.OtherErrors)
-	}
-	if st := f.Phases[0]; st.AloneCalls == 0 || st.FleetCalls >= st.AloneCalls {
-		t.Errorf("fleet steady: %d upstream calls with the fleet, %d alone; the fleet should share its tokens", st.FleetCalls, st.AloneCalls)
-	}
-	if a := f.Adopt; a.Keys != 50 || a.Adopted != a.Keys*a.Hosts || a.UpstreamCalls != 0 || a.Result.Errors != 0 || a.Result.P99us <= 0 || a.Hits.Requests != a.Keys*a.Hosts {
-		t.Errorf("fleet adopt: %+v", a)
-	}
-	if rl := f.RateLimit; rl.UpstreamCalls != rl.Hosts*rl.KeysPerHost || rl.Errors != 0 || rl.Requests != rl.UpstreamCalls || rl.MaxPerSecond <= 0 {
-		t.Errorf("fleet rate limit: %+v", rl)
 	}
 }
 
@@ -219,35 +172,5 @@ func TestCPUTime(t *testing.T) {
 	}
 	if d := c1 - c0; d < 10*time.Millisecond || d%(10*time.Millisecond) == 0 {
 		t.Fatalf("30 ms of busy work counted as %v, want at least 10 ms at nanosecond resolution", d)
-	}
-}
-
-func TestWindowRates(t *testing.T) {
-	t0 := time.Unix(1000, 0)
-	at := func(ms ...int) []time.Time {
-		var out []time.Time
-		for _, m := range ms {
-			out = append(out, t0.Add(time.Duration(m)*time.Millisecond))
-		}
-		return out
-	}
-	for _, tc := range []struct {
-		name          string
-		at            []time.Time
-		burst         int
-		most          int
-		sustainedRate float64
-	}{
-		{"empty", nil, 0, 0, 0},
-		{"a burst then 2 a second", at(0, 0, 0, 500, 1000, 1500, 2000), 3, 4, 2},
-		{"unsorted", at(1500, 0, 999, 1000), 0, 3, 2.7},
-		{"window ends before 1 s", at(0, 1000, 2000), 0, 1, 1.5},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			most, sustained := windowRates(tc.at, tc.burst)
-			if most != tc.most || sustained != tc.sustainedRate {
-				t.Errorf("windowRates = %d, %v; want %d, %v", most, sustained, tc.most, tc.sustainedRate)
-			}
-		})
 	}
 }

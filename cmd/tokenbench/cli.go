@@ -31,20 +31,12 @@ type options struct {
 	writeRecords  int
 	tokendFlags   []string
 	rounds        int
-
-	fleetHosts     int
-	fleetKeys      int
-	fleetLifetime  time.Duration
-	fleetAdoptKeys int
-	fleetColdKeys  int
-	fleetRate      float64
-	fleetBurst     int
 	// sections are the parts to run, a subset of allSections.
 	sections map[string]bool
 }
 
 // allSections are the benchmark's parts, in the order they run.
-var allSections = []string{"hits", "misses", "scale", "writes", "fleet"}
+var allSections = []string{"hits", "misses", "scale", "writes"}
 
 // run is the whole command: the hidden floor-server subcommand, or a
 // benchmark run. It returns the exit code.
@@ -86,12 +78,12 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		fmt.Fprintf(stderr, "Usage: go run ./cmd/tokenbench [flags]\n\n"+
 			"Runs tokend and a bare gRPC server (the transport's floor) on Unix sockets\n"+
 			"against a fake Whop upstream, and measures hits, misses, start-up at scale,\n"+
-			"idle cost, write batching, and a fleet of hosts sharing a redis-server.\nPrints a table and writes a JSON summary.\n\nFlags:\n")
+			"idle cost and write batching. Prints a table and writes a JSON summary.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	fs.StringVar(&o.tokend, "tokend", "", "tokend binary to benchmark (default: go build ./cmd/tokend into a temporary directory)")
 	fs.StringVar(&o.jsonPath, "json", "tokenbench.json", "where to write the machine-readable summary")
-	fs.BoolVar(&o.quick, "quick", false, "short run for tests: 300ms per hit point, 3s idle, 10,000 entries, 100 fleet keys with 2s tokens (explicit flags still win)")
+	fs.BoolVar(&o.quick, "quick", false, "short run for tests: 300ms per hit point, 3s idle, 10,000 entries (explicit flags still win)")
 	fs.IntVar(&o.keys, "keys", 64, "warm keys the hit load cycles through")
 	fs.DurationVar(&o.duration, "duration", 3*time.Second, "measured duration of each hit point")
 	fs.DurationVar(&o.warmup, "warmup", 500*time.Millisecond, "unmeasured load before each hit point")
@@ -104,13 +96,6 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.entries, "entries", 100_000, "entries pre-loaded into the database for the scale test")
 	fs.DurationVar(&o.idle, "idle-duration", 30*time.Second, "how long to watch an idle tokend's CPU time")
 	fs.IntVar(&o.writeRecords, "writes", 10_000, "records persisted in the write test")
-	fs.IntVar(&o.fleetHosts, "fleet-hosts", 8, "tokend hosts sharing one redis-server in the fleet section")
-	fs.IntVar(&o.fleetKeys, "fleet-keys", 1000, "keys the fleet section's load spreads over its hosts")
-	fs.DurationVar(&o.fleetLifetime, "fleet-token-lifetime", 8*time.Second, "tokend --token-lifetime in the fleet section's load, which runs for 6 lifetimes (on the fleet: half of one to warm up, 2 steady, 1 with Redis down, 1 after it is back; then on hosts alone: half to warm up, 1 steady)")
-	fs.IntVar(&o.fleetAdoptKeys, "fleet-adopt-keys", 200, "keys minted on one host of the fleet and asked of every other, to time a local miss answered from Redis")
-	fs.IntVar(&o.fleetColdKeys, "fleet-cold-keys", 1000, "cold keys each host of the fleet is asked for at once in the fleet rate-limit test")
-	fs.Float64Var(&o.fleetRate, "fleet-upstream-rate", 800, "fleet budget (--upstream-rate of every host) in the fleet rate-limit test, calls per second")
-	fs.IntVar(&o.fleetBurst, "fleet-upstream-burst", 80, "fleet burst (--upstream-burst of every host) in the fleet rate-limit test")
 	sections := fs.String("sections", strings.Join(allSections, ","), "comma-separated parts to run: "+strings.Join(allSections, ", "))
 	fs.Func("tokend-flag", "extra flag for every tokend started, as --tokend-flag=--name=value; repeatable", func(v string) error {
 		if !strings.HasPrefix(v, "-") {
@@ -140,13 +125,6 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 			"warmup":        func() { o.warmup = 100 * time.Millisecond },
 			"idle-duration": func() { o.idle = 3 * time.Second },
 			"entries":       func() { o.entries = 10_000 },
-			// 12 s of fleet load: 100 keys, 2 s tokens.
-			"fleet-keys":           func() { o.fleetKeys = 100 },
-			"fleet-token-lifetime": func() { o.fleetLifetime = 2 * time.Second },
-			"fleet-adopt-keys":     func() { o.fleetAdoptKeys = 50 },
-			"fleet-cold-keys":      func() { o.fleetColdKeys = 100 },
-			"fleet-upstream-rate":  func() { o.fleetRate = 400 },
-			"fleet-upstream-burst": func() { o.fleetBurst = 40 },
 		}
 		for name, apply := range quick {
 			if !set[name] {
@@ -161,10 +139,6 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		return o, errors.New("--duration and --idle-duration must be positive, --warmup and --upstream-latency not negative")
 	case o.missRate <= 0 || o.missBurst < 1 || o.missInFlight < 1:
 		return o, errors.New("--miss-upstream-rate, --miss-upstream-burst and --miss-upstream-max-inflight must be positive")
-	case o.fleetHosts < 2 || o.fleetKeys < 1 || o.fleetAdoptKeys < 1 || o.fleetColdKeys < 1 || o.fleetRate <= 0 || o.fleetBurst < 1:
-		return o, errors.New("--fleet-hosts must be at least 2; --fleet-keys, --fleet-adopt-keys, --fleet-cold-keys, --fleet-upstream-rate and --fleet-upstream-burst positive")
-	case o.fleetLifetime < 2*time.Second:
-		return o, fmt.Errorf("--fleet-token-lifetime %v: at least 2s (tokend serves no token within 1s of its expiry)", o.fleetLifetime)
 	}
 	if o.tokend != "" {
 		if _, err := os.Stat(o.tokend); err != nil {

@@ -28,7 +28,6 @@ type Report struct {
 	Misses   missesReport `json:"misses"`
 	Scale    scaleReport  `json:"scale"`
 	Writes   writeResult  `json:"writes"`
-	Fleet    fleetReport  `json:"fleet"`
 	Targets  []target     `json:"targets"`
 }
 
@@ -122,117 +121,6 @@ type scaleReport struct {
 	Heap            heapResult `json:"heap"`
 }
 
-// fleetReport is the fleet section (issue 15): one load on a single host,
-// on hosts alone and on hosts sharing a redis-server, each with its own
-// fake upstream; then a miss answered from Redis; then the fleet budget.
-type fleetReport struct {
-	Hosts            int      `json:"hosts"`
-	Keys             int      `json:"keys"`
-	LifetimeSeconds  float64  `json:"token_lifetime_seconds"`
-	WorkersPerConfig int      `json:"workers_per_config"`
-	TokendFlags      []string `json:"tokend_flags"`
-	// Phases: steady, redis down (killed at its start), redis back
-	// (restarted before it, once every host rejoined), each of the fleet
-	// and the single host under the same load at the same time. The hosts
-	// alone ran the same load afterwards, for one lifetime (AloneSteady;
-	// its figure is also in Phases[0].Alone).
-	Phases      []fleetPhase `json:"phases"`
-	AloneSteady fleetPhase   `json:"alone_steady"`
-	// Errors and BadTokens are the fleet hosts' over every phase: failed
-	// calls, and served tokens that did not verify with the upstream
-	// (expired, forged) or were another key's.
-	Errors    int64 `json:"errors"`
-	BadTokens int64 `json:"bad_tokens"`
-	// Stalled: calls still unanswered after more than 1 s when the load
-	// stopped (cut off, so neither answers nor errors).
-	Stalled     int64  `json:"stalled_at_stop"`
-	FirstError  string `json:"first_error,omitempty"`
-	FirstBad    string `json:"first_bad,omitempty"`
-	OtherErrors int64  `json:"errors_single_and_alone"`
-	// HostLog is the fleet hosts' last warnings when a caller failed.
-	HostLog []string `json:"host_log,omitempty"`
-	// Tampered is the hosts' count of values in Redis that did not unseal.
-	Tampered uint64 `json:"tampered"`
-	// Rejoined is how long after redis-server's restart every host said
-	// connected; the "redis back" phase starts then.
-	Rejoined  float64    `json:"rejoined_seconds"`
-	Adopt     fleetAdopt `json:"adopt"`
-	RateLimit fleetRate  `json:"rate_limit"`
-}
-
-// fleetPhase is one phase of the load: upstream calls per key per token
-// lifetime of each configuration.
-type fleetPhase struct {
-	Name        string  `json:"name"`
-	Seconds     float64 `json:"seconds"`
-	Lifetimes   float64 `json:"lifetimes"`
-	Single      float64 `json:"single_host"`
-	Alone       float64 `json:"hosts_alone"`
-	Fleet       float64 `json:"hosts_fleet"`
-	SingleCalls int64   `json:"single_host_calls"`
-	AloneCalls  int64   `json:"hosts_alone_calls"`
-	FleetCalls  int64   `json:"hosts_fleet_calls"`
-	Requests    int64   `json:"requests"`
-	Errors      int64   `json:"errors"`
-	// HostRequests and SlowestMs are the fleet's (or, in AloneSteady, the
-	// hosts alone's): answered GetTokens and the longest one.
-	HostRequests int64   `json:"host_requests"`
-	SlowestMs    float64 `json:"slowest_ms"`
-	// The fleet hosts' counters over the phase, and how many said
-	// connected at its end.
-	Adopted        uint64 `json:"fleet_adopted"`
-	RedisErrors    uint64 `json:"fleet_redis_errors"`
-	Degraded       uint64 `json:"fleet_degraded"`
-	ConnectedAtEnd int    `json:"fleet_connected_at_end"`
-}
-
-func (r fleetReport) phase(name string) fleetPhase {
-	for _, p := range r.Phases {
-		if p.Name == name {
-			return p
-		}
-	}
-	return fleetPhase{}
-}
-
-// fleetAdopt: keys minted on one host, each asked once of every other host.
-type fleetAdopt struct {
-	Keys          int        `json:"keys"`
-	Hosts         int        `json:"hosts"`
-	Result        loadResult `json:"result"`
-	Adopted       int        `json:"adopted"`
-	UpstreamCalls int        `json:"upstream_calls"`
-	// Hits is the same pass again, every call now a local hit: the
-	// machine's own latency for one call at the time.
-	Hits loadResult `json:"hits_after"`
-}
-
-// fleetRate: every host asked for its own cold keys at once under one
-// fleet budget.
-type fleetRate struct {
-	Hosts               int      `json:"hosts"`
-	KeysPerHost         int      `json:"keys_per_host"`
-	Rate                float64  `json:"rate"`
-	Burst               int      `json:"burst"`
-	TokendFlags         []string `json:"tokend_flags"`
-	LimiterBoundSeconds float64  `json:"limiter_bound_seconds"`
-	Seconds             float64  `json:"seconds"`
-	Requests            int      `json:"requests"`
-	Errors              int      `json:"errors"`
-	FirstError          string   `json:"first_error,omitempty"`
-	UpstreamCalls       int      `json:"upstream_calls"`
-	// MaxPerSecond is the most calls the upstream saw in any 1 s window.
-	MaxPerSecond       int     `json:"max_calls_per_1s_window"`
-	SustainedPerSecond float64 `json:"sustained_calls_per_second"`
-	// RateLimited and RedisErrors are the hosts' fleet counters during the
-	// burst: calls the shared budget held back, and failed Redis calls
-	// (after which a host uses its own limiter); Disconnected counts hosts
-	// whose fleet tier was not connected at the end.
-	RateLimited  uint64 `json:"rate_limited"`
-	RedisErrors  uint64 `json:"redis_errors"`
-	Disconnected int    `json:"hosts_disconnected"`
-}
-
 // target is one of issue 7's targets and whether this run met it.
 type target struct {
 	Name string `json:"name"`
@@ -310,9 +198,6 @@ func (r *Report) evaluate(sections map[string]bool) {
 	if sections["scale"] {
 		r.evaluateScale(add)
 	}
-	if sections["fleet"] {
-		r.evaluateFleet(add)
-	}
 	if sections["writes"] {
 		w := r.Writes
 		add(fmt.Sprintf("writes: %d records persisted", w.Records), "< 1 s",
@@ -363,43 +248,6 @@ func (r *Report) evaluateScale(add addTarget) {
 		fmt.Sprintf("%.2f s per 30 s (%.2f s over %.0f s)", s.IdleCPUPer30s, s.IdleCPUSeconds, s.IdleSeconds), s.IdleCPUPer30s < 0.3)
 }
 
-// evaluateFleet judges issue 15's targets.
-func (r *Report) evaluateFleet(add addTarget) {
-	f := r.Fleet
-	st, down, back := f.phase("steady"), f.phase("redis down"), f.phase("redis back")
-	// The figure holds only if the callers walked every (key, host) pair
-	// within a lifetime: else entries went idle and were not refreshed.
-	walks := float64(st.HostRequests) / float64(f.Keys*f.Hosts) / st.Lifetimes
-	add(fmt.Sprintf("fleet: upstream calls per key per lifetime, %d hosts", f.Hosts), "<= 1.05 x single host, >= 1 walk of every pair per lifetime",
-		fmt.Sprintf("%.3f vs %.3f (%.2f x); %d hosts alone %.3f (%.2f x); %.2f walks per lifetime", st.Fleet, st.Single, ratio(st.Fleet, st.Single), f.Hosts, st.Alone, ratio(st.Alone, st.Single), walks),
-		st.Single > 0 && st.Fleet <= 1.05*st.Single && walks >= 1)
-	a := f.Adopt
-	add("fleet: local miss answered from Redis", "p99 < 2 ms, all adopted, no upstream call",
-		fmt.Sprintf("p50 %.2f ms, p99 %.2f ms (as hits: %.2f, %.2f ms); %d of %d adopted, %d upstream calls, %d errors", a.Result.P50us/1000, a.Result.P99us/1000, a.Hits.P50us/1000, a.Hits.P99us/1000, a.Adopted, a.Keys*a.Hosts, a.UpstreamCalls, a.Result.Errors),
-		a.Result.P99us > 0 && a.Result.P99us < 2000 && a.Adopted == a.Keys*a.Hosts && a.UpstreamCalls == 0 && a.Result.Errors == 0)
-	add("fleet: redis-server killed and restarted", "0 errors, 0 stalled, 0 bad tokens",
-		fmt.Sprintf("%d errors, %d stalled > 1 s at the end, %d bad tokens, %d tampered (single host and hosts alone: %d errors)", f.Errors, f.Stalled, f.BadTokens, f.Tampered, f.OtherErrors),
-		f.Errors == 0 && f.Stalled == 0 && f.BadTokens == 0 && f.Tampered == 0)
-	add("fleet: calls while redis is down", ">= 0.75 x hosts alone (steady)",
-		fmt.Sprintf("%.3f vs %.3f alone (%.2f x)", down.Fleet, st.Alone, ratio(down.Fleet, st.Alone)), st.Alone > 0 && down.Fleet >= 0.75*st.Alone)
-	// Few calls count only if the fleet's hosts kept answering.
-	answered := ratio(float64(back.HostRequests)/back.Seconds, float64(st.HostRequests)/st.Seconds)
-	add("fleet: calls once redis is back and rejoined", "<= 1.5 x single host, >= 0.5 x the steady request rate",
-		fmt.Sprintf("%.3f vs %.3f single (%.2f x), requests %.2f x steady; rejoined %.2fs after the restart", back.Fleet, back.Single, ratio(back.Fleet, back.Single), answered, f.Rejoined),
-		back.Single > 0 && back.Fleet <= 1.5*back.Single && answered >= 0.5)
-	rl := f.RateLimit
-	add(fmt.Sprintf("fleet: %d hosts x %d cold keys, budget %g/s", rl.Hosts, rl.KeysPerHost, rl.Rate), fmt.Sprintf("<= %g + %d burst in any 1 s, all served", rl.Rate, rl.Burst),
-		fmt.Sprintf("max %d in 1 s, sustained %.1f/s, %d calls, %d errors, %.2fs vs %.2fs bound", rl.MaxPerSecond, rl.SustainedPerSecond, rl.UpstreamCalls, rl.Errors, rl.Seconds, rl.LimiterBoundSeconds),
-		rl.UpstreamCalls > 0 && float64(rl.MaxPerSecond) <= rl.Rate+float64(rl.Burst) && rl.Errors == 0 && rl.Requests == rl.Hosts*rl.KeysPerHost)
-}
-
-func ratio(a, b float64) float64 {
-	if b == 0 {
-		return 0
-	}
-	return a / b
-}
-
 func printReport(out io.Writer, r *Report) {
 	fmt.Fprintf(out, "tokenbench %s  %d cores, %s  %s  commit %s", r.Date, r.Machine.Cores, r.Machine.CPUModel, r.GoVersion, orNone(r.Commit))
 	if r.Quick {
@@ -421,51 +269,7 @@ func printReport(out io.Writer, r *Report) {
 		fmt.Fprintf(out, "\nWrites: %d records in one Flush: insert %.1f ms, refresh %.1f ms (file %.1f MiB)\n",
 			w.Records, w.InsertMs, w.RefreshMs, float64(w.FileBytes)/(1<<20))
 	}
-	if r.ran("fleet") {
-		printFleet(out, r.Fleet)
-	}
 	printTargets(out, r.Targets)
-}
-
-// printFleet prints the fleet section: the phases side by side, the
-// adoption latency and the fleet budget.
-func printFleet(out io.Writer, f fleetReport) {
-	fmt.Fprintf(out, "\nFleet: %d keys over %d hosts, %d closed-loop callers per configuration, token lifetime %gs; tokend %s\n",
-		f.Keys, f.Hosts, f.WorkersPerConfig, f.LifetimeSeconds, strings.Join(f.TokendFlags, " "))
-	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "phase\tseconds\tlifetimes\tupstream calls per key per lifetime: single host\thosts alone\thosts + fleet\tfleet / single\tcalls (single/alone/fleet)\trequests (fleet)\tslowest\terrors\tfleet: adopted\tredis errors\tdegraded\tconnected at end")
-	for _, p := range f.Phases {
-		alone := "-"
-		if p.AloneCalls > 0 {
-			alone = fmt.Sprintf("%.3f", p.Alone)
-		}
-		fmt.Fprintf(tw, "%s\t%.1f\t%.2f\t%.3f\t%s\t%.3f\t%.2f\t%d / %d / %d\t%d (%d)\t%.1fms\t%d\t%d\t%d\t%d\t%d of %d\n",
-			p.Name, p.Seconds, p.Lifetimes, p.Single, alone, p.Fleet, ratio(p.Fleet, p.Single), p.SingleCalls, p.AloneCalls, p.FleetCalls, p.Requests, p.HostRequests, p.SlowestMs, p.Errors,
-			p.Adopted, p.RedisErrors, p.Degraded, p.ConnectedAtEnd, f.Hosts)
-	}
-	tw.Flush()
-	a0 := f.AloneSteady
-	fmt.Fprintf(out, "hosts alone: the same load afterwards on %d hosts without --fleet-redis, %.1fs: %d upstream calls, %d requests, %d errors\n", f.Hosts, a0.Seconds, a0.AloneCalls, a0.Requests, a0.Errors)
-	fmt.Fprintf(out, "redis-server killed at the start of \"redis down\" and restarted at its end; every host connected again %.2fs later, when \"redis back\" started; fleet hosts over all phases: %d errors, %d calls unanswered after more than 1 s when the load stopped, %d served tokens that failed the upstream's check (signature, expiry, subject), %d tampered values\n",
-		f.Rejoined, f.Errors, f.Stalled, f.BadTokens, f.Tampered)
-	if f.FirstError != "" || f.FirstBad != "" {
-		fmt.Fprintf(out, "first error: %s; first bad token: %s\n", orNone(f.FirstError), orNone(f.FirstBad))
-	}
-	if len(f.HostLog) > 0 {
-		fmt.Fprintf(out, "the fleet hosts' last warnings:\n  %s\n", strings.Join(f.HostLog, "\n  "))
-	}
-	a := f.Adopt
-	fmt.Fprintf(out, "local miss answered from Redis: %d keys minted on one host, asked once of each of %d others: p50 %.2f ms, p99 %.2f ms, max %.2f ms; %d adopted, %d upstream calls, %d errors\n",
-		a.Keys, a.Hosts, a.Result.P50us/1000, a.Result.P99us/1000, a.Result.MaxUs/1000, a.Adopted, a.UpstreamCalls, a.Result.Errors)
-	fmt.Fprintf(out, "the same calls again, now local hits: p50 %.2f ms, p99 %.2f ms, max %.2f ms\n", a.Hits.P50us/1000, a.Hits.P99us/1000, a.Hits.MaxUs/1000)
-	rl := f.RateLimit
-	fmt.Fprintf(out, "fleet budget: %d hosts x %d cold keys at once, every host %s: %d upstream calls in %.2fs (bound %.2fs), at most %d in any 1 s, %.1f/s sustained; %d errors\n",
-		rl.Hosts, rl.KeysPerHost, strings.Join(rl.TokendFlags, " "), rl.UpstreamCalls, rl.Seconds, rl.LimiterBoundSeconds, rl.MaxPerSecond, rl.SustainedPerSecond, rl.Errors)
-	fmt.Fprintf(out, "fleet budget: held back by the shared budget %d times; %d Redis errors; %d hosts not connected at the end\n", rl.RateLimited, rl.RedisErrors, rl.Disconnected)
-	if rl.FirstError != "" {
-		fmt.Fprintf(out, "fleet budget first error: %s\n", rl.FirstError)
-	}
-	fmt.Fprintln(out, "hit path: the fleet tier is consulted only on a miss or a due refresh; the hits section and .ci/run's allocation gate measure it")
 }
 
 // ran reports whether section was part of the run.
@@ -529,7 +333,7 @@ func printScale(out io.Writer, s scaleReport) {
 
 // printTargets prints PASS or MISS for each target judged.
 func printTargets(out io.Writer, targets []target) {
-	fmt.Fprintln(out, "\nTargets (issues 7 and 15)")
+	fmt.Fprintln(out, "\nTargets (issue 7)")
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 	for _, t := range targets {
 		verdict := "MISS"
