@@ -34,6 +34,9 @@ type call struct {
 
 	// by names who started the call (e.g. "uid 1000"), for status.
 	by string
+	// cred is the credential's fingerprint for the fleet, nil without one;
+	// computed once per call (runCall), as the secret may rotate.
+	cred []byte
 	// retries is how many in-call retries the call may make: none for an
 	// entry already failing, whose schedule's backoff paces the calls of
 	// a known outage; in-call retries are for a fault that is news.
@@ -156,7 +159,8 @@ func (r *Refresher) runCall(c *call) {
 		r.finish(c, outcome{err: ErrKeyRejected, fp: fp, notTried: true})
 		return
 	}
-	cred := r.fleetCred(up)
+	c.cred = r.fleetCred(up)
+	cred := c.cred
 	if cred != nil {
 		tok, lease, err := r.fromFleet(c, cred, fp)
 		if err != nil || tok != nil {
@@ -252,7 +256,7 @@ func (r *Refresher) through(c *call, up *upstream) (release func(), err error) {
 	up.queued(c.by, 1)
 	defer up.queued(c.by, -1)
 	var shared sharedLimit
-	if cred := r.fleetCred(up); cred != nil {
+	if cred := c.cred; cred != nil {
 		shared = func(ctx context.Context) (time.Duration, bool) {
 			return r.cfg.Fleet.Allow(ctx, cred, float64(r.cfg.Rate), r.cfg.Burst)
 		}
@@ -328,8 +332,8 @@ func (r *Refresher) callDeadline(c *call) (dl time.Time, bounded bool) {
 // pass before a pause ends); status is Whop's HTTP status, 0 for none.
 func (r *Refresher) attempt(c *call, up *upstream, fp []byte, lifetime time.Duration, n int) (o outcome, status int, tried bool) {
 	k := c.e.key
-	if cred := r.fleetCred(up); cred != nil {
-		r.fleetPaused(up, cred) // another host's 429, before judging the pause
+	if c.cred != nil {
+		r.fleetPaused(up, c.cred) // another host's 429, before judging the pause
 	}
 	if n == 0 {
 		// A first call held by a 429 pause that outlasts every waiter
@@ -378,7 +382,7 @@ func (r *Refresher) attempt(c *call, up *upstream, fp []byte, lifetime time.Dura
 	case errors.As(err, &we):
 		status = we.StatusCode
 		up.observeDate(we.ServerDate, start, end, r.log)
-		r.upstreamRefused(up, we, fp)
+		r.upstreamRefused(up, we, fp, c.cred)
 	}
 	if o := r.cfg.Observer; o != nil && !stopping {
 		o.Upstream(status, time.Since(callStart))
@@ -445,7 +449,7 @@ func (r *Refresher) pauseLimitLocked(s *sched, now time.Time) time.Duration {
 // upstreamRefused applies what an error answer says about the credential
 // as soon as it arrives, before any waiter hears of it or a retry is made:
 // a 429 pauses every call of the credential, a 401 locks its key out.
-func (r *Refresher) upstreamRefused(up *upstream, we *whop.Error, fp []byte) {
+func (r *Refresher) upstreamRefused(up *upstream, we *whop.Error, fp, cred []byte) {
 	switch we.StatusCode {
 	case 429:
 		d, why := we.RetryAfter, we.RetryAfterFrom+" header"
@@ -458,7 +462,7 @@ func (r *Refresher) upstreamRefused(up *upstream, we *whop.Error, fp []byte) {
 			d, why = limit, why+", cut short by the earliest token expiry"
 		}
 		up.gate.pause(d, why)
-		if cred := r.fleetCred(up); cred != nil {
+		if cred != nil {
 			r.cfg.Fleet.Pause(r.base, cred, r.clock.Now().Add(d), why)
 		}
 	case 401:
