@@ -328,7 +328,7 @@ func TestRedisOutage(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			srv := redistest.Start(t)
-			f, l := host(t, srv)
+			f, l := host(t, srv, func(c *fleet.Config) { c.Timeout = fleet.DefaultTimeout })
 			ctx := context.Background()
 			f.Put(ctx, credA, "k", token("tok_before", time.Hour))
 			c.fail(srv)

@@ -75,7 +75,10 @@ func (l *logs) all() string {
 func host(t testing.TB, srv *redistest.Server, mod ...func(*fleet.Config)) (*fleet.Fleet, *logs) {
 	t.Helper()
 	l := &logs{}
-	cfg := fleet.Config{URL: srv.URL(), Key: fleetKey, Logger: slog.New(l)}
+	// A generous timeout: CI runs these beside the e2e suite on two cores,
+	// where a 50 ms Redis round trip is not guaranteed; the tests of the
+	// timeout itself set fleet.DefaultTimeout.
+	cfg := fleet.Config{URL: srv.URL(), Key: fleetKey, Logger: slog.New(l), Timeout: time.Second}
 	for _, m := range mod {
 		m(&cfg)
 	}
